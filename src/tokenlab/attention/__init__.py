@@ -1,0 +1,3 @@
+"""Attention variants: the fused attention kernel and its flags (sinks, softcap, sigmoid/ReLU
+scores, ZeroTuning's initial-token scale, segment ids), RoPE/CARoPE, set-based prompting,
+TokenFormer, KV-cache eviction policies and attention-sink analysis (catalogue section A)."""
