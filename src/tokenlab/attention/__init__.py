@@ -1,3 +1,37 @@
 """Attention variants: the fused attention kernel and its flags (sinks, softcap, sigmoid/ReLU
 scores, ZeroTuning's initial-token scale, segment ids), RoPE/CARoPE, set-based prompting,
 TokenFormer, KV-cache eviction policies and attention-sink analysis (catalogue section A)."""
+
+from tokenlab.attention.rope import (
+    ContextAwareRotaryEmbedding,
+    RotaryEmbedding,
+    apply_rope,
+    carope_cos_sin,
+    carope_frequencies,
+    carope_phases,
+    rope_cos_sin,
+    rotary_frequencies,
+    rotate_half,
+)
+from tokenlab.attention.set_based_prompting import (
+    SetBasedInputs,
+    segment_attention_mask,
+    set_based_generate,
+    set_based_inputs,
+)
+
+__all__ = [
+    "ContextAwareRotaryEmbedding",
+    "RotaryEmbedding",
+    "SetBasedInputs",
+    "apply_rope",
+    "carope_cos_sin",
+    "carope_frequencies",
+    "carope_phases",
+    "rope_cos_sin",
+    "rotary_frequencies",
+    "rotate_half",
+    "segment_attention_mask",
+    "set_based_generate",
+    "set_based_inputs",
+]
