@@ -93,14 +93,24 @@ def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
-def _encode(tokenizer: object, text: str, name: str, *, add_special_tokens: bool) -> list[int]:
-    """Token ids of ``text``; errors name the argument (``name``) or the ``tokenizer``."""
-    if not isinstance(text, str):
-        raise TypeError(f"`{name}` must be a str, got {type(text).__name__}")
+def _check_prompt(tokenizer: object, prefix: object, parts: object, suffix: object) -> None:
+    """Type checks of :func:`set_based_inputs`' arguments, before any tokenization."""
     if not callable(tokenizer):
         raise TypeError(
             f"`tokenizer` must be a callable Hugging Face tokenizer, got {type(tokenizer).__name__}"
         )
+    if isinstance(parts, str) or not isinstance(parts, Sequence):
+        raise TypeError(f"`parts` must be a list or tuple of str, got {type(parts).__name__}")
+    if len(parts) == 0:
+        raise ValueError("`parts` must hold at least one string")
+    named = [("prefix", prefix), *((f"parts[{j}]", p) for j, p in enumerate(parts)), ("suffix", suffix)]
+    for name, text in named:
+        if not isinstance(text, str):
+            raise TypeError(f"`{name}` must be a str, got {type(text).__name__}")
+
+
+def _encode(tokenizer: object, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of one text, checking that the tokenizer gives them."""
     encoded = tokenizer(text, add_special_tokens=add_special_tokens)
     try:
         ids = encoded["input_ids"]
@@ -111,14 +121,6 @@ def _encode(tokenizer: object, text: str, name: str, *, add_special_tokens: bool
     if not isinstance(ids, Sequence) or not all(isinstance(i, int) for i in ids):
         raise TypeError(f"`tokenizer` must return a flat list of int token ids for one text, got {ids!r:.80}")
     return list(ids)
-
-
-def _check_parts(parts: object) -> Sequence[str]:
-    if isinstance(parts, str) or not isinstance(parts, Sequence):
-        raise TypeError(f"`parts` must be a list or tuple of str, got {type(parts).__name__}")
-    if len(parts) == 0:
-        raise ValueError("`parts` must hold at least one string")
-    return parts
 
 
 def set_based_inputs(
@@ -144,19 +146,17 @@ def set_based_inputs(
         dtype: dtype of the additive mask; use the model's.
         device: device of the returned tensors.
     """
-    parts = _check_parts(parts)
-    prefix_ids = _encode(tokenizer, prefix, "prefix", add_special_tokens=True)
-    part_ids = [
-        _encode(tokenizer, part, f"parts[{j}]", add_special_tokens=False) for j, part in enumerate(parts)
-    ]
-    suffix_ids = _encode(tokenizer, suffix, "suffix", add_special_tokens=False)
+    _check_prompt(tokenizer, prefix, parts, suffix)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be a floating-point torch.dtype (the mask is additive), got {dtype}")
+    prefix_ids = _encode(tokenizer, prefix, add_special_tokens=True)
+    part_ids = [_encode(tokenizer, part, add_special_tokens=False) for part in parts]
+    suffix_ids = _encode(tokenizer, suffix, add_special_tokens=False)
     for j, ids in enumerate(part_ids):
         if not ids:
             raise ValueError(f"`parts[{j}]` is empty (it gives no tokens)")
     if not suffix_ids:
         raise ValueError("`suffix` must give at least one token: it predicts the continuation")
-    if not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating-point dtype (the mask is additive), got {dtype}")
 
     start = len(prefix_ids)
     longest = max(len(ids) for ids in part_ids)
