@@ -175,6 +175,8 @@ def test_rope_bad_input() -> None:
         apply_rope(x, positions=torch.arange(3), cos=torch.ones(3, 4), sin=torch.ones(3, 4))
     with pytest.raises(ValueError, match="`cos`"):
         apply_rope(x, cos=torch.ones(5, 4), sin=torch.ones(5, 4))
+    with pytest.raises(ValueError, match="`sin`"):
+        apply_rope(x, cos=torch.ones(3, 4), sin=torch.ones(2, 2, 3, 4))
     with pytest.raises(ValueError, match="`positions` or both"):
         apply_rope(x, cos=torch.ones(3, 4))
     with pytest.raises(ValueError, match="`weight`"):

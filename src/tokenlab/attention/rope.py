@@ -142,11 +142,13 @@ def apply_rope(
         if table.shape[-1] != head_dim:
             raise ValueError(f"`{name}` must end in head_dim = {head_dim}, got shape {tuple(table.shape)}")
         try:
-            torch.broadcast_shapes(table.shape, x.shape)
-        except RuntimeError as err:
+            fits = torch.broadcast_shapes(table.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
-                f"`{name}` of shape {tuple(table.shape)} does not broadcast against `x` {tuple(x.shape)}"
-            ) from err
+                f"`{name}` of shape {tuple(table.shape)} does not broadcast to `x` {tuple(x.shape)}"
+            )
     return x * cos + rotate_half(x) * sin
 
 
