@@ -10,8 +10,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenlab.toy import ToyWorld, load_toy_world
+
+# Under pytest-xdist the workers share the cores: oversubscribed intra-op threads make the tiny models'
+# forward passes up to ~100x slower, so each worker gets its share of the cores.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 TOY_CACHE = Path(
     os.environ.get("TOKENLAB_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests")
