@@ -97,26 +97,28 @@ class _MergeState:
         for index in self.where.pop(pair, ()):
             word, freq = self.words[index], self.freqs[index]
             out: list[int] = []
-            i, n = 0, len(word)
-            while i < n:
-                if i + 1 < n and word[i] == a and word[i + 1] == b:
+            done, n = 0, len(word)  # word[:done] has been rewritten into out
+            i = _find(word, a, 0)
+            while i >= 0:
+                if i + 1 < n and word[i + 1] == b:
+                    out.extend(word[done:i])
                     deltas[pair] -= freq
                     if out:  # left neighbour, possibly a token this loop just created
                         deltas[out[-1], a] -= freq
                         deltas[out[-1], new] += freq
+                        self.where[out[-1], new].add(index)
                     if i + 2 < n:  # right neighbour, still unmerged
                         deltas[b, word[i + 2]] -= freq
                         deltas[new, word[i + 2]] += freq
+                        self.where[new, word[i + 2]].add(index)
                     out.append(new)
-                    i += 2
+                    done = i + 2
+                    i = _find(word, a, done)
                 else:
-                    out.append(word[i])
-                    i += 1
-            if len(out) < n:
+                    i = _find(word, a, i + 1)
+            if done:
+                out.extend(word[done:])
                 self.words[index] = out
-                for left_right in pairwise(out):
-                    if new in left_right:
-                        self.where[left_right].add(index)
         for changed, delta in deltas.items():
             count = self.counts[changed] + delta
             if count > 0:
@@ -125,6 +127,14 @@ class _MergeState:
                     heapq.heappush(self.heap, (-count, changed))
             else:
                 del self.counts[changed]
+
+
+def _find(word: list[int], token: int, start: int) -> int:
+    """Index of the first ``token`` in ``word[start:]``, or -1."""
+    try:
+        return word.index(token, start)
+    except ValueError:
+        return -1
 
 
 @dataclass
@@ -180,7 +190,10 @@ def _check_training_args(
             f"tokens), got {vocab_size!r}"
         )
     for text in texts:
-        text.encode("utf-8")  # rejects lone surrogates before any work
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"`texts` contains a string that is not valid Unicode: {err}") from None
     return specials
 
 
