@@ -87,7 +87,10 @@ class _MergeState:
             count = self.counts.get(pair, 0)
             if count == -neg_count:
                 return pair
-            heapq.heapreplace(self.heap, (-count, pair)) if count > 0 else heapq.heappop(self.heap)
+            if count > 0:  # stale entry: put it back with the current count
+                heapq.heapreplace(self.heap, (-count, pair))
+            else:
+                heapq.heappop(self.heap)
         return None
 
     def merge(self, pair: Pair, new: int) -> None:
