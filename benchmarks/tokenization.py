@@ -73,7 +73,7 @@ def main() -> None:
     args = harness.parser(__doc__.splitlines()[0]).parse_args()
     device = harness.device_from(args)
     corpus_bytes = 200_000 if args.quick else None
-    vocab, super_vocab, transitions = (512, 768, [512]) if args.quick else (8192, 8192, [4224, 6605])
+    vocab, super_vocab, transitions = (512, 1024, [400]) if args.quick else (8192, 8192, [4224, 6605])
     train = [t for _, t in stdlib_documents("train", max_bytes=corpus_bytes)]
     heldout = [t for _, t in stdlib_documents("heldout", max_bytes=60_000 if args.quick else None)]
     train_mb = sum(len(t.encode()) for t in train) / 1e6

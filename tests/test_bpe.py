@@ -265,5 +265,9 @@ def test_bad_input(corpus):
     tok = train_bpe(corpus[:2], 300, progress=False)
     with pytest.raises(TypeError, match="`text`"):
         tok.encode(123)
+    with pytest.raises(ValueError, match="`text`"):
+        tok.encode("lone \udc80 surrogate")
+    with pytest.raises(ValueError, match="`texts`"):
+        train_bpe(["lone \udc80 surrogate"], 300)
     with pytest.raises(ValueError, match="`ids`"):
         tok.decode([len(tok)])

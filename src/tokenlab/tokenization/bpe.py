@@ -261,10 +261,11 @@ def train_superword_bpe(
     with tqdm(total=size - 256, desc="superword BPE merges", disable=not progress) as bar:
         stage1_size = transition_vocab_size - len(specials)
         _learn(_MergeState(_count_pre_tokens(texts, pre_tokenizer)), vocab, stage1_size, bar)
-        bar.set_description("superword BPE merges (stage 2)")
+        bar.set_description("superword BPE: replaying stage-1 merges on coarse pre-tokens")
         state = _MergeState(_count_pre_tokens(texts, superword_pre_tokenizer))
         for pair in vocab.merges:
             state.merge(pair, vocab.ids[vocab.tokens[pair[0]] + vocab.tokens[pair[1]]])
+        bar.set_description("superword BPE merges (stage 2)")
         _learn(state, vocab, size, bar)
     return BPETokenizer(vocab.tokens, vocab.merges, superword_pre_tokenizer, specials)
 
@@ -324,6 +325,11 @@ class BPETokenizer:
             text, errors = text.decode("utf-8", errors="surrogateescape"), "surrogateescape"
         elif isinstance(text, str):
             errors = "strict"
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"`text` is not valid Unicode ({err}); pass bytes instead") from None
         else:
             raise TypeError(f"`text` must be str or bytes, got {type(text).__name__}")
         parts = self._special_pattern.split(text) if self._special_pattern else [text]
