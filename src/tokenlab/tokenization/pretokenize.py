@@ -1,0 +1,110 @@
+"""Pre-tokenisation as a pipeline of small regex-split stages, each expressible in HF ``tokenizers``.
+
+BPE merges never cross a pre-token boundary, so the pre-tokeniser decides which tokens can exist.
+Each stage is one regular expression applied with *isolated* behaviour: every match becomes its own
+piece and the text between matches becomes a piece too. A pipeline applies its stages in order,
+each one splitting every piece the previous stage produced — exactly what HF's
+``pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), "isolated"), ...])`` does, which is how
+a pipeline is exported (:meth:`PreTokenizer.to_hf`).
+
+Split stages (:data:`SPLITS`):
+
+* ``"gpt2"`` — the GPT-2 regex (contractions, letter runs, number runs, punctuation runs, each
+  with at most one leading space; whitespace runs leave their last space to the next word);
+* ``"whitespace"`` — whitespace-bounded words, each with at most one leading space;
+* ``"lines"`` — whole lines (each with its ``\\n``): the coarse pre-tokens of the superword stage,
+  where merges may cross spaces but not line breaks.
+
+Digit stages (:data:`DIGIT_SPLITS`, *Tokenization counts: the impact of tokenization on arithmetic
+in frontier LLMs*): ``"single"`` (every digit alone), ``"l2r3"`` (groups of three from the left:
+``12345 → 123|45``) and ``"r2l3"`` (groups of three from the right: ``12345 → 12|345``, a greedy
+``{1,3}`` match that must leave a multiple of three digits behind it). Digits are ASCII ``0-9``.
+
+The patterns use Unicode classes (``\\p{L}``, ``\\p{N}``); Python's ``regex`` module and HF's
+Oniguruma agree on every character assigned in Python's Unicode database (checked in the tests);
+characters assigned in newer Unicode versions than one of the two engines knows may differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import regex
+from tokenizers import Regex, pre_tokenizers
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@dataclass(frozen=True)
+class RegexSplit:
+    """One pre-tokenisation stage: split a piece around the matches of ``pattern`` (isolated)."""
+
+    name: str
+    pattern: str
+
+    @cached_property
+    def compiled(self) -> regex.Pattern:
+        return regex.compile(self.pattern)
+
+    def split(self, piece: str) -> list[str]:
+        """Matches and the (non-empty) text between them, in order; they concatenate to ``piece``."""
+        out, start = [], 0
+        for match in self.compiled.finditer(piece):
+            if match.start() > start:
+                out.append(piece[start : match.start()])
+            out.append(match.group())
+            start = match.end()
+        if start < len(piece):
+            out.append(piece[start:])
+        return out
+
+    def to_hf(self) -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")
+
+
+SPLITS: dict[str, RegexSplit] = {
+    "gpt2": RegexSplit("gpt2", GPT2_PATTERN),
+    "whitespace": RegexSplit("whitespace", r" ?\S+|\s+(?!\S)|\s+"),
+    "lines": RegexSplit("lines", r"[^\n]*\n|[^\n]+"),
+}
+
+DIGIT_SPLITS: dict[str, RegexSplit] = {
+    "single": RegexSplit("single digits", r"[0-9]"),
+    "l2r3": RegexSplit("digits, groups of 3 from the left", r"[0-9]{1,3}"),
+    "r2l3": RegexSplit("digits, groups of 3 from the right", r"[0-9]{1,3}(?=(?:[0-9]{3})*(?![0-9]))"),
+}
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """A pipeline of :class:`RegexSplit` stages applied in order (an empty pipeline: one piece)."""
+
+    stages: tuple[RegexSplit, ...]
+
+    def split(self, text: str) -> list[str]:
+        """Pre-tokens of ``text``; they concatenate back to ``text``."""
+        pieces = [text] if text else []
+        for stage in self.stages:
+            pieces = [sub for piece in pieces for sub in stage.split(piece)]
+        return pieces
+
+    def to_hf(self) -> pre_tokenizers.PreTokenizer:
+        """The same pipeline for HF ``tokenizers``, followed by the byte-level byte→char mapping."""
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return pre_tokenizers.Sequence([stage.to_hf() for stage in self.stages] + [byte_level])
+
+
+def make_pre_tokenizer(split: str | None = "gpt2", digits: str | None = None) -> PreTokenizer:
+    """The pipeline ``[digit stage] + [split stage]``.
+
+    Args:
+        split: a key of :data:`SPLITS` (``"gpt2"``, ``"whitespace"``, ``"lines"``) or ``None``.
+        digits: a key of :data:`DIGIT_SPLITS` (``"single"``, ``"l2r3"``, ``"r2l3"``) or ``None``.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"`split` must be one of {sorted(SPLITS)} or None, got {split!r}")
+    if digits is not None and digits not in DIGIT_SPLITS:
+        raise ValueError(f"`digits` must be one of {sorted(DIGIT_SPLITS)} or None, got {digits!r}")
+    stages = ([DIGIT_SPLITS[digits]] if digits else []) + ([SPLITS[split]] if split else [])
+    return PreTokenizer(tuple(stages))
