@@ -126,7 +126,12 @@ def _verify_inputs(B, k, V, dtype, seed, agree=0.6):
 
 @pytest.mark.parametrize(
     ("B", "k", "V", "dtype"),
-    [(3, 1, 8, torch.float64), (4, 4, 37, torch.float32), (2, 3, 1000, torch.float64), (2, 2, 5000, torch.float32)],
+    [
+        (3, 1, 8, torch.float64),
+        (4, 4, 37, torch.float32),
+        (2, 3, 1000, torch.float64),
+        (2, 2, 5000, torch.float32),
+    ],
 )
 def test_kernel_equals_reference(B, k, V, dtype):
     logits, q, tokens, greedy, uniforms, noise = _verify_inputs(B, k, V, dtype, seed=V + k)
@@ -180,9 +185,18 @@ def test_one_step_law_is_target_law_by_enumeration(temperature, top_k, top_p):
         for backend in ("reference", "triton"):
             below = [(alpha * (1 - 1e-9), True)] if alpha > 0 else []
             for u, accepted in [*below, (min(alpha * (1 + 1e-9), 1 - 1e-16), alpha >= 1)]:
-                n, _ = verify(logits, q[None], torch.tensor([[d]]), do_sample=True, temperature=temperature,
-                              top_k=top_k, top_p=top_p, uniforms=torch.tensor([[u]], dtype=torch.float64),
-                              exponentials=noise, backend=backend)  # fmt: skip
+                n, _ = verify(
+                    logits,
+                    q[None],
+                    torch.tensor([[d]]),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    uniforms=torch.tensor([[u]], dtype=torch.float64),
+                    exponentials=noise,
+                    backend=backend,
+                )
                 assert bool(n.item()) == accepted, (d, alpha, u, backend)
     torch.testing.assert_close(law, p, rtol=0, atol=1e-14)
 
@@ -197,8 +211,18 @@ def test_verify_samples_follow_target_law_chi_square():
     uniforms = torch.rand(N, k, dtype=torch.float64, generator=gen)
     noise = torch.empty(N, k + 1, V, dtype=torch.float64).exponential_(generator=gen)
     for temperature, top_k, top_p in [(1.0, None, None), (0.7, 5, 0.9)]:
-        _, out = verify(logits, q, tokens, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                        uniforms=uniforms, exponentials=noise, backend="reference")  # fmt: skip
+        _, out = verify(
+            logits,
+            q,
+            tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            uniforms=uniforms,
+            exponentials=noise,
+            backend="reference",
+        )
         p = warped_probs(logits[0, 0], temperature, top_k, top_p)
         counts = torch.bincount(out[:, 0], minlength=V).double()
         support = p > 0
@@ -213,9 +237,18 @@ def test_generate_first_token_law_chi_square(pairs):
     N = 4000
     for temperature, top_k, top_p in [(1.5, None, None), (1.0, 6, 0.9)]:
         gen = torch.Generator().manual_seed(3)
-        out = speculative_generate(target, draft, prompt.expand(N, -1), max_new_tokens=2, num_draft_tokens=2,
-                                   do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=gen)  # fmt: skip
+        out = speculative_generate(
+            target,
+            draft,
+            prompt.expand(N, -1),
+            max_new_tokens=2,
+            num_draft_tokens=2,
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=gen,
+        )
         p = warped_probs(target(prompt).logits[0, -1], temperature, top_k, top_p).detach()
         counts = torch.bincount(out.sequences[:, prompt.shape[1]], minlength=p.numel()).double()
         support = p > 0
@@ -234,11 +267,20 @@ def test_greedy_equals_hf_generate(pairs, name):
         ref = target.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
         # An EOS that occurs in the middle of the reference continuation ends it there.
         eos = ref[0, prompt_len + 9].item()
-        ref_eos = target.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        ref_eos = target.generate(
+            prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos
+        )
         assert ref_eos.shape[1] < ref.shape[1]
         for eos_id, expected in ((None, ref), (eos, ref_eos)):
-            out = speculative_generate(target, draft, prompt, max_new_tokens=24, num_draft_tokens=k,
-                                       eos_token_id=eos_id, pad_token_id=0)  # fmt: skip
+            out = speculative_generate(
+                target,
+                draft,
+                prompt,
+                max_new_tokens=24,
+                num_draft_tokens=k,
+                eos_token_id=eos_id,
+                pad_token_id=0,
+            )
             assert torch.equal(out.sequences, expected), (name, k, prompt_len, eos_id)
             stats = out.stats
             assert stats.target_calls == stats.steps and stats.draft_calls == k * stats.target_calls
@@ -254,11 +296,23 @@ def test_batched_greedy_equals_each_sequence_alone(pairs, name, strategy):
     alone = []
     for row in range(ids.shape[0]):
         prompt = ids[row : row + 1, mask[row].bool()]
-        alone.append(target.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, prompt.shape[1] :])
+        alone.append(
+            target.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, prompt.shape[1] :]
+        )
     eos = alone[1][6].item()  # sequence 1 (at least) stops early
     for group_size in [None] if strategy == "eqspec" else [None, 2]:
-        out = speculative_generate(target, draft, ids, attention_mask=mask, max_new_tokens=20, num_draft_tokens=3,
-                                   eos_token_id=eos, pad_token_id=0, strategy=strategy, group_size=group_size)  # fmt: skip
+        out = speculative_generate(
+            target,
+            draft,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            num_draft_tokens=3,
+            eos_token_id=eos,
+            pad_token_id=0,
+            strategy=strategy,
+            group_size=group_size,
+        )
         assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
         for row, continuation in enumerate(alone):
             hits = (continuation == eos).nonzero()
@@ -273,8 +327,9 @@ def test_draft_equal_to_target_accepts_everything(pairs):
     target, _ = pairs["llama-noisy"]
     ids, mask = _prompts(3, 6, 64, seed=5)
     for strategy in ("eqspec", "exspec"):
-        out = speculative_generate(target, target, ids, attention_mask=mask, max_new_tokens=13, num_draft_tokens=4,
-                                   strategy=strategy)  # fmt: skip
+        out = speculative_generate(
+            target, target, ids, attention_mask=mask, max_new_tokens=13, num_draft_tokens=4, strategy=strategy
+        )
         assert out.stats.acceptance_rate == 1.0 and out.stats.mean_accepted_length == 5.0
         assert out.stats.target_calls == (3 if strategy == "eqspec" else out.stats.target_calls)
 
@@ -287,7 +342,9 @@ def test_bad_input(pairs):
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(target, other_vocab, ids, max_new_tokens=3)
     with pytest.raises(ValueError, match="attention_mask"):
-        speculative_generate(target, draft, ids, attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=3)
+        speculative_generate(
+            target, draft, ids, attention_mask=torch.ones(2, 3, dtype=torch.long), max_new_tokens=3
+        )
     with pytest.raises(ValueError, match="attention_mask"):
         speculative_generate(target, draft, ids, attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=3)
     with pytest.raises(ValueError, match="num_draft_tokens"):

@@ -267,7 +267,9 @@ def _merge(groups: list[_Group], pad_token_id: int) -> _Group:
 
     return _Group(
         rows=torch.cat([g.rows for g in groups]),
-        ids=torch.cat([torch.nn.functional.pad(g.ids, (p, 0), value=pad_token_id) for g, p in zip(groups, pads)]),
+        ids=torch.cat(
+            [torch.nn.functional.pad(g.ids, (p, 0), value=pad_token_id) for g, p in zip(groups, pads)]
+        ),
         mask=torch.cat([torch.nn.functional.pad(g.mask, (p, 0)) for g, p in zip(groups, pads)]),
         target_cache=merged_cache([g.target_cache for g in groups]),
         draft_cache=merged_cache([g.draft_cache for g in groups]),
@@ -289,15 +291,24 @@ def _model_vocab(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_inputs(target, draft, input_ids, attention_mask, max_new_tokens, num_draft_tokens, eos_token_id,
-                  generator, strategy, group_size) -> list[int]:  # fmt: skip
+def _check_inputs(
+    target,
+    draft,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    num_draft_tokens,
+    eos_token_id,
+    generator,
+    strategy,
+    group_size,
+) -> list[int]:
     for name, model in (("target", target), ("draft", draft)):
         if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
             raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
-    if _model_vocab(target) != _model_vocab(draft):
-        raise ValueError(
-            f"`target` and `draft` must share a vocabulary, got sizes {_model_vocab(target)} and {_model_vocab(draft)}"
-        )
+    vocab = (_model_vocab(target), _model_vocab(draft))
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"`target` and `draft` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}")
     device = next(target.parameters()).device
     if next(draft.parameters()).device != device:
         raise ValueError(
@@ -317,7 +328,10 @@ def _check_inputs(target, draft, input_ids, attention_mask, max_new_tokens, num_
         m = attention_mask.long()
         if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
             raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_draft_tokens", num_draft_tokens, 1)):
+    for name, value, low in (
+        ("max_new_tokens", max_new_tokens, 1),
+        ("num_draft_tokens", num_draft_tokens, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
@@ -329,7 +343,9 @@ def _check_inputs(target, draft, input_ids, attention_mask, max_new_tokens, num_
         raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
         raise ValueError(f"`group_size` must be None or an int >= 1, got {group_size!r}")
     return eos
 
@@ -377,8 +393,18 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
-    eos = _check_inputs(target, draft, input_ids, attention_mask, max_new_tokens, num_draft_tokens,
-                        eos_token_id, generator, strategy, group_size)  # fmt: skip
+    eos = _check_inputs(
+        target,
+        draft,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        num_draft_tokens,
+        eos_token_id,
+        generator,
+        strategy,
+        group_size,
+    )
     check_warping(do_sample, temperature, top_k, top_p)
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id
@@ -409,7 +435,9 @@ def speculative_generate(
 
     def new_group(rows: torch.Tensor) -> _Group:
         width = int(mask[rows].sum(dim=1).max())
-        return _Group(rows, input_ids[rows, -width:], mask[rows, -width:], _empty_cache(target), _empty_cache(draft))
+        return _Group(
+            rows, input_ids[rows, -width:], mask[rows, -width:], _empty_cache(target), _empty_cache(draft)
+        )
 
     all_rows = torch.arange(B, device=device)
     if strategy == "eqspec":

@@ -56,7 +56,11 @@ def warp_cutoff(
     cutoff = torch.full(logits.shape[:-1], float("-inf"), dtype=logits.dtype, device=logits.device)
     if top_k is None and (top_p is None or top_p >= 1):
         return cutoff
-    z = logits.float() / temperature if logits.dtype in (torch.float16, torch.bfloat16) else logits / temperature
+    z = (
+        logits.float() / temperature
+        if logits.dtype in (torch.float16, torch.bfloat16)
+        else logits / temperature
+    )
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))

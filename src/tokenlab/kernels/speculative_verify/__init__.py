@@ -61,14 +61,18 @@ def verify(
         sample_inputs = dict.fromkeys(sample_inputs)
     impl = resolve_backend(backend, target_logits=target_logits, draft_tokens=draft_tokens, **sample_inputs)
     if target_logits.dim() != 3 or not target_logits.is_floating_point():
-        raise ValueError(f"`target_logits` must be a floating-point [B, k+1, V] tensor, got {target_logits.shape}")
+        raise ValueError(
+            f"`target_logits` must be a floating-point [B, k+1, V] tensor, got {target_logits.shape}"
+        )
     B, k1, V = target_logits.shape
     k = k1 - 1
     if k < 1:
         raise ValueError(f"`target_logits` must have k+1 ≥ 2 positions (k ≥ 1 draft tokens), got {k1}")
     if draft_tokens.shape != (B, k) or draft_tokens.is_floating_point() or draft_tokens.is_complex():
-        raise ValueError(f"`draft_tokens` must be an integer tensor of shape {(B, k)}, got {tuple(draft_tokens.shape)}")
-    if draft_tokens.numel() and not (0 <= int(draft_tokens.min()) and int(draft_tokens.max()) < V):
+        raise ValueError(
+            f"`draft_tokens` must be an integer tensor of shape {(B, k)}, got {tuple(draft_tokens.shape)}"
+        )
+    if draft_tokens.numel() and not (int(draft_tokens.min()) >= 0 and int(draft_tokens.max()) < V):
         raise ValueError(f"`draft_tokens` must lie in [0, {V}) (the vocabulary of `target_logits`)")
     if do_sample:
         expected = {"draft_probs": (B, k, V), "uniforms": (B, k), "exponentials": (B, k + 1, V)}
@@ -77,7 +81,9 @@ def verify(
             if value is None:
                 raise ValueError(f"`{name}` of shape {shape} is required when do_sample=True")
             if tuple(value.shape) != shape or not value.is_floating_point():
-                raise ValueError(f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}")
+                raise ValueError(
+                    f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}"
+                )
     cutoff = warp_cutoff(target_logits, temperature, top_k, top_p) if do_sample else None
     args = dict(
         do_sample=do_sample,

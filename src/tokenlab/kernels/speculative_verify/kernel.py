@@ -150,7 +150,12 @@ def verify_triton(
     accepted = torch.empty(B, k, dtype=torch.int8, device=logits.device)
     replacement = torch.empty(B, k1, dtype=torch.long, device=logits.device)
     if do_sample:
-        q, cut, u, e = draft_probs.contiguous(), cutoff.contiguous(), uniforms.contiguous(), exponentials.contiguous()
+        q, cut, u, e = (
+            draft_probs.contiguous(),
+            cutoff.contiguous(),
+            uniforms.contiguous(),
+            exponentials.contiguous(),
+        )
     else:  # unused pointers: any valid tensor
         q = cut = u = e = logits
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
