@@ -81,10 +81,19 @@ def bench_verify(args, device, repeats) -> list[dict]:
         noise = torch.empty(B, k + 1, V, device=device).exponential_(generator=gen)
         backends = ("reference", "triton") if args.quick or on_gpu else ("reference",)
         candidates = {
-            name: functools.partial(verify, logits, q, tokens, do_sample=True, temperature=TEMPERATURE,
-                                    uniforms=uniforms, exponentials=noise, backend=name)
+            name: functools.partial(
+                verify,
+                logits,
+                q,
+                tokens,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                uniforms=uniforms,
+                exponentials=noise,
+                backend=name,
+            )
             for name in backends
-        }  # fmt: skip
+        }
         ref = candidates["reference"]()
         if "triton" in candidates:
             out = candidates["triton"]()
