@@ -140,19 +140,24 @@ def _cat_caches(caches: list[DynamicCache], sizes: list[int], pads: list[int], l
     if length == 0:
         return DynamicCache()
     template = _cache_tensors(next(c for c in caches if c.get_seq_length() > 0))
-    layers = []
-    for index, (keys, values) in enumerate(template):
-        merged = []
-        for t, like in enumerate((keys, values)):
-            parts = []
-            for cache, size, pad in zip(caches, sizes, pads):
-                if cache.get_seq_length() > 0:
-                    x = _cache_tensors(cache)[index][t]
-                else:
-                    x = like.new_zeros(size, like.shape[1], 0, like.shape[3])
-                parts.append(torch.nn.functional.pad(x, (0, 0, pad, 0))[:, :, :length])
-            merged.append(torch.cat(parts, dim=0))
-        layers.append(tuple(merged))
+    per_cache = [
+        _cache_tensors(cache)
+        if cache.get_seq_length() > 0
+        else [tuple(x.new_zeros(size, x.shape[1], 0, x.shape[3]) for x in kv) for kv in template]
+        for cache, size in zip(caches, sizes)
+    ]
+    layers = [
+        tuple(
+            torch.cat(
+                [
+                    torch.nn.functional.pad(kv[t], (0, 0, pad, 0))[:, :, :length]
+                    for kv, pad in zip(per_layer, pads)
+                ]
+            )
+            for t in (0, 1)
+        )
+        for per_layer in zip(*per_cache)
+    ]
     return DynamicCache(ddp_cache_data=layers)
 
 
