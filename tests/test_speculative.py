@@ -258,6 +258,30 @@ def test_generate_first_token_law_chi_square(pairs):
 
 
 # ------------------------------------------------------------------------------------ greedy
+def test_generate_with_triton_backend_equals_reference(pairs):
+    """The kernel inside the decoding loop: same tokens as the reference, greedy and sampled."""
+    target, draft = pairs["llama-noisy"]
+    ids, mask = _prompts(2, 4, 64, seed=8)
+    for do_sample in (False, True):
+        outs = [
+            speculative_generate(
+                target,
+                draft,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                num_draft_tokens=2,
+                do_sample=do_sample,
+                temperature=0.9,
+                top_k=20,
+                generator=torch.Generator().manual_seed(1),
+                backend=backend,
+            ).sequences
+            for backend in ("reference", "triton")
+        ]
+        assert torch.equal(outs[0], outs[1]), do_sample
+
+
 @pytest.mark.parametrize("name", ["llama-noisy", "llama-small", "qwen2-noisy", "toy-trained"])
 def test_greedy_equals_hf_generate(pairs, name):
     target, draft = pairs[name]
