@@ -13,9 +13,10 @@ numbers of tokens (the *ragged tensor problem*), so after every step the batch i
 * ``strategy="eqspec"`` — the whole batch steps together; after verification each sequence's
   tokens, attention mask and both KV caches are *unpadded and repadded* (gathered) so that every
   sequence is again right-aligned with left padding, and position ids follow from the mask.
-* ``strategy="exspec"`` — a pool of sequences (the input batch); each step takes a group of up to ``group_size``
-  sequences of the *same* length (no padding, no realignment; caches are concatenated), topping
-  the group up with the nearest lengths (realigned as in EQSPEC) only when too few share a length.
+* ``strategy="exspec"`` — a pool of sequences (the input batch); each step takes a group of up
+  to ``group_size`` sequences of the *same* length (no padding, no realignment; caches are
+  concatenated), topping the group up with the nearest lengths (realigned as in EQSPEC) only when
+  too few share a length.
 
 A batch of one is the chain algorithm. Layout invariant of a group (tokens ``[G, L]``, left
 padded): the target cache covers columns ``[0, L − 1)`` (all but the last token), the draft cache

@@ -24,6 +24,20 @@ from tokenlab.kernels.speculative_verify.reference import assemble
 
 
 @triton.jit
+def _track_max(key, index, best, best_index):
+    """Per-lane running maximum of ``key`` and its first index (strictly greater replaces)."""
+    better = key > best
+    return tl.where(better, key, best), tl.where(better, index, best_index)
+
+
+@triton.jit
+def _first_argmax(best, best_index, V):
+    """Maximum over the lanes and its smallest index (``torch.argmax`` tie-breaking)."""
+    top = tl.max(best, axis=0)
+    return top, tl.min(tl.where(best == top, best_index, V), axis=0)
+
+
+@triton.jit
 def _verify_kernel(
     logits_ptr,
     q_ptr,
@@ -49,11 +63,8 @@ def _verify_kernel(
         best_idx = tl.full([BLOCK_V], V, tl.int32)
         for start in range(0, V, BLOCK_V):
             x = tl.load(row + start + offs, mask=start + offs < V, other=float("-inf")).to(ACC_DTYPE)
-            better = x > best
-            best = tl.where(better, x, best)
-            best_idx = tl.where(better, start + offs, best_idx)
-        top = tl.max(best, axis=0)
-        idx = tl.min(tl.where(best == top, best_idx, V), axis=0)
+            best, best_idx = _track_max(x, start + offs, best, best_idx)
+        _, idx = _first_argmax(best, best_idx, V)
         idx = tl.where(idx == V, 0, idx)  # an all -inf row: argmax 0, as torch
         tl.store(replacement_ptr + b * (K + 1) + j, idx.to(tl.int64))
         if j < K:
@@ -79,15 +90,11 @@ def _verify_kernel(
             m = m_new
             # Bonus position: exponential race on p, in log space (no normaliser needed).
             e = tl.load(e_row + start + offs, mask=start + offs < bonus_end, other=1.0).to(ACC_DTYPE)
-            key = x - tl.log(e)
-            better = key > race
-            race = tl.where(better, key, race)
-            race_idx = tl.where(better, start + offs, race_idx)
+            race, race_idx = _track_max(x - tl.log(e), start + offs, race, race_idx)
         m_row = tl.max(m, axis=0)
         s_row = tl.sum(s * tl.exp(m - tl.where(m_row == float("-inf"), 0.0, m_row)), axis=0)
         if is_bonus:
-            top = tl.max(race, axis=0)
-            idx = tl.min(tl.where(race == top, race_idx, V), axis=0)
+            _, idx = _first_argmax(race, race_idx, V)
             tl.store(replacement_ptr + b * (K + 1) + j, idx.to(tl.int64))
         else:
             d = tl.load(tokens_ptr + b * K + j)
@@ -116,17 +123,10 @@ def _verify_kernel(
                     q = tl.load(q_row + start + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                     e = tl.load(e_row + start + offs, mask=mask, other=1.0).to(ACC_DTYPE)
                     r_key = tl.where(mask, tl.maximum(p - q, 0.0) / e, -1.0)
-                    better = r_key > r_best
-                    r_best = tl.where(better, r_key, r_best)
-                    r_idx = tl.where(better, start + offs, r_idx)
-                    p_key = tl.where(mask, p / e, -1.0)
-                    better = p_key > p_best
-                    p_best = tl.where(better, p_key, p_best)
-                    p_idx = tl.where(better, start + offs, p_idx)
-                r_top = tl.max(r_best, axis=0)
-                p_top = tl.max(p_best, axis=0)
-                r_first = tl.min(tl.where(r_best == r_top, r_idx, V), axis=0)
-                p_first = tl.min(tl.where(p_best == p_top, p_idx, V), axis=0)
+                    r_best, r_idx = _track_max(r_key, start + offs, r_best, r_idx)
+                    p_best, p_idx = _track_max(tl.where(mask, p / e, -1.0), start + offs, p_best, p_idx)
+                r_top, r_first = _first_argmax(r_best, r_idx, V)
+                _, p_first = _first_argmax(p_best, p_idx, V)
                 idx = tl.where(r_top > 0, r_first, p_first)
                 tl.store(replacement_ptr + b * (K + 1) + j, idx.to(tl.int64))
 
