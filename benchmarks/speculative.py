@@ -152,7 +152,8 @@ def bench_end_to_end(args, device) -> tuple[list[dict], dict]:
             torch.cuda.synchronize(device)
         return result, time.perf_counter() - t0
 
-    hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    eos = world.tokenizer.eos_token_id
+    hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     target.generate(prompts[0], **hf_kwargs)  # warm-up
     plain, plain_s = timed(lambda: [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts])
     total = sum(t.numel() for t in plain)
@@ -190,13 +191,17 @@ def bench_end_to_end(args, device) -> tuple[list[dict], dict]:
                     attention_mask=mask,
                     max_new_tokens=max_new,
                     num_draft_tokens=k,
+                    eos_token_id=eos,
                     pad_token_id=pad,
                     strategy=strategy,
                 )
                 for row, expected in enumerate(plain[first : first + B]):
-                    assert torch.equal(out.sequences[row, width:], expected), (
-                        f"{strategy} B={B} != plain greedy"
+                    got = out.sequences[row, width:]
+                    same = (
+                        torch.equal(got[: expected.numel()], expected)
+                        and (got[expected.numel() :] == pad).all()
                     )
+                    assert same, f"{strategy} B={B} != plain greedy"
                 accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
                 seconds += out.stats.seconds
             method = "tokenlab chain" if B == 1 else f"tokenlab batched {strategy.upper()}"

@@ -388,7 +388,8 @@ def speculative_generate(
         num_draft_tokens: ``k ≥ 1`` draft tokens per target call.
         do_sample, temperature, top_k, top_p: the warping of :mod:`tokenlab.decoding.warping`,
             applied identically to the target and the draft.
-        eos_token_id: token id(s) that end a sequence (kept in the output).
+        eos_token_id: token id(s) that end a sequence (kept in the output); ``None`` takes the
+            target's ``generation_config.eos_token_id``, as ``generate`` does; ``[]`` never stops.
         pad_token_id: fills the output after a sequence ends (default: the target's generation
             config, then the first EOS id, then 0).
         generator: the random source of sampling (draft tokens, uniforms, Exp(1) noise).
@@ -399,6 +400,8 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
+    if eos_token_id is None:
+        eos_token_id = target.generation_config.eos_token_id
     eos = _check_inputs(
         target,
         draft,
