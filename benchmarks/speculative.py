@@ -1,0 +1,243 @@
+"""Benchmark: speculative verification kernel, and speculative decoding end to end.
+
+    python benchmarks/speculative.py            # full sizes (GPU; on CPU the kernel column is skipped)
+    python benchmarks/speculative.py --quick    # tiny sizes, interpreter on CPU, checks equivalence
+
+(a) ``verify``: fused Triton kernel vs PyTorch reference vs a naive per-sequence loop, sampling
+    with temperature 0.8, at B ∈ {1, 8, 32}, k ∈ {4, 8}, V ∈ {32k, 128k}; time and effective
+    bandwidth (one read of logits, draft probabilities and noise) as a fraction of the measured
+    device copy bandwidth (``clone`` of a tensor of the same size).
+(b) End to end on the toy target/draft pair (``gpu`` preset on GPU, ``default`` on CPU, ``tiny``
+    with ``--quick``), greedy: tokens/s of plain ``generate``, HF assisted generation
+    (``assistant_model=``, constant k), tokenlab chain, and tokenlab batched (EQSPEC and EXSPEC)
+    at B = 1/2/4/8, with acceptance rates. Every output is checked against plain greedy.
+"""
+
+from __future__ import annotations
+
+import harness
+
+harness.enable_interpreter_if_cpu()
+
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from tokenlab.decoding import speculative_generate  # noqa: E402
+from tokenlab.decoding.warping import warped_probs  # noqa: E402
+from tokenlab.kernels.speculative_verify import verify  # noqa: E402
+from tokenlab.toy import load_toy_world  # noqa: E402
+
+TEMPERATURE = 0.8
+
+
+def naive_verify(logits, q, tokens, uniforms, noise):
+    """The textbook loop, one sequence and one position at a time (same random numbers)."""
+    B, k = tokens.shape
+    num_accepted = torch.zeros(B, dtype=torch.long)
+    next_tokens = torch.full((B, k + 1), -1, dtype=torch.long)
+    for b in range(B):
+        for j in range(k + 1):
+            p = torch.softmax(logits[b, j].double() / TEMPERATURE, dim=-1)
+            if j == k:
+                next_tokens[b, j] = (p / noise[b, j]).argmax()
+                break
+            d = tokens[b, j]
+            if uniforms[b, j] < min(1.0, (p[d] / q[b, j, d]).item()):
+                next_tokens[b, j] = d
+                num_accepted[b] += 1
+                continue
+            residual = (p - q[b, j]).clamp(min=0)
+            next_tokens[b, j] = ((residual / residual.sum()) / noise[b, j]).argmax()
+            break
+    return num_accepted, next_tokens
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> float:
+    """Measured device copy bandwidth in GB/s (read + write of ``nbytes``)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    ms = harness.time_fn(lambda: x.clone(), device, repeats=repeats)
+    return 2 * nbytes / 1e9 / (ms / 1e3)
+
+
+def bench_verify(args, device, repeats) -> list[dict]:
+    on_gpu = device.type == "cuda"
+    cases = (
+        [(1, 1, 37), (3, 2, 1500)]
+        if args.quick
+        else [(B, k, V) for B in (1, 8, 32) for k in (4, 8) for V in (32_000, 128_000)]
+    )
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    rows = []
+    for B, k, V in cases:
+        gen = torch.Generator(device=device).manual_seed(B * 1000 + k * 100 + V)
+        logits = (torch.randn(B, k + 1, V, device=device, generator=gen) * 3).to(dtype)
+        q = warped_probs(
+            logits[:, :k].float() + torch.randn(B, k, V, device=device, generator=gen), TEMPERATURE
+        )
+        tokens = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, k)
+        uniforms = torch.rand(B, k, device=device, generator=gen)
+        noise = torch.empty(B, k + 1, V, device=device).exponential_(generator=gen)
+        backends = ("reference", "triton") if args.quick or on_gpu else ("reference",)
+        candidates = {
+            name: functools.partial(
+                verify,
+                logits,
+                q,
+                tokens,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                uniforms=uniforms,
+                exponentials=noise,
+                backend=name,
+            )
+            for name in backends
+        }
+        ref = candidates["reference"]()
+        if "triton" in candidates:
+            out = candidates["triton"]()
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), "triton != reference"
+        if args.quick or B * (k + 1) * V <= 8 * 5 * 32_000:
+            cpu = [t.cpu() for t in (logits, q, tokens, uniforms, noise)]
+            naive = naive_verify(*cpu)
+            if args.quick:
+                assert torch.equal(naive[0], ref[0].cpu()) and torch.equal(naive[1], ref[1].cpu()), (
+                    "naive != ref"
+                )
+            candidates["naive"] = lambda cpu=cpu: naive_verify(*cpu)
+        warmup = 1 if args.quick else 2
+        ms = {
+            name: harness.time_fn(fn, device, warmup=warmup, repeats=repeats)
+            for name, fn in candidates.items()
+        }
+        nbytes = logits.numel() * logits.element_size() + (q.numel() + noise.numel()) * 4
+        copy_gbs = copy_bandwidth(nbytes, device, repeats)
+        row = {
+            "B": B,
+            "k": k,
+            "V": V,
+            "dtype": str(dtype).removeprefix("torch."),
+            "accepted": ref[0].sum().item(),
+        }
+        row.update({f"{name}_ms": t for name, t in ms.items()})
+        if "triton" in ms:
+            row["triton_GB/s"] = nbytes / 1e9 / (ms["triton"] / 1e3)
+            row["frac_of_copy"] = row["triton_GB/s"] / copy_gbs
+            row["speedup_vs_ref"] = ms["reference"] / ms["triton"]
+        row["copy_GB/s"] = copy_gbs
+        rows.append(row)
+    return rows
+
+
+def bench_end_to_end(args, device) -> tuple[list[dict], dict]:
+    preset = "tiny" if args.quick else ("gpu" if device.type == "cuda" else "default")
+    world = load_toy_world(preset, device=device, progress=not args.quick)
+    target, draft = world.target, world.draft
+    n_prompts, max_new, k = (4, 12, 3) if args.quick else (16, 128, 4)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, world.heldout_ids.numel() - 64, (n_prompts,), generator=gen)
+    lengths = torch.randint(8, 25, (n_prompts,), generator=gen)
+    prompts = [
+        world.heldout_ids[s : s + n].to(device)[None] for s, n in zip(starts.tolist(), lengths.tolist())
+    ]
+    pad = world.tokenizer.pad_token_id
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return result, time.perf_counter() - t0
+
+    eos = world.tokenizer.eos_token_id
+    hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    target.generate(prompts[0], **hf_kwargs)  # warm-up
+    plain, plain_s = timed(lambda: [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts])
+    total = sum(t.numel() for t in plain)
+    rows = [{"method": "plain greedy generate", "B": 1, "tokens/s": total / plain_s, "acceptance": None}]
+
+    draft.generation_config.num_assistant_tokens = k
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    assisted, assisted_s = timed(
+        lambda: [target.generate(p, assistant_model=draft, **hf_kwargs)[0, p.shape[1] :] for p in prompts]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(assisted, plain)), "HF assisted != plain greedy"
+    rows.append(
+        {"method": "HF assisted generation", "B": 1, "tokens/s": total / assisted_s, "acceptance": None}
+    )
+
+    for strategy in ("eqspec", "exspec"):
+        for B in (1, 2, 4) if args.quick else (1, 2, 4, 8):
+            if strategy == "exspec" and B == 1:
+                continue
+            accepted = drafted = 0
+            seconds = 0.0
+            for first in range(0, n_prompts, B):
+                batch = prompts[first : first + B]
+                width = max(p.shape[1] for p in batch)
+                ids = torch.stack(
+                    [torch.nn.functional.pad(p[0], (width - p.shape[1], 0), value=pad) for p in batch]
+                )
+                mask = torch.stack(
+                    [torch.arange(width, device=device) >= width - p.shape[1] for p in batch]
+                ).long()
+                out = speculative_generate(
+                    target,
+                    draft,
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    num_draft_tokens=k,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    strategy=strategy,
+                )
+                for row, expected in enumerate(plain[first : first + B]):
+                    got = out.sequences[row, width:]
+                    same = (
+                        torch.equal(got[: expected.numel()], expected)
+                        and (got[expected.numel() :] == pad).all()
+                    )
+                    assert same, f"{strategy} B={B} != plain greedy"
+                accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
+                seconds += out.stats.seconds
+            method = "tokenlab chain" if B == 1 else f"tokenlab batched {strategy.upper()}"
+            rows.append(
+                {"method": method, "B": B, "tokens/s": total / seconds, "acceptance": accepted / drafted}
+            )
+    base = rows[0]["tokens/s"]
+    for row in rows:
+        row["speedup_vs_plain"] = row["tokens/s"] / base
+    info = {"preset": preset, "prompts": n_prompts, "max_new_tokens": max_new, "k": k}
+    return rows, info
+
+
+def main() -> None:
+    args = harness.parser(__doc__.splitlines()[0]).parse_args()
+    device = harness.device_from(args)
+    repeats = args.repeats or (3 if args.quick else 20)
+    if args.quick and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny sizes: one thread is fastest and spares the shared CI cores
+    label = "GPU" if device.type == "cuda" else "CPU" + (" (Triton interpreter)" if args.quick else "")
+    print(f"(a) verification kernel — {label}")
+    verify_rows = bench_verify(args, device, repeats)
+    harness.print_table(verify_rows, list(dict.fromkeys(c for r in verify_rows for c in r)))
+    end_rows, info = bench_end_to_end(args, device)
+    print(
+        f"\n(b) end to end, greedy, toy pair '{info['preset']}', {info['prompts']} prompts × "
+        f"{info['max_new_tokens']} tokens, k={info['k']} — {label}"
+    )
+    harness.print_table(end_rows, ["method", "B", "tokens/s", "speedup_vs_plain", "acceptance"])
+    harness.finish(
+        args,
+        device,
+        "speculative",
+        [{"part": "verify", **r} for r in verify_rows] + [{"part": "e2e", **r} for r in end_rows],
+    )
+
+
+if __name__ == "__main__":
+    main()

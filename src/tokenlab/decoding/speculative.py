@@ -1,0 +1,476 @@
+"""Speculative decoding — chain and batched — for any pair of HF causal LMs sharing a vocabulary.
+
+*Fast Inference from Transformers via Speculative Decoding* (Leviathan et al.) and *Accelerating
+Large Language Model Decoding with Speculative Sampling* (Chen et al.): a draft model proposes
+``k`` tokens autoregressively, the target scores all of them in one forward, and
+:func:`tokenlab.kernels.speculative_verify.verify` accepts a prefix and emits one more token, so
+every target call yields 1..k+1 tokens while the output law equals the target's (sampling) or
+its greedy continuation exactly (greedy).
+
+Batches follow *Batch Speculative Decoding Done Right* (Zhang et al.): sequences accept different
+numbers of tokens (the *ragged tensor problem*), so after every step the batch is realigned:
+
+* ``strategy="eqspec"`` — the whole batch steps together; after verification each sequence's
+  tokens, attention mask and both KV caches are *unpadded and repadded* (gathered) so that every
+  sequence is again right-aligned with left padding, and position ids follow from the mask.
+* ``strategy="exspec"`` — a pool of sequences (the input batch); each step takes a group of up
+  to ``group_size`` sequences of the *same* length (no padding, no realignment; caches are
+  concatenated), topping the group up with the nearest lengths (realigned as in EQSPEC) only when
+  too few share a length.
+
+A batch of one is the chain algorithm. Layout invariant of a group (tokens ``[G, L]``, left
+padded): the target cache covers columns ``[0, L − 1)`` (all but the last token), the draft cache
+``[0, C_d)`` with ``C_d ≤ L − 1``; each forward feeds the uncached columns, with
+``position_ids = cumsum(mask) − 1``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from tokenlab.backend import Backend
+from tokenlab.decoding.warping import check_warping, warped_probs
+from tokenlab.kernels import speculative_verify
+
+Strategy = Literal["eqspec", "exspec"]
+STRATEGIES: tuple[str, ...] = ("eqspec", "exspec")
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one :func:`speculative_generate` call.
+
+    ``steps`` counts (sequence, target call) pairs; ``accepted``/``drafted`` count draft tokens
+    over all steps; ``new_tokens`` the tokens returned (after cutting at EOS / ``max_new_tokens``).
+    """
+
+    target_calls: int = 0
+    draft_calls: int = 0
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per sequence per target call (accepted drafts + 1), before truncation."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SpeculativeOutput:
+    """``sequences [B, P + N]``: the prompt (as given) followed by the generated tokens, padded
+    with ``pad_token_id`` after a sequence ends, as ``generate`` returns them; and the stats."""
+
+    sequences: torch.Tensor
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+
+
+@dataclass
+class _Sampling:
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
+    backend: Backend
+
+
+@dataclass
+class _Group:
+    """Sequences stepping together: ``rows`` (indices into the batch), left-padded ``ids``/``mask``
+    ``[G, L]``, and the two caches (target covering ``L − 1`` columns, draft ``≤ L − 1``)."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    target_cache: DynamicCache
+    draft_cache: DynamicCache
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+@dataclass
+class _Verified:
+    """A group right after verification: ``ids``/``mask`` ``[G, L + k]`` hold the drafts."""
+
+    group: _Group
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    num_accepted: torch.Tensor
+    next_tokens: torch.Tensor
+    k: int
+
+
+# ------------------------------------------------------------------------------------ caches
+def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _gather_cache(cache: DynamicCache, rows: torch.Tensor, columns: torch.Tensor) -> DynamicCache:
+    """New cache holding ``cache[rows, :, columns[i], :]`` for ``columns [G', C']``."""
+    layers = []
+    for keys, values in _cache_tensors(cache):
+        index = columns[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        layers.append((keys[rows].gather(2, index), values[rows].gather(2, index)))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _cat_caches(caches: list[DynamicCache], sizes: list[int], pads: list[int], length: int) -> DynamicCache:
+    """Concatenate caches (of ``sizes[i]`` rows) along the batch after left-padding cache ``i`` by
+    ``pads[i]`` columns, keeping the first ``length`` columns (an empty cache gives padding only)."""
+    if length == 0:
+        return DynamicCache()
+    template = _cache_tensors(next(c for c in caches if c.get_seq_length() > 0))
+    per_cache = [
+        _cache_tensors(cache)
+        if cache.get_seq_length() > 0
+        else [tuple(x.new_zeros(size, x.shape[1], 0, x.shape[3]) for x in kv) for kv in template]
+        for cache, size in zip(caches, sizes)
+    ]
+    layers = [
+        tuple(
+            torch.cat(
+                [
+                    torch.nn.functional.pad(kv[t], (0, 0, pad, 0))[:, :, :length]
+                    for kv, pad in zip(per_layer, pads)
+                ]
+            )
+            for t in (0, 1)
+        )
+        for per_layer in zip(*per_cache)
+    ]
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _empty_cache(model: PreTrainedModel) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        raise ValueError(
+            f"{type(model).__name__} uses sliding-window or other non-full cache layers; speculative "
+            "decoding here needs full attention caches (DynamicLayer)"
+        )
+    return cache
+
+
+# ------------------------------------------------------------------------------------- steps
+def _forward(model: PreTrainedModel, ids, mask, cache: DynamicCache, logits_to_keep: int) -> torch.Tensor:
+    """Feed the columns of ``ids`` the cache does not cover; logits of the last ``logits_to_keep``."""
+    start = cache.get_seq_length()
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids[:, start:],
+        attention_mask=mask,
+        position_ids=positions[:, start:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits
+
+
+def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: SpeculativeStats) -> _Verified:
+    """Draft ``k`` tokens, score them with one target call, verify."""
+    ids, mask = group.ids, group.mask
+    G = ids.shape[0]
+    ones = torch.ones(G, 1, dtype=mask.dtype, device=mask.device)
+    draft_tokens, draft_probs = [], []
+    for _ in range(k):
+        logits = _forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
+        if sampling.do_sample:
+            q = warped_probs(
+                logits, sampling.temperature, sampling.top_k, sampling.top_p, backend=sampling.backend
+            )
+            token = torch.multinomial(q, 1, generator=sampling.generator)
+            draft_probs.append(q)
+        else:
+            token = logits.argmax(dim=-1, keepdim=True)
+        draft_tokens.append(token)
+        ids, mask = torch.cat([ids, token], dim=1), torch.cat([mask, ones], dim=1)
+    stats.draft_calls += k
+    target_logits = _forward(target, ids, mask, group.target_cache, k + 1).float()
+    stats.target_calls += 1
+    uniforms = exponentials = q_all = None
+    if sampling.do_sample:
+        q_all = torch.stack(draft_probs, dim=1)
+        uniforms = torch.rand(G, k, device=ids.device, generator=sampling.generator)
+        exponentials = torch.empty_like(target_logits).exponential_(generator=sampling.generator)
+    num_accepted, next_tokens = speculative_verify.verify(
+        target_logits,
+        q_all,
+        torch.cat(draft_tokens, dim=1),
+        do_sample=sampling.do_sample,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        uniforms=uniforms,
+        exponentials=exponentials,
+        backend=sampling.backend,
+    )
+    stats.steps += G
+    stats.drafted += G * k
+    stats.accepted += int(num_accepted.sum())
+    return _Verified(group, ids, group.lengths, num_accepted, next_tokens, k)
+
+
+def _commit(v: _Verified, keep: torch.Tensor, pad_token_id: int) -> _Group:
+    """Unpad-update-repad: the sequences at positions ``keep`` of ``v``, each extended by its
+    accepted tokens and emitted token, right-aligned again with caches gathered to match."""
+    L = v.group.ids.shape[1]
+    n, a = v.lengths[keep], v.num_accepted[keep]
+    ext = torch.nn.functional.pad(v.ids[keep], (0, 1), value=pad_token_id)
+    ext.scatter_(1, (L + a).unsqueeze(1), v.next_tokens[keep].gather(1, a.unsqueeze(1)))
+    new_n = n + a + 1
+    new_L = int(new_n.max())
+    shift = ((L - n) - (new_L - new_n)).unsqueeze(1)  # old column = new column + shift
+    columns = torch.arange(new_L, device=ext.device).unsqueeze(0)
+    valid = columns >= (new_L - new_n).unsqueeze(1)
+    source = (columns + shift).clamp(0, ext.shape[1] - 1)
+    ids = torch.where(valid, ext.gather(1, source), pad_token_id)
+    # Target cache: every real token except the emitted one. Draft cache: the context and the
+    # accepted drafts it has seen (it never saw the last draft), common to the group.
+    draft_len = int(((new_L - new_n) + n + a.clamp(max=v.k - 1)).min())
+    return _Group(
+        rows=v.group.rows[keep],
+        ids=ids,
+        mask=valid.long(),
+        target_cache=_gather_cache(v.group.target_cache, keep, source[:, : new_L - 1]),
+        draft_cache=_gather_cache(v.group.draft_cache, keep, source[:, :draft_len]),
+    )
+
+
+def _merge(groups: list[_Group], pad_token_id: int) -> _Group:
+    """One group from several: left-pad to the longest and keep, per model, the cache columns
+    that every member has computed (the rest is fed again by the next forward)."""
+    if len(groups) == 1:
+        return groups[0]
+    L = max(g.ids.shape[1] for g in groups)
+    pads = [L - g.ids.shape[1] for g in groups]
+    sizes = [g.ids.shape[0] for g in groups]
+
+    def merged_cache(caches: list[DynamicCache]) -> DynamicCache:
+        uncached = max(g.ids.shape[1] - c.get_seq_length() for g, c in zip(groups, caches))
+        return _cat_caches(caches, sizes, pads, L - uncached)
+
+    return _Group(
+        rows=torch.cat([g.rows for g in groups]),
+        ids=torch.cat(
+            [torch.nn.functional.pad(g.ids, (p, 0), value=pad_token_id) for g, p in zip(groups, pads)]
+        ),
+        mask=torch.cat([torch.nn.functional.pad(g.mask, (p, 0)) for g, p in zip(groups, pads)]),
+        target_cache=merged_cache([g.target_cache for g in groups]),
+        draft_cache=merged_cache([g.draft_cache for g in groups]),
+    )
+
+
+def _pick_exspec(pool: list[_Group], group_size: int) -> list[int]:
+    """Indices of the pool entries (single sequences) to step next: the most common length
+    (ties: the shortest), topped up with the nearest lengths when fewer than ``group_size``."""
+    lengths = [int(g.mask.sum()) for g in pool]
+    counts = Counter(lengths)
+    length = min(counts, key=lambda n: (-counts[n], n))
+    order = sorted(range(len(pool)), key=lambda i: (abs(lengths[i] - length), lengths[i], i))
+    return order[:group_size]
+
+
+# ----------------------------------------------------------------------------------- checks
+def _model_vocab(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _check_inputs(
+    target,
+    draft,
+    input_ids,
+    attention_mask,
+    max_new_tokens,
+    num_draft_tokens,
+    eos_token_id,
+    generator,
+    strategy,
+    group_size,
+) -> list[int]:
+    for name, model in (("target", target), ("draft", draft)):
+        if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
+            raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
+    vocab = (_model_vocab(target), _model_vocab(draft))
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"`target` and `draft` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}")
+    device = next(target.parameters()).device
+    if next(draft.parameters()).device != device:
+        raise ValueError(
+            f"`target` and `draft` must be on one device, got {device} and {next(draft.parameters()).device}"
+        )
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("`input_ids` must be a [B, T] int64 tensor")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` must be non-empty, got shape {tuple(input_ids.shape)}")
+    if input_ids.device != device:
+        raise ValueError(f"`input_ids` is on {input_ids.device} but the models are on {device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_ids.shape)}")
+        if attention_mask.device != device:
+            raise ValueError(f"`attention_mask` is on {attention_mask.device} but the models are on {device}")
+        m = attention_mask.long()
+        if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
+            raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
+    for name, value, low in (
+        ("max_new_tokens", max_new_tokens, 1),
+        ("num_draft_tokens", num_draft_tokens, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != device.type
+    ):
+        raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"`group_size` must be None or an int >= 1, got {group_size!r}")
+    return eos
+
+
+# ------------------------------------------------------------------------------------ public
+@torch.no_grad()
+def speculative_generate(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int,
+    num_draft_tokens: int = 4,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    strategy: Strategy = "eqspec",
+    group_size: int | None = None,
+    backend: Backend = "auto",
+) -> SpeculativeOutput:
+    """Generate with speculative decoding; a batch is handled by EQSPEC or EXSPEC.
+
+    Args:
+        target, draft: HF causal LMs with the same vocabulary, on one device (full-attention
+            caches). Greedy output equals ``target.generate(do_sample=False)`` token for token;
+            sampled output follows the target's warped distribution.
+        input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` ``[B, P]`` is given.
+        max_new_tokens: tokens to generate per sequence (fewer when it emits an EOS).
+        num_draft_tokens: ``k ≥ 1`` draft tokens per target call.
+        do_sample, temperature, top_k, top_p: the warping of :mod:`tokenlab.decoding.warping`,
+            applied identically to the target and the draft.
+        eos_token_id: token id(s) that end a sequence (kept in the output); ``None`` takes the
+            target's ``generation_config.eos_token_id``, as ``generate`` does; ``[]`` never stops.
+        pad_token_id: fills the output after a sequence ends (default: the target's generation
+            config, then the first EOS id, then 0).
+        generator: the random source of sampling (draft tokens, uniforms, Exp(1) noise).
+        strategy: ``"eqspec"`` (lockstep with realignment) or ``"exspec"`` (same-length groups).
+        group_size: EXSPEC's largest group (default: the batch size); ignored by EQSPEC.
+        backend: of the verification kernel and the warped softmax.
+
+    Returns:
+        :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
+    """
+    if eos_token_id is None:
+        eos_token_id = target.generation_config.eos_token_id
+    eos = _check_inputs(
+        target,
+        draft,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        num_draft_tokens,
+        eos_token_id,
+        generator,
+        strategy,
+        group_size,
+    )
+    check_warping(do_sample, temperature, top_k, top_p)
+    if pad_token_id is None:
+        pad_token_id = target.generation_config.pad_token_id
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    sampling = _Sampling(do_sample, float(temperature), top_k, top_p, generator, backend)
+    device = input_ids.device
+    B = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    stats = SpeculativeStats()
+    generated: list[list[int]] = [[] for _ in range(B)]
+    eos_set = set(eos)
+    start = time.perf_counter()
+
+    def emit(v: _Verified) -> torch.Tensor:
+        """Record each sequence's new tokens; return the positions (in ``v``) still active."""
+        tokens = v.next_tokens.tolist()
+        counts = (v.num_accepted + 1).tolist()
+        active = []
+        for i, row in enumerate(v.group.rows.tolist()):
+            out = generated[row]
+            for token in tokens[i][: counts[i]]:
+                out.append(token)
+                if token in eos_set or len(out) == max_new_tokens:
+                    break
+            else:
+                active.append(i)
+        return torch.tensor(active, dtype=torch.long, device=device)
+
+    def new_group(rows: torch.Tensor) -> _Group:
+        width = int(mask[rows].sum(dim=1).max())
+        return _Group(
+            rows, input_ids[rows, -width:], mask[rows, -width:], _empty_cache(target), _empty_cache(draft)
+        )
+
+    all_rows = torch.arange(B, device=device)
+    if strategy == "eqspec":
+        group: _Group | None = new_group(all_rows)
+        while group is not None:
+            verified = _step(target, draft, group, num_draft_tokens, sampling, stats)
+            active = emit(verified)
+            group = _commit(verified, active, pad_token_id) if active.numel() else None
+    else:
+        size = group_size or B
+        pool = [new_group(all_rows[i : i + 1]) for i in range(B)]
+        while pool:
+            chosen = _pick_exspec(pool, size)
+            group = _merge([pool[i] for i in chosen], pad_token_id)
+            pool = [g for i, g in enumerate(pool) if i not in chosen]
+            verified = _step(target, draft, group, num_draft_tokens, sampling, stats)
+            pool.extend(_commit(verified, i.view(1), pad_token_id) for i in emit(verified))
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = sum(len(g) for g in generated)
+    width = max(len(g) for g in generated)
+    new = torch.full((B, width), pad_token_id, dtype=torch.long, device=device)
+    for row, tokens in enumerate(generated):
+        new[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+    return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats)
