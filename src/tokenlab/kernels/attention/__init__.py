@@ -91,6 +91,11 @@ def _validate(q, k, v, *, causal, window, scale, sinks, softcap, score_fn, sigmo
                 f"`segment_ids` must be [B, S] = [{B}, {k.shape[2]}] (one id per key), "
                 f"got {tuple(segment_ids.shape)}"
             )
+        if q.shape[2] > k.shape[2]:
+            raise ValueError(
+                f"`segment_ids` needs T <= S (query i takes the id of key position i + S - T), "
+                f"got T={q.shape[2]}, S={k.shape[2]}"
+            )
 
 
 class _FlashAttentionFn(torch.autograd.Function):

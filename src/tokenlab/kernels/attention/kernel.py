@@ -28,9 +28,22 @@ import triton
 import triton.language as tl
 
 SCORE_FN_IDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 # Interpreter (CPU) block sizes: small enough that tests of T ≈ 70 cross several blocks.
 _INTERPRETER_BLOCK = 32
+
+
+@triton.jit
+def _mm(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``a @ b`` with operands in ``DOT_DTYPE`` (the input dtype; float32 for bfloat16 under the
+    Triton 3.9 interpreter, whose bfloat16 ``tl.dot`` is wrong) accumulated in ``ACC``."""
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -58,11 +71,12 @@ def _scores(
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
     ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Score tile ``[BLOCK_M, BLOCK_N]`` after softcap and initial-token scale, its visibility mask and
     the softcap derivative ``ds/ds_raw`` (1 without softcap)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale
+    s = _mm(q, tl.trans(k), DOT_DTYPE, PRECISION, ACC) * scale
     if HAS_SOFTCAP:
         t = _tanh(s / softcap)
         s = softcap * t
@@ -118,18 +132,9 @@ def _query_range(start_n, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL: tl.constexp
 
 
 @triton.jit
-def _probs_and_grads(
-    s,
-    visible,
-    cap_grad,
-    dp,
-    lse,
-    delta,
-    bias,
-    SCORE_FN: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """Attention weights ``P`` and score gradient ``dS`` (w.r.t. the raw scaled scores) of a tile."""
+def _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN: tl.constexpr):
+    """Attention weights ``P`` of a tile and the gradient ``dS`` w.r.t. the scores after softcap and
+    initial-token scale (for sigmoid scores this is also the gradient w.r.t. the bias)."""
     if SCORE_FN == 0:
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -139,8 +144,6 @@ def _probs_and_grads(
     else:
         p = tl.where(visible, tl.maximum(s, 0.0), 0.0)
         ds = tl.where(visible & (s > 0), dp, 0.0)
-    if HAS_SOFTCAP:
-        ds = ds * cap_grad
     return p, ds
 
 
@@ -172,6 +175,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -211,7 +215,7 @@ def _attn_fwd(
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, _cap_grad = _scores(
             q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, PRECISION,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         if SCORE_FN == 0:
             s = tl.where(visible, s, float("-inf"))
@@ -227,7 +231,7 @@ def _attn_fwd(
             p = tl.where(visible, tl.sigmoid(s + bias), 0.0)
         else:
             p = tl.where(visible, tl.maximum(s, 0.0), 0.0)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        acc += _mm(p.to(v.dtype), v, DOT_DTYPE, PRECISION, ACC)
 
     if SCORE_FN == 0:
         empty = l_i == 0.0
@@ -268,6 +272,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -307,7 +312,7 @@ def _attn_bwd_dkdv(
             seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
             s, visible, cap_grad = _scores(
                 q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, PRECISION,
+                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
             )  # fmt: skip
             if SCORE_FN == 0:
                 lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
@@ -316,10 +321,12 @@ def _attn_bwd_dkdv(
             else:
                 lse = 0.0
                 delta = 0.0
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-            p, ds = _probs_and_grads(s, visible, cap_grad, dp, lse, delta, bias, SCORE_FN, HAS_SOFTCAP)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=ACC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=ACC)
+            dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
+            p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
+            if HAS_SOFTCAP:
+                ds = ds * cap_grad
+            dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_DTYPE, PRECISION, ACC)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_DTYPE, PRECISION, ACC)
 
     tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -354,6 +361,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -396,13 +404,15 @@ def _attn_bwd_dq(
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, cap_grad = _scores(
             q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, PRECISION,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
-        _p, ds = _probs_and_grads(s, visible, cap_grad, dp, lse, delta, bias, SCORE_FN, HAS_SOFTCAP)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+        dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
+        _p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
         if SCORE_FN == 1:
             dbias += tl.sum(ds, 1)
+        if HAS_SOFTCAP:
+            ds = ds * cap_grad
+        dq += _mm(ds.to(k.dtype), k, DOT_DTYPE, PRECISION, ACC)
 
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
     if SCORE_FN == 1:
@@ -464,6 +474,7 @@ def _constexprs(q: torch.Tensor, *, causal, window, softcap, log_gamma, segment_
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_PAD": max(16, triton.next_power_of_2(q.shape[-1])),
         "ACC": acc,
+        "DOT_DTYPE": tl.float32 if q.dtype == torch.bfloat16 and not q.is_cuda else _TL_DTYPES[q.dtype],
         "PRECISION": "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
     }
 
