@@ -171,17 +171,22 @@ def quick(args, device) -> list[dict]:
     return [quick_case(name, T, D, device, args.repeats or 1) for name, T, D in cases]
 
 
-def full(args, device) -> list[dict]:
-    """GPU: bf16 timings of every peer, then the variants against flex_attention."""
-    repeats = args.repeats or 20
-    dtype = torch.bfloat16
+def full(
+    device,
+    repeats,
+    lengths=(1024, 2048, 4096, 8192, 16384),
+    head_dims=(64, 128),
+    tokens=16384,
+    dtype=torch.bfloat16,
+) -> list[dict]:
+    """GPU: timings of every peer (bf16), then the variants against flex_attention."""
     flex = _flex_fn(device)
     rows = []
-    for D in (64, 128):
+    for D in head_dims:
         H = 2048 // D
         for causal in (False, True):
-            for T in (1024, 2048, 4096, 8192, 16384):
-                B = max(1, 16384 // T)
+            for T in lengths:
+                B = max(1, tokens // T)
                 q, k, v = make_inputs(B, H, H, T, D, dtype, device)
                 inputs = (q, k, v)
                 flex_run, _ = flex_variant(
@@ -217,17 +222,25 @@ def full(args, device) -> list[dict]:
                     row["tokenlab/flex"] = timings["flex"][p] / timings["tokenlab"][p]
                     rows.append(row)
                 del q, k, v, inputs, peers, timings
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     harness.print_table(rows, list(rows[0]))
-    return rows + variants(device, dtype, flex, repeats)
+    return rows + variants(
+        device,
+        dtype,
+        flex,
+        repeats,
+        lengths=[T for T in lengths if T in (4096, 8192)] or lengths[:1],
+        tokens=tokens,
+    )
 
 
-def variants(device, dtype, flex, repeats) -> list[dict]:
+def variants(device, dtype, flex, repeats, lengths=(4096, 8192), tokens=16384, D=128) -> list[dict]:
     """sinks, softcap, sliding window (causal) and sigmoid at hd 128, T = 4k/8k: tokenlab vs flex."""
     rows = []
-    D, H = 128, 16
-    for T in (4096, 8192):
-        B = 16384 // T
+    H = 2048 // D
+    for T in lengths:
+        B = max(1, tokens // T)
         q, k, v = make_inputs(B, H, H, T, D, dtype, device)
         sinks = torch.randn(H, device=device, dtype=torch.float32, requires_grad=True)
         bias = torch.full((H,), -math.log(T), device=device, dtype=torch.float32)
@@ -272,7 +285,7 @@ def main() -> None:
     else:
         if device.type != "cuda":
             raise SystemExit("full mode needs a CUDA device; use --quick on CPU")
-        rows = full(args, device)
+        rows = full(device, args.repeats or 20)
     harness.finish(args, device, "attention", rows)
 
 
