@@ -169,7 +169,8 @@ def flash_attention(
     * visibility: ``causal``: ``j ≤ p_i``; ``window`` ``w`` (> 0): with ``causal``, ``p_i − w < j ≤ p_i``
       (the ``w`` most recent keys, the query's own included, as in Mistral/Qwen2 sliding windows),
       without it ``|j − p_i| < w``; ``segment_ids [B, S]``: query ``i`` has id ``segment_ids[:, p_i]``
-      (the last ``T`` ids) and sees key ``j`` iff either id is 0 (shared) or both are equal.
+      (the last ``T`` ids; needs ``T ≤ S``) and sees key ``j`` iff either id is 0 (shared) or both are
+      equal.
 
     ``score_fn="softmax"``: ``out_i = Σ_j P_ij v_j`` with ``P_ij = exp(s_ij − L_i)`` over visible ``j``,
     where ``L_i = log(Σ_j exp s_ij + exp sink_h)`` is the log-sum-exp (``sinks [Hq]``: a logit in
