@@ -132,6 +132,27 @@ def _query_range(start_n, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL: tl.constexp
 
 
 @triton.jit
+def _tile(base, idx, n, offs_d, HEAD_DIM: tl.constexpr):
+    """Offsets and mask of the ``[len(idx), HEAD_DIM_PAD]`` tile of rows ``idx`` (< ``n``) of a
+    contiguous ``[n, HEAD_DIM]`` matrix starting at ``base``; padded head-dim lanes are masked."""
+    return base + idx[:, None] * HEAD_DIM + offs_d[None, :], (idx[:, None] < n) & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, offs, row_ok, SCORE_FN: tl.constexpr):
+    """Saved ``LSE`` (−inf, a row with no visible key, read as 0: its ``P`` is masked to 0 anyway) and
+    ``Δ`` of a block of rows; unused (0) for sigmoid/ReLU scores."""
+    if SCORE_FN == 0:
+        lse = tl.load(LSE + offs, mask=row_ok, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + offs, mask=row_ok, other=0.0)
+    else:
+        lse = 0.0
+        delta = 0.0
+    return lse, delta
+
+
+@triton.jit
 def _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN: tl.constexpr):
     """Attention weights ``P`` of a tile and the gradient ``dS`` w.r.t. the scores after softcap and
     initial-token scale (for sigmoid scores this is also the gradient w.r.t. the bias)."""
@@ -188,11 +209,10 @@ def _attn_fwd(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = rows < T
 
-    q_ptrs = Q + bh * T * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+    q_ptrs, q_mask = _tile(bh * T * HEAD_DIM, rows, T, offs_d, HEAD_DIM)
+    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
     seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
     log_gamma = tl.load(LOG_GAMMA + h).to(ACC) if HAS_GAMMA else 0.0
     bias = tl.load(BIAS + h).to(ACC) if SCORE_FN == 1 else 0.0
@@ -208,8 +228,7 @@ def _attn_fwd(
     lo, hi = _key_range(start_m, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_ptrs = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        kv_mask = (cols[:, None] < S) & d_ok
+        kv_ptrs, kv_mask = _tile(kv_base, cols, S, offs_d, HEAD_DIM)
         k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
@@ -239,8 +258,7 @@ def _attn_fwd(
         acc = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
         tl.store(LSE + bh * T + rows, lse, mask=row_ok)
-    o_ptrs = O + bh * T * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(O + q_ptrs, acc.to(O.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -285,11 +303,9 @@ def _attn_bwd_dkdv(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     col_ok = cols < S
 
-    kv_ptrs = bhk * S * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
-    kv_mask = col_ok[:, None] & d_ok
+    kv_ptrs, kv_mask = _tile(bhk * S * HEAD_DIM, cols, S, offs_d, HEAD_DIM)
     k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
     seg_k = tl.load(SEG + b * S + cols, mask=col_ok, other=0) if HAS_SEGMENTS else 0
@@ -305,8 +321,7 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < T
-            q_ptrs = bh * T * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-            q_mask = row_ok[:, None] & d_ok
+            q_ptrs, q_mask = _tile(bh * T * HEAD_DIM, rows, T, offs_d, HEAD_DIM)
             q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
             do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
             seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
@@ -314,13 +329,7 @@ def _attn_bwd_dkdv(
                 q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
                 IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
             )  # fmt: skip
-            if SCORE_FN == 0:
-                lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse)
-                delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-            else:
-                lse = 0.0
-                delta = 0.0
+            lse, delta = _row_stats(LSE, DELTA, bh * T + rows, row_ok, SCORE_FN)
             dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
             p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
             if HAS_SOFTCAP:
@@ -374,31 +383,22 @@ def _attn_bwd_dq(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = rows < T
 
-    q_ptrs = bh * T * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-    q_mask = row_ok[:, None] & d_ok
+    q_ptrs, q_mask = _tile(bh * T * HEAD_DIM, rows, T, offs_d, HEAD_DIM)
     q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
     do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
     seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
     log_gamma = tl.load(LOG_GAMMA + h).to(ACC) if HAS_GAMMA else 0.0
     bias = tl.load(BIAS + h).to(ACC) if SCORE_FN == 1 else 0.0
-    if SCORE_FN == 0:
-        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-    else:
-        lse = 0.0
-        delta = 0.0
+    lse, delta = _row_stats(LSE, DELTA, bh * T + rows, row_ok, SCORE_FN)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], ACC)
     dbias = tl.zeros([BLOCK_M], ACC)
 
     lo, hi = _key_range(start_m, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_ptrs = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        kv_mask = (cols[:, None] < S) & d_ok
+        kv_ptrs, kv_mask = _tile(kv_base, cols, S, offs_d, HEAD_DIM)
         k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
