@@ -19,6 +19,7 @@ from tokenlab.attention.set_based_prompting import (
     set_based_generate,
     set_based_inputs,
 )
+from tokenlab.kernels.attention import flash_attention
 
 __all__ = [
     "ContextAwareRotaryEmbedding",
@@ -28,6 +29,7 @@ __all__ = [
     "carope_cos_sin",
     "carope_frequencies",
     "carope_phases",
+    "flash_attention",
     "rope_cos_sin",
     "rotary_frequencies",
     "rotate_half",

@@ -1,0 +1,207 @@
+"""Hugging Face integration: run transformers models on :func:`tokenlab.attention.flash_attention`.
+
+Importing this module registers the implementation ``"tokenlab"`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives)::
+
+    import tokenlab.attention.hf  # registers "tokenlab"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tokenlab")
+    model.set_attn_implementation("tokenlab")  # or switch an existing model
+
+How masks reach the kernel:
+
+* plain causal attention (optionally with the layer's ``sliding_window``): no mask; the kernel's
+  bottom-right ``causal``/``window`` flags express it, also while decoding with a KV cache;
+* padding: the mask function hands over the 2-D ``[B, S]`` padding mask, which becomes
+  ``segment_ids`` (padding → 1, tokens → 2), so no real token sees a padding token (padding query
+  rows see only padding; their outputs are meaningless, as with every implementation);
+* anything else — a custom 4-D mask passed by the caller, packed sequences, mask overlays, static
+  caches — arrives as a 4-D mask and runs on the *reference* (O(T·S) memory) with that mask
+  (boolean, or additive with values 0 / −inf or the dtype's minimum) combined with the layer's flags.
+
+Per-layer variants are attributes of the attention module, set with :func:`configure_attention`
+and read on every call: ``tokenlab_sinks`` (an ``nn.Parameter [Hq]``, learnable),
+``tokenlab_softcap``, ``tokenlab_initial_token_scale`` (a buffer ``[Hq]``) and ``tokenlab_backend``.
+A model's own ``s_aux`` (sinks) or ``softcap`` arguments are used when the attributes are unset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
+
+from tokenlab.backend import BACKENDS, Backend
+from tokenlab.kernels.attention import attention_reference, flash_attention
+
+ATTN_IMPLEMENTATION = "tokenlab"
+SINKS_ATTR = "tokenlab_sinks"
+SOFTCAP_ATTR = "tokenlab_softcap"
+INITIAL_TOKEN_SCALE_ATTR = "tokenlab_initial_token_scale"
+BACKEND_ATTR = "tokenlab_backend"
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "attention_modules",
+    "configure_attention",
+    "register",
+    "tokenlab_attention_forward",
+    "tokenlab_attention_mask",
+]
+
+
+def tokenlab_attention_mask(*args, allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
+    """Mask function for ``AttentionMaskInterface``: ``None`` or the 2-D padding mask when the pattern
+    is causal (or sliding-window causal) plus padding, else the exact 4-D boolean mask of ``sdpa_mask``.
+
+    transformers forbids skipping the mask (``allow_is_causal_skip=False``) or builds it with ``vmap``
+    exactly when the pattern is more than causal + padding (overlays, packed sequences, static caches).
+    """
+    if allow_is_causal_skip and not use_vmap:
+        return flash_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, allow_is_causal_skip=False, use_vmap=use_vmap, **kwargs)
+
+
+def _visible_from_4d(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | masked).all()):
+        raise ValueError(
+            "`attention_mask`: additive 4-D masks must hold only 0 and -inf (or the dtype minimum); "
+            "attention biases are not supported by the tokenlab implementation"
+        )
+    return ~masked
+
+
+def tokenlab_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function: ``query [B, Hq, T, D]``, ``key``/``value [B, Hkv, S, D]``
+    (after the KV-cache update) → ``(out [B, T, Hq, D], None)``.
+
+    Causality is the module's ``is_causal`` (default True) unless ``is_causal`` is passed; the window
+    is the layer's ``sliding_window``. Attention weights are never materialised (``None`` is returned).
+    """
+    if dropout:
+        raise ValueError(
+            f"`dropout`={dropout}: the tokenlab attention has no dropout; set attention_dropout=0"
+        )
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    sinks = getattr(module, SINKS_ATTR, None)
+    if sinks is None and s_aux is not None:
+        sinks = s_aux
+    softcap = getattr(module, SOFTCAP_ATTR, None) or softcap
+    gamma = getattr(module, INITIAL_TOKEN_SCALE_ATTR, None)
+    backend: Backend = getattr(module, BACKEND_ATTR, "auto")
+    flags = {"scale": scaling, "sinks": sinks, "softcap": softcap, "initial_token_scale": gamma}
+
+    if attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[1] == key.shape[2]):
+        segment_ids = None
+        if attention_mask is not None:
+            segment_ids = attention_mask.to(torch.int32) + 1  # padding → 1, tokens → 2
+        out = flash_attention(
+            query, key, value, causal=causal, window=sliding_window, segment_ids=segment_ids,
+            backend=backend, **flags,
+        )  # fmt: skip
+    else:
+        if attention_mask.dim() != 4:
+            shape = tuple(attention_mask.shape)
+            raise ValueError(f"`attention_mask` must be 4-D, or 2-D [B, S={key.shape[2]}], got {shape}")
+        out, _ = attention_reference(
+            query, key, value, mask=_visible_from_4d(attention_mask[..., : key.shape[2]]),
+            **{**flags, "scale": query.shape[-1] ** -0.5 if scaling is None else scaling},
+        )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the attention and mask functions under ``name`` (idempotent); returns ``name``."""
+    AttentionInterface.register(name, tokenlab_attention_forward)
+    AttentionMaskInterface.register(name, tokenlab_attention_mask)
+    return name
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+
+
+def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    if tensor.dim() == 0:
+        tensor = tensor.expand(heads)
+    if tensor.shape != (heads,):
+        raise ValueError(
+            f"`{name}` must be a number or a tensor of shape [{heads}], got {tuple(tensor.shape)}"
+        )
+    return tensor.detach().clone()
+
+
+def configure_attention(
+    model: nn.Module,
+    *,
+    sinks: torch.Tensor | float | None = None,
+    softcap: float | None = None,
+    initial_token_scale: torch.Tensor | float | None = None,
+    backend: Backend = "auto",
+    layers: Iterable[int] | None = None,
+) -> list[nn.Module]:
+    """Set the per-layer variant flags read by the ``"tokenlab"`` implementation.
+
+    Args:
+        model: a transformers model (or any module holding attention modules with ``layer_idx``).
+        sinks: initial sink logits, one number for every head or ``[Hq]``; stored as a learnable
+            ``nn.Parameter`` named ``tokenlab_sinks`` (*When Attention Sink Emerges in Language Models*).
+            ``None`` removes them.
+        softcap: ``c`` of ``c·tanh(s/c)``; ``None`` removes it.
+        initial_token_scale: ZeroTuning's ``γ`` (> 0), a number or ``[Hq]`` (a buffer); ``None`` removes it.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` for these layers.
+        layers: the ``layer_idx`` values to configure (default: all).
+
+    Returns:
+        The configured attention modules. The model must use ``attn_implementation="tokenlab"``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"`softcap` must be > 0, got {softcap}")
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    chosen = None if layers is None else set(layers)
+    if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
+        raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")
+    selected = [m for m in modules if chosen is None or m.layer_idx in chosen]
+    for module in selected:
+        heads = module.config.num_attention_heads
+        weight = module.q_proj.weight
+        if SINKS_ATTR in module._parameters:
+            del module._parameters[SINKS_ATTR]
+        if INITIAL_TOKEN_SCALE_ATTR in module._buffers:
+            del module._buffers[INITIAL_TOKEN_SCALE_ATTR]
+        sink_param = None if sinks is None else nn.Parameter(_per_head("sinks", sinks, heads, weight))
+        module.register_parameter(SINKS_ATTR, sink_param)
+        gamma = None
+        if initial_token_scale is not None:
+            gamma = _per_head("initial_token_scale", initial_token_scale, heads, weight)
+        module.register_buffer(INITIAL_TOKEN_SCALE_ATTR, gamma)
+        setattr(module, SOFTCAP_ATTR, softcap)
+        setattr(module, BACKEND_ATTR, backend)
+    return selected
+
+
+register()
