@@ -265,11 +265,3 @@ def test_bad_input(tiny_world) -> None:
         set_based_generate(model, tok, PREFIX, ["a"], SUFFIX, 10**6)
     with pytest.raises(ValueError, match="segment_ids"):
         segment_attention_mask(torch.zeros(5, dtype=torch.long))
-
-
-def test_tour_lines_report_invariance(tiny_world) -> None:
-    from tokenlab.attention.tour_set_based import tour_lines
-
-    lines = tour_lines(tiny_world)
-    assert len(lines) == 3 and all(isinstance(line, str) for line in lines)
-    assert "1 distinct" in lines[1]

@@ -10,12 +10,21 @@ Each family contributes one section: a function ``(world) -> list[str]`` of repo
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from collections.abc import Callable
 
 import torch
 
+# Kernels run on CPU tensors under the Triton interpreter, which must be switched on before triton is
+# first imported (transformers' model modules import it), so this happens before the imports below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tokenlab.attention.tour import tour_section as attention_section
+from tokenlab.decoding.tour import tour_section as decoding_section
+from tokenlab.tokenization.tour_bpe import tour_lines as tokenization_section
 from tokenlab.toy import PRESETS, ToyWorld, load_toy_world
 
 
@@ -41,6 +50,9 @@ def toy_world_section(world: ToyWorld) -> list[str]:
 
 SECTIONS: list[tuple[str, Callable[[ToyWorld], list[str]]]] = [
     ("toy world", toy_world_section),
+    ("attention", attention_section),
+    ("tokenization", tokenization_section),
+    ("decoding", decoding_section),
 ]
 
 

@@ -68,11 +68,11 @@ def stdlib_documents(split: str = "train", *, max_bytes: int | None = None) -> l
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"`max_bytes` must be positive, got {max_bytes}")
     root = stdlib_root()
-    paths = [
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
-    ]
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _EXCLUDED_DIRS]  # prune site-packages early
+        rel = Path(folder).relative_to(root)
+        paths.extend((rel / f).as_posix() for f in files if f.endswith(".py"))
     paths.sort(key=lambda rel: hashlib.sha1(rel.encode()).hexdigest())
     docs: list[tuple[str, str]] = []
     total = 0
