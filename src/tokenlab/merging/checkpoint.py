@@ -287,7 +287,7 @@ def merge_checkpoints(
         others = [m.read(name) for m in models]
         check_tensors(b, others, name)
         extra = {"generator": tensor_generator(seed, name)} if entry.random else {}
-        return merge_tensors(method, b, others, w, name=name, **params, **extra)
+        return merge_tensors(method, b, others, weights, name=name, **params, **extra)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
