@@ -15,8 +15,8 @@ from tokenlab.merging.methods import (
     dare_linear,
     dare_masks,
     dare_ties,
-    disjoint_mean,
-    drop_and_rescale,
+    disjoint_mean_,
+    drop_and_rescale_,
     elect_sign,
     magnitude_prune,
     merge_state_dicts,
@@ -27,7 +27,7 @@ from tokenlab.merging.methods import (
     task_vectors,
     tensor_generator,
     ties,
-    trim_magnitude,
+    trim_magnitude_,
 )
 from tokenlab.merging.self_positioning import SelfPositioningResult, probe_loss, self_positioning
 
@@ -38,8 +38,8 @@ __all__ = [
     "dare_linear",
     "dare_masks",
     "dare_ties",
-    "disjoint_mean",
-    "drop_and_rescale",
+    "disjoint_mean_",
+    "drop_and_rescale_",
     "elect_sign",
     "load_recipe",
     "magnitude_prune",
@@ -55,5 +55,5 @@ __all__ = [
     "task_vectors",
     "tensor_generator",
     "ties",
-    "trim_magnitude",
+    "trim_magnitude_",
 ]

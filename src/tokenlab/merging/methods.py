@@ -5,11 +5,11 @@ fine-tuned models. Methods built on task vectors work on ``τ_i = θ_i − θ_ba
 with Task Arithmetic*) and return ``θ_base + merge(τ_1 … τ_n)``; they share three mechanisms, each
 with one home here:
 
-* **sparsify** — :func:`trim_magnitude` (keep the top ``density`` fraction by magnitude) or
-  :func:`drop_and_rescale` (DARE: keep each entry with probability ``density``, divide by ``density``);
+* **sparsify** — :func:`trim_magnitude_` (keep the top ``density`` fraction by magnitude) or
+  :func:`drop_and_rescale_` (DARE: keep each entry with probability ``density``, divide by ``density``);
 * **elect sign** — :func:`elect_sign` (TIES: the sign of ``Σ_i τ_i`` ("total") or of ``Σ_i sign(τ_i)``
   ("frequency"), as in PEFT's ``calculate_majority_sign_mask``);
-* **combine** — the weighted sum ``Σ_i w_i τ_i`` or :func:`disjoint_mean` over the entries that agree
+* **combine** — the weighted sum ``Σ_i w_i τ_i`` or :func:`disjoint_mean_` over the entries that agree
   with the elected sign.
 
 A new method is one function ``fn(base, finetuned, weights, **params) -> Tensor`` decorated with
@@ -75,21 +75,39 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stacked task vectors ``τ_i = θ_i − θ_base``, shape ``(n, *base.shape)``, in the compute dtype."""
-    dtype = compute_dtype(base.dtype)
-    b = base.to(dtype)
-    return torch.stack([t.to(dtype) - b for t in finetuned])
+    tau = torch.empty((len(finetuned), *base.shape), dtype=compute_dtype(base.dtype), device=base.device)
+    for row, t in zip(tau, finetuned):
+        row.copy_(t).sub_(base)
+    return tau
 
 
-def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES *trim*: keep the ``k = int(density · numel)`` largest-magnitude entries of each task
-    vector (``tau`` has shape ``(n, ...)``), zero the rest."""
+def trim_magnitude_(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES *trim*, in place: keep the ``k = int(density · numel)`` largest-magnitude entries of each
+    task vector (``tau`` has shape ``(n, ...)``) and zero the rest.
+
+    The k-th largest magnitude is found with ``kthvalue`` (linear time, no index tensor); entries
+    tied with it are kept in order of position until ``k`` are kept — the same set as ``topk``
+    whenever magnitudes are distinct.
+    """
     flat = tau.reshape(tau.shape[0], -1)
-    k = int(density * flat.shape[1])
-    if k >= flat.shape[1]:
+    numel = flat.shape[1]
+    k = int(density * numel)
+    if k >= numel:
         return tau
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    return (flat * mask).reshape(tau.shape)
+    for row in flat:
+        if k == 0:
+            row.zero_()
+            continue
+        magnitude = row.abs()
+        threshold = magnitude.kthvalue(numel - k + 1).values
+        keep = magnitude > threshold
+        tied = magnitude == threshold
+        del magnitude
+        need = k - int(keep.sum())
+        if need < int(tied.sum()):
+            tied &= tied.cumsum(0) <= need
+        row.mul_(keep | tied)
+    return tau
 
 
 def dare_masks(
@@ -99,57 +117,62 @@ def dare_masks(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """DARE keep-masks: ``n`` independent Bernoulli(``density``) draws of ``shape`` (1 = keep).
+    """DARE keep-masks: ``n`` independent Bernoulli(``density``) draws of ``shape`` (True = keep),
+    shape ``(n, *shape)``.
 
-    Drawn one model after the other with ``torch.bernoulli`` — the same stream as PEFT's
-    ``random_pruning`` (for the same ``dtype``), so a generator seeded like the global RNG reproduces
-    PEFT's masks.
+    Drawn one model after the other with ``torch.bernoulli`` on a ``dtype`` tensor — the same
+    stream as PEFT's ``random_pruning``, so a generator seeded like the global RNG reproduces PEFT's
+    masks.
     """
     p = torch.full(tuple(shape), float(density), dtype=dtype)
-    return torch.stack([torch.bernoulli(p, generator=generator) for _ in range(n)])
+    masks = torch.empty((n, *shape), dtype=torch.bool)
+    for row in masks:
+        row.copy_(torch.bernoulli(p, generator=generator))
+    return masks
 
 
-def drop_and_rescale(tau: torch.Tensor, density: float, masks: torch.Tensor) -> torch.Tensor:
-    """DARE: ``τ̃_i = m_i ⊙ τ_i / density`` with keep-masks ``m_i`` (*Language Models are Super Mario*)."""
-    return tau * masks.to(tau.dtype) / density
+def drop_and_rescale_(tau: torch.Tensor, density: float, masks: torch.Tensor) -> torch.Tensor:
+    """DARE, in place: ``τ̃_i = m_i ⊙ τ_i / density`` with keep-masks ``m_i``."""
+    return tau.mul_(masks).div_(density)
 
 
 def elect_sign(tau: torch.Tensor, method: str = "total") -> torch.Tensor:
-    """TIES *elect sign*: boolean mask of the entries whose sign equals the elected sign.
+    """TIES *elect sign*: boolean mask (shape of ``tau``) of the entries whose sign is the elected one.
 
     The elected sign is ``sign(Σ_i τ_i)`` for ``"total"`` (the sign of greater total magnitude, as
     in the paper) or ``sign(Σ_i sign(τ_i))`` for ``"frequency"``; ties elect ``+``. Zero (trimmed)
     entries never agree.
     """
-    sign = tau.sign()
-    score = tau.sum(0) if method == "total" else sign.sum(0)
-    elected = torch.where(score >= 0, 1.0, -1.0).to(tau.dtype)
-    return sign == elected
+    score = tau.sum(0) if method == "total" else sum(row.sign() for row in tau)
+    positive = score >= 0
+    return torch.where(positive, tau > 0, tau < 0)
 
 
-def disjoint_mean(weighted_tau: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
-    """TIES *disjoint merge*: mean over the models that agree with the elected sign (0 where none)."""
-    return (weighted_tau * agree).sum(0) / agree.sum(0).clamp(min=1)
+def disjoint_mean_(weighted_tau: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """TIES *disjoint merge* (overwrites ``weighted_tau``): mean over the models that agree with the
+    elected sign, ``Σ_{i∈A} w_i τ_i / |A|`` (0 where ``A`` is empty)."""
+    count = agree.sum(0, dtype=weighted_tau.dtype).clamp_(min=1)
+    return weighted_tau.mul_(agree).sum(0).div_(count)
 
 
-def _weighted(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return tau * weights.to(tau.dtype).view(-1, *([1] * (tau.dim() - 1)))
+def _weight_(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return tau.mul_(weights.to(tau.dtype).view(-1, *([1] * (tau.dim() - 1))))
 
 
 def _dare_tau(base, finetuned, density, generator, masks) -> torch.Tensor:
     tau = task_vectors(base, finetuned)
     if masks is None:
         masks = dare_masks(base.shape, len(finetuned), density, generator, tau.dtype)
-    return drop_and_rescale(tau, density, masks)
+    return drop_and_rescale_(tau, density, masks)
 
 
 def _ties_combine(base, tau, weights, majority_sign) -> torch.Tensor:
     agree = elect_sign(tau, majority_sign)
-    return base.to(tau.dtype) + disjoint_mean(_weighted(tau, weights), agree)
+    return disjoint_mean_(_weight_(tau, weights), agree).add_(base)
 
 
 def _sum_combine(base, tau, weights) -> torch.Tensor:
-    return base.to(tau.dtype) + _weighted(tau, weights).sum(0)
+    return _weight_(tau, weights).sum(0).add_(base)
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -162,7 +185,7 @@ def task_arithmetic(base, finetuned, weights) -> torch.Tensor:
 @register_merge_method("magnitude_prune", paper="TIES-Merging (trim step only)", density=None)
 def magnitude_prune(base, finetuned, weights, *, density) -> torch.Tensor:
     """``θ = θ_base + Σ_i w_i trim(τ_i, density)`` (PEFT's ``magnitude_prune``)."""
-    return _sum_combine(base, trim_magnitude(task_vectors(base, finetuned), density), weights)
+    return _sum_combine(base, trim_magnitude_(task_vectors(base, finetuned), density), weights)
 
 
 @register_merge_method(
@@ -174,7 +197,9 @@ def magnitude_prune(base, finetuned, weights, *, density) -> torch.Tensor:
 def ties(base, finetuned, weights, *, density, majority_sign) -> torch.Tensor:
     """Trim, elect sign, disjoint mean: ``θ = θ_base + Σ_{i∈A} w_i τ̂_i / |A|`` with ``τ̂ = trim(τ)``
     and ``A`` the models whose ``τ̂`` agrees with the elected sign."""
-    return _ties_combine(base, trim_magnitude(task_vectors(base, finetuned), density), weights, majority_sign)
+    return _ties_combine(
+        base, trim_magnitude_(task_vectors(base, finetuned), density), weights, majority_sign
+    )
 
 
 @register_merge_method(
