@@ -5,7 +5,7 @@
 
 The benchmark writes random checkpoints of a realistic Llama layout (bf16, sharded safetensors) into
 a temporary directory, then runs each merge in a fresh subprocess (``python -m tokenlab.merging``
-with a YAML recipe) and reads the child's peak resident set size from ``os.wait4`` (``ru_maxrss``).
+with a YAML recipe) that reports its own peak resident set size (``VmHWM``).
 "RSS above import" subtracts the peak RSS of a process that only imports the tool. mergekit runs on
 the same inputs when it is installed in the private venv ``/tmp/venv-merge`` (``mergekit-yaml``);
 otherwise the output says so. The issue's goals: peak RSS ≤ 1.5× one input checkpoint for a 3-way
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
 import harness
-from tokenlab.merging import merge_state_dicts
+from tokenlab.merging import merge_from_recipe, merge_state_dicts
 from tokenlab.merging.checkpoint import plan_shards
 
 MERGEKIT = Path("/tmp/venv-merge/bin/mergekit-yaml")
@@ -39,14 +39,17 @@ METHODS = {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 
 def llama_config(quick: bool) -> LlamaConfig:
     if quick:
-        return LlamaConfig(
+        config = LlamaConfig(
             vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=176, tie_word_embeddings=False,
         )  # fmt: skip
-    return LlamaConfig(
-        vocab_size=32_000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
-        num_key_value_heads=8, intermediate_size=2816, tie_word_embeddings=False,
-    )  # fmt: skip
+    else:
+        config = LlamaConfig(
+            vocab_size=32_000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+            num_key_value_heads=8, intermediate_size=2816, tie_word_embeddings=False,
+        )  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    return config
 
 
 def llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -72,7 +75,7 @@ def llama_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def write_checkpoint(
     path: Path, config: LlamaConfig, seed: int, base_seed: int | None, shard_bytes: int
 ) -> int:
-    """Random bf16 weights (``base_seed`` given: that base plus 2 % noise), sharded; returns bytes."""
+    """Random bf16 weights (``base_seed`` given: that base plus 10 % noise), sharded; returns bytes."""
     from tokenlab.merging.checkpoint import TensorInfo
 
     path.mkdir(parents=True)
@@ -90,7 +93,7 @@ def write_checkpoint(
             t = torch.randn(shapes[k], generator=g) * 0.02
             if base_seed is not None:
                 noise = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{k}".encode()))
-                t += 0.02 * 0.02 * torch.randn(shapes[k], generator=noise)
+                t += 0.1 * 0.02 * torch.randn(shapes[k], generator=noise)
             tensors[k] = t.to(torch.bfloat16)
         save_file(tensors, str(path / file), metadata={"format": "pt"})
     total = sum(i.nbytes for i in infos.values())
@@ -102,17 +105,38 @@ def write_checkpoint(
     return total
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, int]:
-    """Run ``cmd``; return its wall time (s) and peak RSS (bytes) from ``os.wait4``."""
+# Runs a module (``module:NAME``), a script (``path:FILE``) or an import (``import:NAME``) and prints
+# the process's own peak RSS (VmHWM: per address space, so not inflated by the forking parent, as
+# ru_maxrss of a child can be).
+MEASURE = """
+import importlib, runpy, sys
+kind, _, target = sys.argv[1].partition(":")
+sys.argv = [target, *sys.argv[2:]]
+try:
+    if kind == "module":
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    elif kind == "path":
+        runpy.run_path(target, run_name="__main__")
+    else:
+        importlib.import_module(target)
+except SystemExit as e:
+    if e.code not in (0, None):
+        raise
+finally:
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print("VMHWM_KB", hwm.split()[1], flush=True)
+"""
+
+
+def run_measured(python: str, target: str, args: list[str], env: dict) -> tuple[float, int]:
+    """Run ``target`` under ``python``; return its wall time (s) and peak RSS (bytes)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([python, "-c", MEASURE, target, *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.decode()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+        raise RuntimeError(f"{target} {' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    kb = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("VMHWM_KB")]
+    return wall, int(kb[-1]) * 1024
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -139,24 +163,30 @@ def main() -> None:
         print(
             f"4 checkpoints of {size / 1e6:.1f} MB each (bf16, {len(llama_shapes(config))} tensors) in {root}"
         )
-        # the import-only baseline (skipped in --quick: one interpreter start less)
+        # --quick merges in this process (harness.peak_memory: RSS above the level before the call)
         import_rss = {
             "tokenlab": 0
             if args.quick
-            else run_measured([sys.executable, "-c", "import tokenlab.merging"], env)[1]
+            else run_measured(sys.executable, "import:tokenlab.merging", [], env)[1]
         }
         if have_mergekit:
             mk_py = str(MERGEKIT.parent / "python")
-            import_rss["mergekit"] = run_measured(
-                [mk_py, "-c", "import mergekit.merge, mergekit.config"], env
-            )[1]
+            import_rss["mergekit"] = run_measured(mk_py, "import:mergekit.scripts.run_yaml", [], env)[1]
         for method, params in METHODS.items():
             out = root / f"out-tokenlab-{method}"
             recipe = {"method": method, "base": "base", "models": [d.name for d in fts], "parameters": params}
             recipe |= {"seed": 0, "max_shard_size": shard_bytes}
             (root / f"{method}.yaml").write_text(yaml.safe_dump(recipe))
-            cmd = [sys.executable, "-m", "tokenlab.merging", str(root / f"{method}.yaml"), "--out", str(out)]
-            wall, rss = run_measured([*cmd, "--no-progress"], env)
+            cmd = [str(root / f"{method}.yaml"), "--out", str(out), "--no-progress"]
+            if args.quick:
+                t0 = time.perf_counter()
+                recipe_file = root / f"{method}.yaml"
+                rss = harness.peak_memory(
+                    lambda r=recipe_file, o=out: merge_from_recipe(r, o, progress=False), device
+                )
+                wall = time.perf_counter() - t0
+            else:
+                wall, rss = run_measured(sys.executable, "module:tokenlab.merging", cmd, env)
             row = {"method": method, "tool": "tokenlab", "wall_s": wall, "peak_rss_MB": rss / 1e6}
             row |= {"rss_above_import_MB": (rss - import_rss["tokenlab"]) / 1e6, "ckpt_MB": size / 1e6}
             row["rss_above_import/ckpt"] = (rss - import_rss["tokenlab"]) / size
@@ -170,6 +200,7 @@ def main() -> None:
                     assert torch.equal(got[k], expected[k]), f"{method}: {k} differs from the in-memory merge"
                 row["equal_in_memory"] = True
             rows.append(row)
+            print(row, flush=True)
             if have_mergekit:
                 mk_out = root / f"out-mergekit-{method}"
                 mk = {
@@ -180,9 +211,9 @@ def main() -> None:
                     "dtype": "bfloat16",
                 }
                 (root / f"{method}-mergekit.yaml").write_text(yaml.safe_dump(mk))
-                mk_cmd = [str(MERGEKIT), str(root / f"{method}-mergekit.yaml"), str(mk_out), "--quiet"]
-                mk_cmd += ["--no-cuda", "--random-seed", "0", "--out-shard-size", f"{shard_bytes // 2}"]
-                wall_mk, rss_mk = run_measured(mk_cmd, env)
+                mk_cmd = [str(root / f"{method}-mergekit.yaml"), str(mk_out), "--quiet", "--no-cuda"]
+                mk_cmd += ["--random-seed", "0", "--out-shard-size", f"{shard_bytes // 2}"]
+                wall_mk, rss_mk = run_measured(mk_py, f"path:{MERGEKIT}", mk_cmd, env)
                 mk_row = {
                     "method": method,
                     "tool": "mergekit",
@@ -201,13 +232,13 @@ def main() -> None:
                     mk_row["rel_diff_of_delta_vs_tokenlab"] = float((diff / ref).sqrt())
                 row["speedup_vs_mergekit"] = wall_mk / wall
                 rows.append(mk_row)
+                print(mk_row, flush=True)
     if not have_mergekit:
         why = "skipped in --quick mode" if args.quick else f"not installed ({MERGEKIT} missing)"
         print(f"mergekit: {why}")
-    print(
-        "peak RSS of an import-only process: "
-        + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in import_rss.items())
-    )
+    if not args.quick:
+        rss_line = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in import_rss.items())
+        print(f"peak RSS of an import-only process: {rss_line}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     harness.print_table(rows, columns)
     harness.finish(args, device, "merging", rows)

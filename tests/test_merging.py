@@ -3,6 +3,7 @@ fine-tunes, streaming checkpoint merges vs in-memory merges, recipes/CLI and bad
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tokenlab.merging import (
     MERGE_METHODS,
+    MergeInputs,
     merge_checkpoints,
     merge_from_recipe,
     merge_state_dicts,
@@ -68,7 +70,9 @@ def test_methods_equal_peft(method, params, shape, dtype):
         torch.manual_seed(1234)
         extra = {"generator": torch.Generator().manual_seed(1234)}
     expected = base + PEFT_METHODS[method](task_vectors, weights, params)
+    inputs = [base.clone(), *(t.clone() for t in finetuned)]
     out = merge_tensors(method, base, finetuned, weights, **params, **extra)
+    assert all(torch.equal(x, y) for x, y in zip(inputs, [base, *finetuned]))  # inputs untouched
     assert out.dtype == dtype and out.shape == base.shape
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
 
@@ -109,6 +113,35 @@ def test_ties_by_hand_with_sign_conflicts():
     # weights scale each agreeing entry before the disjoint mean: entry 0 = (2·(-3) + 1·(-2)) / 2
     weighted = merge_tensors("ties", base, finetuned, [1.0, 2.0, 1.0], density=0.5, majority_sign="frequency")
     assert weighted[0].item() == pytest.approx(1.0 - 4.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.4}), ("slerp", {"t": 0.4})],
+)
+def test_row_blocks_do_not_change_the_result(method, params):
+    """Streaming in row blocks (as checkpoint merges do) gives the whole-tensor result, bit for bit."""
+    n = 1 if method == "slerp" else 3
+    base, finetuned = _models((37, 11), n, torch.float32, seed=5)
+    entry = MERGE_METHODS[method]
+    if entry.random:
+        params = {**params, "generator": torch.Generator().manual_seed(9)}
+    weights = torch.ones(n, dtype=torch.float64)
+    results = []
+    for block_elements in (11, 50, 10_000):  # one row, a few rows, everything
+        inputs = MergeInputs.from_tensors(base, finetuned)
+        inputs = dataclasses.replace(inputs, block_elements=block_elements)
+        if entry.random:
+            params["generator"].manual_seed(9)
+        full = {**entry.defaults, **params}
+        results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
+    assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
+
+
+def test_trim_keeps_ties_at_the_threshold():
+    base = torch.zeros(4)
+    out = merge_tensors("magnitude_prune", base, [torch.tensor([1.0, -1.0, 1.0, 0.5])], density=0.5)
+    torch.testing.assert_close(out, torch.tensor([1.0, -1.0, 1.0, 0.0]))  # k = 2, three tied at |1|
 
 
 # ----------------------------------------------------------------------------------------- SLERP

@@ -12,6 +12,7 @@ from tokenlab.merging.checkpoint import Checkpoint, merge_checkpoints
 from tokenlab.merging.config import load_recipe, merge_from_recipe
 from tokenlab.merging.methods import (
     MERGE_METHODS,
+    MergeInputs,
     dare_linear,
     dare_masks,
     dare_ties,
@@ -19,21 +20,23 @@ from tokenlab.merging.methods import (
     drop_and_rescale_,
     elect_sign,
     magnitude_prune,
+    magnitude_thresholds,
     merge_state_dicts,
     merge_tensors,
     register_merge_method,
     slerp,
     task_arithmetic,
-    task_vectors,
     tensor_generator,
     ties,
-    trim_magnitude_,
+    trim_,
+    weight_,
 )
 from tokenlab.merging.self_positioning import SelfPositioningResult, probe_loss, self_positioning
 
 __all__ = [
     "MERGE_METHODS",
     "Checkpoint",
+    "MergeInputs",
     "SelfPositioningResult",
     "dare_linear",
     "dare_masks",
@@ -43,6 +46,7 @@ __all__ = [
     "elect_sign",
     "load_recipe",
     "magnitude_prune",
+    "magnitude_thresholds",
     "merge_checkpoints",
     "merge_from_recipe",
     "merge_state_dicts",
@@ -52,8 +56,8 @@ __all__ = [
     "self_positioning",
     "slerp",
     "task_arithmetic",
-    "task_vectors",
     "tensor_generator",
     "ties",
-    "trim_magnitude_",
+    "trim_",
+    "weight_",
 ]

@@ -1,12 +1,13 @@
 """Streaming merges of Hugging Face checkpoint directories.
 
 :func:`merge_checkpoints` merges safetensors checkpoints (one ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``) one tensor at a time: each input tensor is read through
-``safetensors.safe_open`` (the file is opened, the tensor copied out and the file closed, so no
-mapping keeps pages of the inputs resident), merged with :func:`~tokenlab.merging.merge_tensors`,
-and its bytes are appended to the output shard at once. Output headers are computed up front from
-the input headers, so the writer never holds more than the tensor being merged: peak memory is
-about ``(n + 3)`` copies of the largest tensor (in float32), whatever the model's size.
+``model.safetensors.index.json``) one tensor at a time, and each tensor in row blocks: the merge
+method (:mod:`tokenlab.merging.methods`) reads rows ``a:b`` of the inputs through
+``safetensors.safe_open`` (file opened, rows copied out, file closed — no mapping keeps pages of the
+inputs resident) and yields merged blocks whose bytes are appended to the output shard at once.
+Output headers are computed up front from the input headers, so memory holds one block of the
+``n`` task vectors plus, for the largest tensor, one float32 copy (TIES' trim threshold) or ``n``
+boolean masks (DARE) — not the model, and not ``n`` copies of any tensor.
 
 Every check runs before anything is written: tensor names, shapes and dtypes (errors name the
 tensor), ``config.json`` architecture fields, parameter values, and that the output directory is
@@ -23,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from tokenlab.merging.methods import (
+    MergeInputs,
+    ReadRows,
     check_param_values,
-    check_tensors,
-    merge_tensors,
     resolve_params,
     resolve_weights,
     tensor_generator,
@@ -124,6 +125,17 @@ class Checkpoint:
         with safe_open(str(self.tensors[name].file), framework="pt") as f:
             return f.get_tensor(name)
 
+    def read_rows(self, name: str) -> ReadRows:
+        """``read(a, b)``: rows ``a:b`` of tensor ``name`` (0-d tensors as shape ``(1,)``), each call
+        opening the file, copying the rows out and closing it again."""
+        file, scalar = str(self.tensors[name].file), not self.tensors[name].shape
+
+        def read(a: int, b: int) -> torch.Tensor:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name).reshape(1) if scalar else f.get_slice(name)[a:b]
+
+        return read
+
 
 # ------------------------------------------------------------------------------------ validation
 def _architecture(config: dict) -> dict:
@@ -208,7 +220,8 @@ def plan_shards(tensors: Mapping[str, TensorInfo], max_shard_size: int) -> list[
 
 def _write_shard(path: Path, names: Sequence[str], tensors: Mapping[str, TensorInfo], produce, bar) -> None:
     """Write a safetensors file whose header is known in advance, streaming each tensor's bytes as
-    ``produce(name)`` returns it (format: u64 header length, JSON header padded to 8 bytes, data)."""
+    ``produce(name)`` yields its row blocks (format: u64 header length, JSON header padded to 8
+    bytes, data)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
@@ -225,11 +238,15 @@ def _write_shard(path: Path, names: Sequence[str], tensors: Mapping[str, TensorI
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
-            t = produce(name).contiguous()
-            info = tensors[name]
-            if _DTYPE_NAMES[t.dtype] != info.dtype or tuple(t.shape) != info.shape:
-                raise RuntimeError(f"merged {name!r} has {t.dtype} {tuple(t.shape)}, expected {info}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            info, written = tensors[name], 0
+            for block in produce(name):
+                if _DTYPE_NAMES[block.dtype] != info.dtype:
+                    raise RuntimeError(f"merged {name!r} has dtype {block.dtype}, expected {info.dtype}")
+                data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data.data)
+                written += data.nbytes
+            if written != info.nbytes:
+                raise RuntimeError(f"merged {name!r} has {written} bytes, expected {info.nbytes}")
             bar.update(1)
 
 
@@ -280,14 +297,18 @@ def merge_checkpoints(
     _check_out_dir(out_dir, [base.path, *(m.path for m in models)], overwrite)
     _check_inputs(base, models)
 
-    def produce(name: str) -> torch.Tensor:
-        b = base.read(name)
-        if not b.is_floating_point():
-            return b
-        others = [m.read(name) for m in models]
-        check_tensors(b, others, name)
+    def produce(name: str) -> Iterator[torch.Tensor]:
+        info = base.tensors[name]
+        dtype = _DTYPES[info.dtype]
+        if not dtype.is_floating_point:
+            yield base.read(name)
+            return
+        inputs = MergeInputs(
+            name, info.shape, dtype, base.read_rows(name), tuple(m.read_rows(name) for m in models)
+        )
         extra = {"generator": tensor_generator(seed, name)} if entry.random else {}
-        return merge_tensors(method, b, others, weights, name=name, **params, **extra)
+        for block in entry.fn(inputs, w, **(full | extra)):
+            yield block.to(dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))

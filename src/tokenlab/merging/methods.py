@@ -1,37 +1,48 @@
-"""Merge methods on one tensor, behind one registry.
+"""Merge methods on one tensor, behind one registry, streamed in row blocks.
 
 Every method merges one parameter tensor of a *base* model with the same tensor of ``n``
 fine-tuned models. Methods built on task vectors work on ``τ_i = θ_i − θ_base`` (*Editing Models
-with Task Arithmetic*) and return ``θ_base + merge(τ_1 … τ_n)``; they share three mechanisms, each
+with Task Arithmetic*) and return ``θ_base + merge(τ_1 … τ_n)``; they share these mechanisms, each
 with one home here:
 
-* **sparsify** — :func:`trim_magnitude_` (keep the top ``density`` fraction by magnitude) or
-  :func:`drop_and_rescale_` (DARE: keep each entry with probability ``density``, divide by ``density``);
+* **sparsify** — :func:`magnitude_thresholds` + :func:`trim_` (keep the top ``density`` fraction of
+  each task vector by magnitude) or :func:`dare_masks` + :func:`drop_and_rescale_` (DARE: keep each
+  entry with probability ``density``, divide by ``density``);
 * **elect sign** — :func:`elect_sign` (TIES: the sign of ``Σ_i τ_i`` ("total") or of ``Σ_i sign(τ_i)``
   ("frequency"), as in PEFT's ``calculate_majority_sign_mask``);
 * **combine** — the weighted sum ``Σ_i w_i τ_i`` or :func:`disjoint_mean_` over the entries that agree
   with the elected sign.
 
-A new method is one function ``fn(base, finetuned, weights, **params) -> Tensor`` decorated with
-:func:`register_merge_method`; :func:`merge_tensors` dispatches by name and validates input.
+Methods read their inputs through :class:`MergeInputs`, row block by row block (blocks of about
+:data:`BLOCK_ELEMENTS` entries along the first dimension), and yield the merged blocks. Whole-tensor
+quantities (trim thresholds, DARE masks, SLERP's angle) are computed first, blockwise; everything
+else is elementwise. So a checkpoint merge never holds more than one block of the ``n`` task
+vectors, plus one float32 copy of the tensor (trim threshold) or ``n`` boolean masks (DARE), and
+the result does not depend on the block size. A new method is one generator function
+``fn(inputs, weights, **params)`` decorated with :func:`register_merge_method`;
+:func:`merge_tensors` dispatches by name, validates input and concatenates the blocks.
 
 Conventions follow ``peft.utils.merge_utils`` (the tests' oracle): trimming is per tensor with
-``k = int(density · numel)``; in TIES the sign is elected on the unweighted trimmed task vectors and
-the disjoint mean divides the weighted sum by the number of agreeing entries. Computation is in
-float32 (float64 for float64 inputs); the result has the base tensor's dtype.
+``k = int(density · numel)`` (entries tied with the k-th magnitude are all kept, where ``topk`` picks
+arbitrarily among them); in TIES the sign is elected on the unweighted trimmed task vectors and the
+disjoint mean divides the weighted sum by the number of agreeing entries. Computation is in float32
+(float64 for float64 inputs); results have the base tensor's dtype.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 SIGN_METHODS = ("total", "frequency")
+BLOCK_ELEMENTS = 1 << 20  # entries per row block (per model)
 
-MergeFn = Callable[..., torch.Tensor]
+MergeFn = Callable[..., Iterator[torch.Tensor]]
+ReadRows = Callable[[int, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {}
 def register_merge_method(
     name: str, *, paper: str, random: bool = False, weighted: bool = True, **defaults
 ) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: register ``fn(base, finetuned, weights, **params)`` under ``name``.
+    """Decorator: register ``fn(inputs, weights, **params) -> Iterator[Tensor]`` under ``name``.
 
     ``defaults`` lists every keyword parameter the method accepts with its default value (``None``
     for required ones); :func:`merge_tensors` rejects any other keyword.
@@ -67,67 +78,118 @@ def register_merge_method(
     return register
 
 
-# ------------------------------------------------------------------------------------ mechanisms
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def task_vectors(base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stacked task vectors ``τ_i = θ_i − θ_base``, shape ``(n, *base.shape)``, in the compute dtype."""
-    tau = torch.empty((len(finetuned), *base.shape), dtype=compute_dtype(base.dtype), device=base.device)
-    for row, t in zip(tau, finetuned):
-        row.copy_(t).sub_(base)
-    return tau
+@dataclass(frozen=True)
+class MergeInputs:
+    """One tensor of the base and of ``n`` fine-tuned models, readable by rows (first dimension).
 
-
-def trim_magnitude_(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES *trim*, in place: keep the ``k = int(density · numel)`` largest-magnitude entries of each
-    task vector (``tau`` has shape ``(n, ...)``) and zero the rest.
-
-    The k-th largest magnitude is found with ``kthvalue`` (linear time, no index tensor); entries
-    tied with it are kept in order of position until ``k`` are kept — the same set as ``topk``
-    whenever magnitudes are distinct.
+    ``read_base(a, b)`` / ``read_models[i](a, b)`` return rows ``a:b``; 0-d tensors are read as one
+    row of shape ``(1,)``. :meth:`from_tensors` wraps in-memory tensors; checkpoint merges read
+    from safetensors files.
     """
-    flat = tau.reshape(tau.shape[0], -1)
-    numel = flat.shape[1]
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read_base: ReadRows
+    read_models: tuple[ReadRows, ...]
+    block_elements: int = BLOCK_ELEMENTS
+
+    @classmethod
+    def from_tensors(cls, base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "tensor"):
+        def rows(t: torch.Tensor) -> ReadRows:
+            t = t.reshape(1) if t.dim() == 0 else t
+            return lambda a, b: t[a:b]
+
+        return cls(name, tuple(base.shape), base.dtype, rows(base), tuple(rows(t) for t in finetuned))
+
+    @property
+    def n(self) -> int:
+        return len(self.read_models)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.dtype)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Row ranges ``(a, b)`` of about ``block_elements`` entries each, in order."""
+        rows = self.shape[0] if self.shape else 1
+        step = max(1, self.block_elements // max(1, math.prod(self.shape[1:])))
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+    def base_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of the base, a fresh tensor in the compute dtype."""
+        return self.read_base(a, b).to(self.compute_dtype, copy=True)
+
+    def task_vector(self, i: int, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of ``τ_i = θ_i − θ_base`` in the compute dtype."""
+        return self.read_models[i](a, b).to(self.compute_dtype, copy=True).sub_(self.read_base(a, b))
+
+    def task_vectors(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of all task vectors, stacked: shape ``(n, b − a, *shape[1:])``."""
+        base = self.read_base(a, b)
+        tau = torch.empty((self.n, *base.shape), dtype=self.compute_dtype)
+        for row, read in zip(tau, self.read_models):
+            row.copy_(read(a, b)).sub_(base)
+        return tau
+
+
+# ------------------------------------------------------------------------------------ mechanisms
+def magnitude_thresholds(inputs: MergeInputs, density: float) -> list[float]:
+    """Per model, the magnitude ``|τ_i|`` of rank ``k = int(density · numel)`` (largest first):
+    TIES' trim keeps the entries with ``|τ_i| ≥`` it (``-inf``: keep all; ``+inf``: keep none)."""
+    numel = inputs.numel
     k = int(density * numel)
     if k >= numel:
-        return tau
-    for row in flat:
-        if k == 0:
-            row.zero_()
-            continue
-        magnitude = row.abs()
-        threshold = magnitude.kthvalue(numel - k + 1).values
-        keep = magnitude > threshold
-        tied = magnitude == threshold
-        del magnitude
-        need = k - int(keep.sum())
-        if need < int(tied.sum()):
-            tied &= tied.cumsum(0) <= need
-        row.mul_(keep | tied)
+        return [-math.inf] * inputs.n
+    if k == 0:
+        return [math.inf] * inputs.n
+    magnitude = torch.empty(numel, dtype=inputs.compute_dtype)
+    thresholds = []
+    for i in range(inputs.n):
+        offset = 0
+        for a, b in inputs.blocks():
+            block = inputs.task_vector(i, a, b).abs_().reshape(-1)
+            magnitude[offset : offset + block.numel()] = block
+            offset += block.numel()
+        thresholds.append(magnitude.kthvalue(numel - k + 1).values.item())
+    return thresholds
+
+
+def trim_(tau: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """TIES *trim*, in place: zero the entries of each ``tau[i]`` with ``|τ_i| <`` ``thresholds[i]``."""
+    for row, threshold in zip(tau, thresholds):
+        row.mul_(row.abs() >= threshold)
     return tau
 
 
 def dare_masks(
-    shape: Sequence[int],
-    n: int,
+    inputs: MergeInputs,
     density: float,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """DARE keep-masks: ``n`` independent Bernoulli(``density``) draws of ``shape`` (True = keep),
-    shape ``(n, *shape)``.
+    """DARE keep-masks: ``n`` independent Bernoulli(``density``) draws of the tensor's shape (True =
+    keep), shape ``(n, *shape)``, boolean.
 
-    Drawn one model after the other with ``torch.bernoulli`` on a ``dtype`` tensor — the same
-    stream as PEFT's ``random_pruning``, so a generator seeded like the global RNG reproduces PEFT's
-    masks.
+    Drawn with ``torch.bernoulli`` on ``dtype`` (default: the compute dtype) one model after the
+    other, block by block — the same stream as one draw per model, and as PEFT's ``random_pruning``,
+    so a generator seeded like the global RNG reproduces PEFT's masks.
     """
-    p = torch.full(tuple(shape), float(density), dtype=dtype)
-    masks = torch.empty((n, *shape), dtype=torch.bool)
+    dtype = dtype or inputs.compute_dtype
+    masks = torch.empty((inputs.n, *(inputs.shape or (1,))), dtype=torch.bool)
     for row in masks:
-        row.copy_(torch.bernoulli(p, generator=generator))
+        for a, b in inputs.blocks():
+            p = torch.full((b - a, *row.shape[1:]), float(density), dtype=dtype)
+            row[a:b] = torch.bernoulli(p, generator=generator)
     return masks
 
 
@@ -143,9 +205,8 @@ def elect_sign(tau: torch.Tensor, method: str = "total") -> torch.Tensor:
     in the paper) or ``sign(Σ_i sign(τ_i))`` for ``"frequency"``; ties elect ``+``. Zero (trimmed)
     entries never agree.
     """
-    score = tau.sum(0) if method == "total" else sum(row.sign() for row in tau)
-    positive = score >= 0
-    return torch.where(positive, tau > 0, tau < 0)
+    score = tau.sum(0) if method == "total" else tau.sign().sum(0)
+    return torch.where(score >= 0, tau > 0, tau < 0)
 
 
 def disjoint_mean_(weighted_tau: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
@@ -155,37 +216,34 @@ def disjoint_mean_(weighted_tau: torch.Tensor, agree: torch.Tensor) -> torch.Ten
     return weighted_tau.mul_(agree).sum(0).div_(count)
 
 
-def _weight_(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weight_(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """In place: ``τ_i ← w_i τ_i``."""
     return tau.mul_(weights.to(tau.dtype).view(-1, *([1] * (tau.dim() - 1))))
 
 
-def _dare_tau(base, finetuned, density, generator, masks) -> torch.Tensor:
-    tau = task_vectors(base, finetuned)
-    if masks is None:
-        masks = dare_masks(base.shape, len(finetuned), density, generator, tau.dtype)
-    return drop_and_rescale_(tau, density, masks)
-
-
-def _ties_combine(base, tau, weights, majority_sign) -> torch.Tensor:
-    agree = elect_sign(tau, majority_sign)
-    return disjoint_mean_(_weight_(tau, weights), agree).add_(base)
-
-
-def _sum_combine(base, tau, weights) -> torch.Tensor:
-    return _weight_(tau, weights).sum(0).add_(base)
+def _masks_for(inputs, density, generator, masks) -> torch.Tensor:
+    return (
+        dare_masks(inputs, density, generator)
+        if masks is None
+        else masks.reshape(inputs.n, -1, *inputs.shape[1:])
+    )
 
 
 # --------------------------------------------------------------------------------------- methods
 @register_merge_method("task_arithmetic", paper="Editing Models with Task Arithmetic")
-def task_arithmetic(base, finetuned, weights) -> torch.Tensor:
+def task_arithmetic(inputs: MergeInputs, weights) -> Iterator[torch.Tensor]:
     """``θ = θ_base + Σ_i w_i τ_i``."""
-    return _sum_combine(base, task_vectors(base, finetuned), weights)
+    for a, b in inputs.blocks():
+        yield weight_(inputs.task_vectors(a, b), weights).sum(0).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method("magnitude_prune", paper="TIES-Merging (trim step only)", density=None)
-def magnitude_prune(base, finetuned, weights, *, density) -> torch.Tensor:
+def magnitude_prune(inputs: MergeInputs, weights, *, density) -> Iterator[torch.Tensor]:
     """``θ = θ_base + Σ_i w_i trim(τ_i, density)`` (PEFT's ``magnitude_prune``)."""
-    return _sum_combine(base, trim_magnitude_(task_vectors(base, finetuned), density), weights)
+    thresholds = magnitude_thresholds(inputs, density)
+    for a, b in inputs.blocks():
+        tau = trim_(inputs.task_vectors(a, b), thresholds)
+        yield weight_(tau, weights).sum(0).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
@@ -194,12 +252,14 @@ def magnitude_prune(base, finetuned, weights, *, density) -> torch.Tensor:
     density=None,
     majority_sign="total",
 )
-def ties(base, finetuned, weights, *, density, majority_sign) -> torch.Tensor:
+def ties(inputs: MergeInputs, weights, *, density, majority_sign) -> Iterator[torch.Tensor]:
     """Trim, elect sign, disjoint mean: ``θ = θ_base + Σ_{i∈A} w_i τ̂_i / |A|`` with ``τ̂ = trim(τ)``
     and ``A`` the models whose ``τ̂`` agrees with the elected sign."""
-    return _ties_combine(
-        base, trim_magnitude_(task_vectors(base, finetuned), density), weights, majority_sign
-    )
+    thresholds = magnitude_thresholds(inputs, density)
+    for a, b in inputs.blocks():
+        tau = trim_(inputs.task_vectors(a, b), thresholds)
+        agree = elect_sign(tau, majority_sign)
+        yield disjoint_mean_(weight_(tau, weights), agree).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
@@ -210,9 +270,12 @@ def ties(base, finetuned, weights, *, density, majority_sign) -> torch.Tensor:
     generator=None,
     masks=None,
 )
-def dare_linear(base, finetuned, weights, *, density, generator, masks) -> torch.Tensor:
+def dare_linear(inputs: MergeInputs, weights, *, density, generator, masks) -> Iterator[torch.Tensor]:
     """DARE then task arithmetic: ``θ = θ_base + Σ_i w_i m_i ⊙ τ_i / density``."""
-    return _sum_combine(base, _dare_tau(base, finetuned, density, generator, masks), weights)
+    masks = _masks_for(inputs, density, generator, masks)
+    for a, b in inputs.blocks():
+        tau = drop_and_rescale_(inputs.task_vectors(a, b), density, masks[:, a:b])
+        yield weight_(tau, weights).sum(0).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
@@ -224,32 +287,42 @@ def dare_linear(base, finetuned, weights, *, density, generator, masks) -> torch
     generator=None,
     masks=None,
 )
-def dare_ties(base, finetuned, weights, *, density, majority_sign, generator, masks) -> torch.Tensor:
+def dare_ties(
+    inputs: MergeInputs, weights, *, density, majority_sign, generator, masks
+) -> Iterator[torch.Tensor]:
     """DARE's drop-and-rescale in place of TIES' trim, then elect sign and disjoint mean."""
-    return _ties_combine(base, _dare_tau(base, finetuned, density, generator, masks), weights, majority_sign)
+    masks = _masks_for(inputs, density, generator, masks)
+    for a, b in inputs.blocks():
+        tau = drop_and_rescale_(inputs.task_vectors(a, b), density, masks[:, a:b])
+        agree = elect_sign(tau, majority_sign)
+        yield disjoint_mean_(weight_(tau, weights), agree).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
     "slerp", paper="Animating Rotation with Quaternion Curves (SLERP)", weighted=False, t=None, eps=1e-8
 )
-def slerp(base, finetuned, weights, *, t, eps) -> torch.Tensor:
-    """Spherical linear interpolation from ``base`` (t = 0) to the one fine-tuned tensor (t = 1).
+def slerp(inputs: MergeInputs, weights, *, t, eps) -> Iterator[torch.Tensor]:
+    """Spherical linear interpolation from the base (t = 0) to the one fine-tuned tensor (t = 1).
 
-    With ``Ω`` the angle between the flattened tensors,
-    ``θ = sin((1−t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ_1``; falls back to linear interpolation when
-    the tensors are (anti)parallel within ``eps`` (``sin Ω ≈ 0``) or one of them is zero.
+    With ``Ω`` the angle between the flattened tensors (inner products accumulated in float64),
+    ``θ = sin((1−t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ_1``; falls back to linear interpolation
+    ``(1−t) θ_base + t θ_1`` when the tensors are (anti)parallel within ``eps`` or one is zero.
     """
-    dtype = compute_dtype(base.dtype)
-    v0, v1 = base.to(dtype), finetuned[0].to(dtype)
-    n0, n1 = v0.norm(), v1.norm()
-    if n0 <= eps or n1 <= eps:
-        return torch.lerp(v0, v1, t)
-    cos = ((v0 * v1).sum() / (n0 * n1)).clamp(-1.0, 1.0)
-    omega = torch.arccos(cos)
-    sin = torch.sin(omega)
-    if sin <= eps:
-        return torch.lerp(v0, v1, t)
-    return (torch.sin((1 - t) * omega) / sin) * v0 + (torch.sin(t * omega) / sin) * v1
+    read_other = inputs.read_models[0]
+    dot = norm0 = norm1 = 0.0
+    for a, b in inputs.blocks():
+        v0, v1 = inputs.read_base(a, b).double(), read_other(a, b).double()
+        dot += (v0 * v1).sum().item()
+        norm0 += v0.square().sum().item()
+        norm1 += v1.square().sum().item()
+    norm0, norm1 = math.sqrt(norm0), math.sqrt(norm1)
+    c0, c1 = 1.0 - t, float(t)
+    if norm0 > eps and norm1 > eps:
+        omega = math.acos(max(-1.0, min(1.0, dot / (norm0 * norm1))))
+        if math.sin(omega) > eps:
+            c0, c1 = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    for a, b in inputs.blocks():
+        yield inputs.base_rows(a, b).mul_(c0).add_(read_other(a, b).to(inputs.compute_dtype), alpha=c1)
 
 
 # ----------------------------------------------------------------------------------- entry point
@@ -355,7 +428,8 @@ def merge_tensors(
     n = len(finetuned)
     check_param_values(entry, full, n, base.shape, repr(name))
     w = resolve_weights(entry, weights, n)
-    return entry.fn(base, list(finetuned), w, **full).to(base.dtype)
+    blocks = entry.fn(MergeInputs.from_tensors(base, finetuned, name), w, **full)
+    return torch.cat([blk.to(base.dtype) for blk in blocks]).reshape(base.shape)
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

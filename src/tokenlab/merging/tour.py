@@ -40,7 +40,7 @@ def subset_ids(world: ToyWorld, split: str, subset: str, max_bytes: int) -> torc
 
 
 def toy_finetunes(
-    world: ToyWorld, *, steps: int = 40, batch_size: int = 8, max_bytes: int = 100_000
+    world: ToyWorld, *, steps: int = 30, batch_size: int = 8, max_bytes: int = 100_000
 ) -> tuple[dict[str, PreTrainedModel], dict[str, torch.Tensor]]:
     """Fine-tune copies of ``world.target`` on each subset; returns the models and held-out ids by subset."""
     models, heldout = {}, {}
@@ -69,7 +69,7 @@ def tour_section(world: ToyWorld) -> list[str]:
     merged.load_state_dict(
         merge_state_dicts("ties", base_sd, [m.state_dict() for m in finetunes.values()], density=0.5)
     )
-    ctx, max_tokens = world.config.context_length, 8192
+    ctx, max_tokens = world.config.context_length, 4096
     rows = {"base": world.target, **{f"tuned on {s}": m for s, m in finetunes.items()}, "TIES merge": merged}
     lines = [
         "TIES (density 0.5, weights 1) of two fine-tunes of the target "
