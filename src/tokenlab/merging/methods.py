@@ -144,7 +144,8 @@ class MergeInputs:
 
 # ------------------------------------------------------------------------------------ mechanisms
 def magnitude_thresholds(inputs: MergeInputs, density: float) -> list[float]:
-    """Per model, the magnitude ``|τ_i|`` of rank ``k = int(density · numel)`` (largest first):
+    """Per model, the magnitude ``|τ_i|`` of rank ``k = int(density · numel)`` (largest first), found
+    with an in-place partition of one buffer of ``|τ_i|`` filled block by block:
     TIES' trim keeps the entries with ``|τ_i| ≥`` it (``-inf``: keep all; ``+inf``: keep none)."""
     numel = inputs.numel
     k = int(density * numel)
@@ -160,7 +161,11 @@ def magnitude_thresholds(inputs: MergeInputs, density: float) -> list[float]:
             block = inputs.task_vector(i, a, b).abs_().reshape(-1)
             magnitude[offset : offset + block.numel()] = block
             offset += block.numel()
-        thresholds.append(magnitude.kthvalue(numel - k + 1).values.item())
+        # k-th largest = (numel − k)-th smallest; numpy's in-place partition needs no index buffer
+        # (torch.kthvalue copies the values and allocates int64 indices: 3× the memory)
+        values = magnitude.numpy()
+        values.partition(numel - k)
+        thresholds.append(float(values[numel - k]))
     return thresholds
 
 
