@@ -218,6 +218,25 @@ def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
     assert direct == pytest.approx(learned, rel=1e-4)
 
 
+def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetunes):
+    """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
+    models, _ = finetunes
+    ft = list(models.values())
+    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    probe = [{"input_ids": ids, "labels": ids}]
+    start, lr, h = [0.3, 0.6], 1e-3, 1e-2
+    step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
+    grad = (torch.tensor(start) - step.coefficients) / lr
+    for i in range(2):
+        plus, minus = list(start), list(start)
+        plus[i] += h
+        minus[i] -= h
+        fd = (
+            probe_loss(tiny_world.target, ft, plus, probe) - probe_loss(tiny_world.target, ft, minus, probe)
+        ) / (2 * h)
+        assert grad[i].item() == pytest.approx(fd, rel=0.05, abs=1e-3), (i, grad, fd)
+
+
 # -------------------------------------------------------------------------- checkpoint merges
 def _tree_hash(paths) -> dict[str, str]:
     return {
