@@ -123,7 +123,7 @@ class MergeInputs:
         """Row ranges ``(a, b)`` of about ``block_elements`` entries each, in order."""
         rows = self.shape[0] if self.shape else 1
         step = max(1, self.block_elements // max(1, math.prod(self.shape[1:])))
-        return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]  # (0, …): one empty
 
     def base_rows(self, a: int, b: int) -> torch.Tensor:
         """Rows ``a:b`` of the base, a fresh tensor in the compute dtype."""
