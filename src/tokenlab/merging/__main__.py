@@ -1,0 +1,3 @@
+from tokenlab.merging.config import main
+
+main()

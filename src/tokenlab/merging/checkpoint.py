@@ -1,0 +1,352 @@
+"""Streaming merges of Hugging Face checkpoint directories.
+
+:func:`merge_checkpoints` merges safetensors checkpoints (one ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``) one tensor at a time, and each tensor in row blocks: the merge
+method (:mod:`tokenlab.merging.methods`) reads rows ``a:b`` of the inputs through
+``safetensors.safe_open`` (file opened, rows copied out, file closed — no mapping keeps pages of the
+inputs resident) and yields merged blocks whose bytes are appended to the output shard at once.
+Output headers are computed up front from the input headers, so memory holds one block of the
+``n`` task vectors plus, for the largest tensor, one float32 copy (TIES' trim threshold) or ``n``
+boolean masks (DARE) — not the model, and not ``n`` copies of any tensor.
+
+Every check runs before anything is written: tensor names, shapes and dtypes (errors name the
+tensor), ``config.json`` architecture fields, parameter values, and that the output directory is
+neither an input nor inside one nor contains one. The output goes to a temporary directory beside
+``out_dir`` that is renamed into place at the end; config, generation config and tokenizer files are
+copied from the base; a ``tokenlab_merge.json`` records the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from tokenlab.merging.methods import (
+    MergeInputs,
+    ReadRows,
+    check_param_values,
+    resolve_params,
+    resolve_weights,
+    tensor_generator,
+)
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# config.json fields that do not describe the architecture (ignored when comparing inputs)
+CONFIG_IGNORED = frozenset(
+    {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "output_attentions"}
+)
+# weight files that are never copied from the base directory
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.safetensors\.index\.json$")
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in a checkpoint and what it is (read from the safetensors header)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _DTYPES[self.dtype].itemsize * math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face model directory with safetensors weights: its config and tensor table."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, role: str) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{role} {str(path)!r} is not a directory")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{role} {str(path)!r} has no config.json")
+        index = path / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (path / SAFETENSORS_SINGLE).is_file():
+            files = [SAFETENSORS_SINGLE]
+        else:
+            raise FileNotFoundError(
+                f"{role} {str(path)!r} has neither {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX} "
+                "(only safetensors checkpoints can be merged)"
+            )
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            file = path / name
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"{role} {str(path)!r}: shard {name!r} listed in the index is missing"
+                )
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    s = f.get_slice(key)
+                    if s.get_dtype() not in _DTYPES:
+                        raise ValueError(f"{role}: tensor {key!r} has unsupported dtype {s.get_dtype()}")
+                    tensors[key] = TensorInfo(file, s.get_dtype(), tuple(s.get_shape()))
+        return cls(path, json.loads(config_file.read_text()), tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Copy one tensor out of its file (the file is closed again at once)."""
+        with safe_open(str(self.tensors[name].file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def read_rows(self, name: str) -> ReadRows:
+        """``read(a, b)``: rows ``a:b`` of tensor ``name`` (0-d tensors as shape ``(1,)``), each call
+        opening the file, copying the rows out and closing it again."""
+        file, scalar = str(self.tensors[name].file), not self.tensors[name].shape
+
+        def read(a: int, b: int) -> torch.Tensor:
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name).reshape(1) if scalar else f.get_slice(name)[a:b]
+
+        return read
+
+
+# ------------------------------------------------------------------------------------ validation
+def _architecture(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in CONFIG_IGNORED}
+
+
+def _check_inputs(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    arch = _architecture(base.config)
+    for m in models:
+        other = _architecture(m.config)
+        diff = sorted(k for k in set(arch) | set(other) if arch.get(k) != other.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {arch.get(k)!r} vs {other.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"config.json of {str(m.path)!r} differs from the base's architecture: {detail}")
+        missing = [k for k in base.tensors if k not in m.tensors]
+        extra = [k for k in m.tensors if k not in base.tensors]
+        if missing or extra:
+            raise ValueError(
+                f"{str(m.path)!r} and the base have different tensors: missing {missing[:3]} "
+                f"({len(missing)} in all), unexpected {extra[:3]} ({len(extra)} in all)"
+            )
+        for key, info in base.tensors.items():
+            other_info = m.tensors[key]
+            if other_info.shape != info.shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: base {info.shape} vs {other_info.shape} in {str(m.path)!r}"
+                )
+            if other_info.dtype != info.dtype:
+                raise ValueError(
+                    f"dtype mismatch for {key!r}: base {info.dtype} vs {other_info.dtype} in {str(m.path)!r}"
+                )
+
+
+def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    out = out_dir.resolve()
+    for inp in inputs:
+        inp = inp.resolve()
+        if out == inp or out.is_relative_to(inp) or inp.is_relative_to(out):
+            raise ValueError(
+                f"`out_dir` {str(out_dir)!r} must not be an input directory, inside one or contain one "
+                f"(input {str(inp)!r})"
+            )
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"`out_dir` {str(out_dir)!r} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"`out_dir` {str(out_dir)!r} exists and is not empty (pass overwrite=True)")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"``, ``"1.5GiB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"`max_shard_size` must be bytes or like '2GB', got {size!r}")
+        unit = (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        value = int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+    else:
+        raise TypeError(f"`max_shard_size` must be an int or str, got {type(size).__name__}")
+    if value <= 0:
+        raise ValueError(f"`max_shard_size` must be positive, got {size!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- writing
+def plan_shards(tensors: Mapping[str, TensorInfo], max_shard_size: int) -> list[list[str]]:
+    """Split tensors (in order) into shards of at most ``max_shard_size`` bytes (a larger tensor gets
+    a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, info in tensors.items():
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += info.nbytes
+    return shards
+
+
+def _write_shard(path: Path, names: Sequence[str], tensors: Mapping[str, TensorInfo], produce, bar) -> None:
+    """Write a safetensors file whose header is known in advance, streaming each tensor's bytes as
+    ``produce(name)`` yields its row blocks (format: u64 header length, JSON header padded to 8
+    bytes, data)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        info = tensors[name]
+        header[name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "xb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            info, written = tensors[name], 0
+            for block in produce(name):
+                if _DTYPE_NAMES[block.dtype] != info.dtype:
+                    raise RuntimeError(f"merged {name!r} has dtype {block.dtype}, expected {info.dtype}")
+                data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data.data)
+                written += data.nbytes
+            if written != info.nbytes:
+                raise RuntimeError(f"merged {name!r} has {written} bytes, expected {info.nbytes}")
+            bar.update(1)
+
+
+def merge_checkpoints(
+    method: str,
+    base_dir: str | os.PathLike,
+    finetuned_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    seed: int = 0,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    **params,
+) -> Path:
+    """Merge Hugging Face checkpoint directories tensor by tensor into ``out_dir``.
+
+    Args:
+        method: a merge method of :data:`~tokenlab.merging.MERGE_METHODS`.
+        base_dir: the base model's directory (``config.json`` + safetensors, single or sharded).
+        finetuned_dirs: the fine-tuned models' directories (same architecture and tensors).
+        out_dir: where the merged model is written; must not exist, be empty, or ``overwrite=True``.
+        weights: per-model weights (default 1 each).
+        seed: seeds DARE's masks, per tensor (see :func:`~tokenlab.merging.tensor_generator`).
+        max_shard_size: shard size (bytes or ``"2GB"``); one ``model.safetensors`` when it all fits.
+        overwrite: replace a non-empty ``out_dir`` (never an input).
+        progress: tqdm bar over tensors.
+        **params: the method's parameters (``density``, ``majority_sign``, ``t``).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`; ``from_pretrained(out_dir)`` loads the merge.
+
+    The result equals :func:`~tokenlab.merging.merge_state_dicts` on the loaded state dicts.
+    """
+    entry, full = resolve_params(method, params)
+    if "masks" in params or "generator" in params:
+        raise TypeError("checkpoint merges draw DARE masks from `seed`; pass `seed`, not masks/generator")
+    if isinstance(finetuned_dirs, (str, os.PathLike)) or not finetuned_dirs:
+        raise TypeError("`finetuned_dirs` must be a non-empty list of directories")
+    n = len(finetuned_dirs)
+    check_param_values(entry, full, n, torch.Size(), "checkpoints")
+    w = resolve_weights(entry, weights, n)
+    shard_bytes = parse_size(max_shard_size)
+    out_dir = Path(out_dir)
+    base = Checkpoint.open(base_dir, "`base_dir`")
+    models = [Checkpoint.open(d, f"`finetuned_dirs[{i}]`") for i, d in enumerate(finetuned_dirs)]
+    _check_out_dir(out_dir, [base.path, *(m.path for m in models)], overwrite)
+    _check_inputs(base, models)
+
+    def produce(name: str) -> Iterator[torch.Tensor]:
+        info = base.tensors[name]
+        dtype = _DTYPES[info.dtype]
+        if not dtype.is_floating_point:
+            yield base.read(name)
+            return
+        inputs = MergeInputs(
+            name, info.shape, dtype, base.read_rows(name), tuple(m.read_rows(name) for m in models)
+        )
+        extra = {"generator": tensor_generator(seed, name)} if entry.random else {}
+        for block in entry.fn(inputs, w, **(full | extra)):
+            yield block.to(dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
+    try:
+        shards = plan_shards(base.tensors, shard_bytes)
+        names = (
+            [SAFETENSORS_SINGLE]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        with tqdm(total=len(base.tensors), desc=f"merging ({method})", disable=not progress) as bar:
+            for file, shard in zip(names, shards):
+                _write_shard(tmp / file, shard, base.tensors, produce, bar)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(i.nbytes for i in base.tensors.values())},
+                "weight_map": {k: f for f, shard in zip(names, shards) for k in shard},
+            }
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        for f in base.path.iterdir():
+            if f.is_file() and not _WEIGHT_FILE.fullmatch(f.name):
+                shutil.copy2(f, tmp / f.name)
+        recipe = {
+            "method": method,
+            "base": str(base.path.resolve()),
+            "models": [str(m.path.resolve()) for m in models],
+            "weights": w.tolist() if entry.weighted else None,
+            "parameters": {k: v for k, v in full.items() if k not in ("generator", "masks")},
+            "seed": seed,
+        }
+        (tmp / "tokenlab_merge.json").write_text(json.dumps(recipe, indent=2))
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / "old")
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

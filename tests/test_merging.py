@@ -1,0 +1,429 @@
+"""Merging: methods vs PEFT's merge_utils, TIES by hand, SLERP invariants, Self-Positioning on toy
+fine-tunes, streaming checkpoint merges vs in-memory merges, recipes/CLI and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft.utils import merge_utils
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tokenlab.merging import (
+    MERGE_METHODS,
+    MergeInputs,
+    merge_checkpoints,
+    merge_from_recipe,
+    merge_state_dicts,
+    merge_tensors,
+    probe_loss,
+    self_positioning,
+)
+from tokenlab.merging.config import main as cli_main
+from tokenlab.merging.tour import SUBSETS, subset_ids, toy_finetunes
+
+SHAPES = [(7, 13), (33,), (4, 5, 6)]
+PEFT_METHODS = {
+    "task_arithmetic": lambda tv, w, p: merge_utils.task_arithmetic(tv, w),
+    "magnitude_prune": lambda tv, w, p: merge_utils.magnitude_prune(tv, w, p["density"]),
+    "ties": lambda tv, w, p: merge_utils.ties(tv, w, p["density"], p["majority_sign"]),
+    "dare_linear": lambda tv, w, p: merge_utils.dare_linear(tv, w, p["density"]),
+    "dare_ties": lambda tv, w, p: merge_utils.dare_ties(tv, w, p["density"], p["majority_sign"]),
+}
+
+
+def _models(shape, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    return base, [base + torch.randn(shape, generator=g, dtype=dtype) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------- methods vs PEFT
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {}),
+        ("magnitude_prune", {"density": 0.3}),
+        ("ties", {"density": 0.4, "majority_sign": "total"}),
+        ("ties", {"density": 0.7, "majority_sign": "frequency"}),
+        ("dare_linear", {"density": 0.5}),
+        ("dare_ties", {"density": 0.3, "majority_sign": "total"}),
+        ("dare_ties", {"density": 0.6, "majority_sign": "frequency"}),
+    ],
+)
+def test_methods_equal_peft(method, params, shape, dtype):
+    base, finetuned = _models(shape, 3, dtype)
+    weights = torch.tensor([0.5, 1.0, 0.7], dtype=dtype)
+    task_vectors = [t - base for t in finetuned]
+    extra = {}
+    if MERGE_METHODS[method].random:  # PEFT draws its masks from the global RNG, in model order
+        torch.manual_seed(1234)
+        extra = {"generator": torch.Generator().manual_seed(1234)}
+    expected = base + PEFT_METHODS[method](task_vectors, weights, params)
+    inputs = [base.clone(), *(t.clone() for t in finetuned)]
+    out = merge_tensors(method, base, finetuned, weights, **params, **extra)
+    assert all(torch.equal(x, y) for x, y in zip(inputs, [base, *finetuned]))  # inputs untouched
+    assert out.dtype == dtype and out.shape == base.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_dare_explicit_masks_and_rescale():
+    base, finetuned = _models((50, 40), 2, torch.float64)
+    masks = torch.rand(2, 50, 40, generator=torch.Generator().manual_seed(3)) < 0.25
+    out = merge_tensors("dare_linear", base, finetuned, [1.0, 1.0], density=0.25, masks=masks)
+    expected = base + sum(m * (t - base) / 0.25 for m, t in zip(masks, finetuned))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    # drop-and-rescale keeps the task vector in expectation: mean over many seeds ≈ task arithmetic
+    mean = torch.stack(
+        [
+            merge_tensors(
+                "dare_linear", base, finetuned, density=0.5, generator=torch.Generator().manual_seed(s)
+            )
+            for s in range(400)
+        ]
+    ).mean(0)
+    ta = merge_tensors("task_arithmetic", base, finetuned)
+    # per-entry std of the mean is ≈ |τ|·sqrt((1-p)/p)/sqrt(400)·sqrt(2) ≈ 0.07|τ|: 5σ bound on the norm
+    assert (mean - ta).norm() / (ta - base).norm() < 0.15
+
+
+def test_ties_by_hand_with_sign_conflicts():
+    base = torch.ones(4, dtype=torch.float64)
+    tau = torch.tensor(
+        [[10.0, -1.0, 2.0, 0.5], [-3.0, -2.0, 0.5, 1.0], [-2.0, 3.0, -1.0, 0.1]], dtype=torch.float64
+    )
+    finetuned = list(base + tau)
+    # density 0.5 keeps 2 of 4 per model: [10, 0, 2, 0], [-3, -2, 0, 0], [-2, 3, 0, 0]
+    # total: sums [5, 1, 2, 0] → signs [+, +, +, +(tie)] → means [10, 3, 2, 0]
+    total = merge_tensors("ties", base, finetuned, density=0.5, majority_sign="total")
+    torch.testing.assert_close(total, base + torch.tensor([10.0, 3.0, 2.0, 0.0], dtype=torch.float64))
+    # frequency: sign counts [-1, 0, 1, 0] → signs [-, +, +, +] → means [(-3-2)/2, 3, 2, 0]
+    freq = merge_tensors("ties", base, finetuned, density=0.5, majority_sign="frequency")
+    torch.testing.assert_close(freq, base + torch.tensor([-2.5, 3.0, 2.0, 0.0], dtype=torch.float64))
+    # weights scale each agreeing entry before the disjoint mean: entry 0 = (2·(-3) + 1·(-2)) / 2
+    weighted = merge_tensors("ties", base, finetuned, [1.0, 2.0, 1.0], density=0.5, majority_sign="frequency")
+    assert weighted[0].item() == pytest.approx(1.0 - 4.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.4}), ("slerp", {"t": 0.4})],
+)
+def test_row_blocks_do_not_change_the_result(method, params):
+    """Streaming in row blocks (as checkpoint merges do) gives the whole-tensor result, bit for bit."""
+    n = 1 if method == "slerp" else 3
+    base, finetuned = _models((37, 11), n, torch.float32, seed=5)
+    entry = MERGE_METHODS[method]
+    if entry.random:
+        params = {**params, "generator": torch.Generator().manual_seed(9)}
+    weights = torch.ones(n, dtype=torch.float64)
+    results = []
+    for block_elements in (11, 50, 10_000):  # one row, a few rows, everything
+        inputs = MergeInputs.from_tensors(base, finetuned)
+        inputs = dataclasses.replace(inputs, block_elements=block_elements)
+        if entry.random:
+            params["generator"].manual_seed(9)
+        full = {**entry.defaults, **params}
+        results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
+    assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
+
+
+def test_trim_keeps_ties_at_the_threshold():
+    base = torch.zeros(4)
+    out = merge_tensors("magnitude_prune", base, [torch.tensor([1.0, -1.0, 1.0, 0.5])], density=0.5)
+    torch.testing.assert_close(out, torch.tensor([1.0, -1.0, 1.0, 0.0]))  # k = 2, three tied at |1|
+
+
+# ----------------------------------------------------------------------------------------- SLERP
+def test_slerp_endpoints_and_unit_norm():
+    base, (other,) = _models((6, 5), 1, torch.float64)
+    torch.testing.assert_close(merge_tensors("slerp", base, [other], t=0.0), base, rtol=0, atol=1e-12)
+    torch.testing.assert_close(merge_tensors("slerp", base, [other], t=1.0), other, rtol=0, atol=1e-12)
+    u0, u1 = base / base.norm(), other / other.norm()
+    omega = torch.arccos((u0 * u1).sum())
+    for t in (0.1, 0.25, 0.5, 0.9):
+        mid = merge_tensors("slerp", u0, [u1], t=t)
+        assert mid.norm().item() == pytest.approx(1.0, abs=1e-12)
+        # the interpolant sits at angle t·Ω from the start (on the great circle)
+        assert torch.arccos((mid * u0).sum().clamp(-1, 1)).item() == pytest.approx(t * omega.item(), abs=1e-9)
+    # parallel inputs fall back to linear interpolation
+    torch.testing.assert_close(merge_tensors("slerp", u0, [2 * u0], t=0.5), 1.5 * u0)
+
+
+def test_merge_tensors_bad_input():
+    base, finetuned = _models((4, 4), 2, torch.float32)
+    with pytest.raises(ValueError, match="unknown merge `method`"):
+        merge_tensors("average_of_vibes", base, finetuned)
+    for density in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="`density` must be in"):
+            merge_tensors("ties", base, finetuned, density=density)
+    with pytest.raises(ValueError, match=r"shape mismatch for 'layer\.w'"):
+        merge_tensors("task_arithmetic", base, [finetuned[0], torch.zeros(4, 5)], name="layer.w")
+    with pytest.raises(ValueError, match="dtype mismatch for 'tensor'"):
+        merge_tensors("task_arithmetic", base, [finetuned[0].double()])
+    with pytest.raises(ValueError, match="`weights` must have one entry"):
+        merge_tensors("task_arithmetic", base, finetuned, [1.0])
+    with pytest.raises(TypeError, match="takes no parameter"):
+        merge_tensors("task_arithmetic", base, finetuned, density=0.5)
+    with pytest.raises(TypeError, match="needs parameter"):
+        merge_tensors("ties", base, finetuned)
+    with pytest.raises(ValueError, match="`majority_sign`"):
+        merge_tensors("ties", base, finetuned, density=0.5, majority_sign="mode")
+    with pytest.raises(ValueError, match="exactly one"):
+        merge_tensors("slerp", base, finetuned, t=0.5)
+    with pytest.raises(ValueError, match="`masks`"):
+        merge_tensors("dare_linear", base, finetuned, density=0.5, masks=torch.ones(3, 4, 4))
+
+
+# ----------------------------------------------------------------------------- Self-Positioning
+@pytest.fixture(scope="module")
+def finetunes(tiny_world):
+    return toy_finetunes(tiny_world, steps=25, max_bytes=60_000)
+
+
+def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
+    models, _ = finetunes
+    ctx = tiny_world.config.context_length
+    probe = []
+    for subset in SUBSETS:
+        ids = subset_ids(tiny_world, "train", subset, 60_000)
+        windows = ids[: 4 * ctx].view(4, ctx)
+        probe += [{"input_ids": w, "labels": w} for w in windows.split(2)]
+    ft = list(models.values())
+    uniform = probe_loss(tiny_world.target, ft, [0.5, 0.5], probe)
+    result = self_positioning(tiny_world.target, ft, probe, steps=12, lr=0.5)
+    learned = probe_loss(tiny_world.target, ft, result.coefficients, probe)
+    assert result.losses[0] == pytest.approx(
+        probe_loss(tiny_world.target, ft, [0.5, 0.5], probe[:1]), rel=1e-5
+    )
+    assert learned < uniform - 1e-3, (uniform, learned, result.coefficients)
+    # the learned coefficients are task-arithmetic weights: the merged state dict scores the same
+    merged = merge_state_dicts(
+        "task_arithmetic", tiny_world.target.state_dict(), [m.state_dict() for m in ft], result.coefficients
+    )
+    model = LlamaForCausalLM(tiny_world.target.config)
+    model.load_state_dict(merged)
+    with torch.no_grad():
+        direct = sum(model(**b).loss.item() for b in probe) / len(probe)
+    assert direct == pytest.approx(learned, rel=1e-4)
+
+
+def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetunes):
+    """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
+    models, _ = finetunes
+    ft = list(models.values())
+    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    probe = [{"input_ids": ids, "labels": ids}]
+    start, lr, h = [0.3, 0.6], 1e-3, 1e-2
+    step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
+    grad = (torch.tensor(start) - step.coefficients) / lr
+    for i in range(2):
+        plus, minus = list(start), list(start)
+        plus[i] += h
+        minus[i] -= h
+        fd = (
+            probe_loss(tiny_world.target, ft, plus, probe) - probe_loss(tiny_world.target, ft, minus, probe)
+        ) / (2 * h)
+        assert grad[i].item() == pytest.approx(fd, rel=0.02, abs=1e-4), (i, grad, fd)
+
+
+# -------------------------------------------------------------------------- checkpoint merges
+def _tree_hash(paths) -> dict[str, str]:
+    return {
+        str(f): hashlib.sha256(f.read_bytes()).hexdigest()
+        for p in paths
+        for f in sorted(Path(p).rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_world):
+    """A base and three fine-tuned tiny Llamas (random, the fine-tunes = base + noise); two
+    fine-tunes are saved sharded. The base directory also holds the toy tokenizer."""
+    root = tmp_path_factory.mktemp("ckpts")
+    config = LlamaConfig(
+        vocab_size=len(tiny_world.tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        tie_word_embeddings=False,
+        eos_token_id=tiny_world.tokenizer.eos_token_id,
+        bos_token_id=tiny_world.tokenizer.bos_token_id,
+        pad_token_id=tiny_world.tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    dirs = [root / "base"]
+    base.save_pretrained(dirs[0])
+    tiny_world.tokenizer.save_pretrained(dirs[0])
+    for i in range(3):
+        ft = LlamaForCausalLM(config)
+        ft.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        dirs.append(root / f"ft{i}")
+        ft.save_pretrained(dirs[-1], max_shard_size="40KB" if i != 1 else "50MB")
+    assert (dirs[1] / "model.safetensors.index.json").exists() and (dirs[2] / "model.safetensors").exists()
+    return dirs
+
+
+def _load_dir(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "weights", "params"),
+    [
+        ("ties", 3, [0.5, 1.0, 0.8], {"density": 0.4, "majority_sign": "frequency"}),
+        ("dare_ties", 3, None, {"density": 0.5}),
+        ("dare_linear", 2, [0.6, 0.4], {"density": 0.3}),
+        ("slerp", 1, None, {"t": 0.3}),
+    ],
+)
+def test_checkpoint_merge_equals_in_memory(checkpoints, tmp_path, method, n, weights, params):
+    base_dir, *ft_dirs = checkpoints
+    before = _tree_hash(checkpoints)
+    out = merge_checkpoints(
+        method,
+        base_dir,
+        ft_dirs[:n],
+        tmp_path / "merged",
+        weights,
+        seed=7,
+        max_shard_size="60KB",
+        progress=False,
+        **params,
+    )
+    assert _tree_hash(checkpoints) == before
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded output
+    expected = merge_state_dicts(
+        method, _load_dir(base_dir), [_load_dir(d) for d in ft_dirs[:n]], weights, seed=7, **params
+    )
+    got = _load_dir(out)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    model = LlamaForCausalLM.from_pretrained(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def main():", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
+    assert json.loads((out / "tokenlab_merge.json").read_text())["method"] == method
+    assert not list(tmp_path.glob(".merged.*"))  # no temporary directory left behind
+
+
+def test_single_file_output_and_overwrite(checkpoints, tmp_path):
+    base_dir, *ft_dirs = checkpoints
+    out = tmp_path / "out"
+    merge_checkpoints("task_arithmetic", base_dir, ft_dirs[:2], out, [0.5, 0.5], progress=False)
+    assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+    first = _load_dir(out)
+    with pytest.raises(FileExistsError, match="not empty"):
+        merge_checkpoints("task_arithmetic", base_dir, ft_dirs[:2], out, progress=False)
+    merge_checkpoints(
+        "task_arithmetic", base_dir, ft_dirs[:2], out, [1.0, 1.0], overwrite=True, progress=False
+    )
+    second = _load_dir(out)
+    key = "model.norm.weight"
+    torch.testing.assert_close(second[key] - first[key], first[key] - _load_dir(base_dir)[key])
+
+
+def test_recipe_yaml_json_and_cli(checkpoints, tmp_path):
+    base_dir, *ft_dirs = checkpoints
+    recipe = {
+        "method": "ties",
+        "base": str(base_dir),
+        "models": [{"path": str(ft_dirs[0]), "weight": 0.7}, str(ft_dirs[1])],
+        "parameters": {"density": 0.5},
+        "max_shard_size": "100KB",
+    }
+    api = merge_checkpoints(
+        "ties", base_dir, ft_dirs[:2], tmp_path / "api", [0.7, 1.0], density=0.5, progress=False
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "out": "from_yaml"}))
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    merge_from_recipe(tmp_path / "r.yaml", progress=False)  # `out` relative to the recipe file
+    cli_main([str(tmp_path / "r.json"), "--out", str(tmp_path / "from_json"), "--no-progress"])
+    flags = ["--method", "ties", "--base", str(base_dir), "--models", str(ft_dirs[0]), str(ft_dirs[1])]
+    flags += ["--weights", "0.7", "1.0", "--param", "density=0.5", "--out", str(tmp_path / "flags")]
+    cli_main([*flags, "--no-progress"])
+    expected = _load_dir(api)
+    for name in ("from_yaml", "from_json", "flags"):
+        got = _load_dir(tmp_path / name)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    with pytest.raises(ValueError, match="unknown key"):
+        merge_from_recipe({**recipe, "lambda": 1.0}, tmp_path / "x")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A copy of checkpoint ``src`` (single file) whose weights are replaced by ``tensors``."""
+    save_file(tensors, _copy(src, dst) / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_checkpoint_bad_input(checkpoints, tmp_path):
+    base_dir, ft0, ft1, _ = checkpoints
+    out = tmp_path / "out"
+    original = load_file(ft1 / "model.safetensors")
+    bad_shape = _rewrite(ft1, tmp_path / "bad_shape", {**original, "model.norm.weight": torch.zeros(33)})
+    bad_dtype = _rewrite(ft1, tmp_path / "bad_dtype", {k: v.double() for k, v in original.items()})
+    missing = _rewrite(
+        ft1, tmp_path / "missing", {k: v for k, v in original.items() if k != "lm_head.weight"}
+    )
+    other_arch = _copy(ft1, tmp_path / "other_arch")
+    cfg = json.loads((other_arch / "config.json").read_text())
+    cfg["hidden_act"] = "gelu"
+    (other_arch / "config.json").write_text(json.dumps(cfg))
+    inputs = [base_dir, ft0, ft1, bad_shape, bad_dtype, missing, other_arch]
+    before = _tree_hash(inputs)
+    cases = [
+        ([bad_shape], {}, ValueError, r"shape mismatch for 'model.norm.weight'"),
+        ([bad_dtype], {}, ValueError, r"dtype mismatch for '"),
+        ([missing], {}, ValueError, r"missing \['lm_head.weight'\]"),
+        ([other_arch], {}, ValueError, r"architecture: hidden_act: 'silu' vs 'gelu'"),
+        ([ft0, ft1], {"density": 0.0}, ValueError, r"`density` must be in \(0, 1\]"),
+        ([ft0, ft1], {"density": 1.2}, ValueError, r"`density` must be in \(0, 1\]"),
+        ([tmp_path / "nope"], {}, FileNotFoundError, r"is not a directory"),
+    ]
+    for models, params, error, match in cases:
+        method = "ties" if params else "task_arithmetic"
+        with pytest.raises(error, match=match):
+            merge_checkpoints(method, base_dir, models, out, progress=False, **params)
+        assert not out.exists()
+    for inside in (ft0 / "merged", ft0, base_dir.parent):
+        with pytest.raises(ValueError, match="must not be an input directory, inside one or contain one"):
+            merge_checkpoints("task_arithmetic", base_dir, [ft0], inside, progress=False, overwrite=True)
+    assert _tree_hash(inputs) == before
+    assert not (ft0 / "merged").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_tour_section_runs(tiny_world):
+    from tokenlab.merging.tour import tour_section
+
+    lines = tour_section(tiny_world)
+    assert any(line.startswith("TIES merge") for line in lines)
+    values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
+    assert all(math.isfinite(v) and 0 < v < 10 for v in values)
