@@ -38,7 +38,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LinearHead:
-    """Hidden states ``[..., H]`` and the LM head that maps them to logits: ``weight [V, H]``, ``bias [V]``."""
+    """Hidden states ``[..., H]`` and the LM head mapping them to logits: ``weight [V, H]``, ``bias [V]``."""
 
     hidden: Tensor
     weight: Tensor
@@ -90,9 +90,15 @@ class _ChunkedTokenStats(torch.autograd.Function):
     """One autograd function for every per-token quantity; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, want_entropy, chunk_size):
+    def forward(
+        ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, want_entropy, chunk_size
+    ):
         device_type = hidden.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
         ctx.want_entropy, ctx.chunk_size = want_entropy, chunk_size
         ctx.has_ref = ref_hidden is not None
         valid = labels != IGNORE_INDEX
@@ -125,7 +131,11 @@ class _ChunkedTokenStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         device_type, autocast_on, autocast_dtype = ctx.autocast
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
+        grad_w = (
+            torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+            if need_w
+            else None
+        )
         grad_b = torch.zeros_like(bias, dtype=grad_w.dtype if need_w else torch.float32) if need_b else None
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             for s in range(0, hidden.shape[0], ctx.chunk_size):
@@ -235,7 +245,9 @@ def token_stats(
     return TokenStats(*(None if t is None else t.reshape(lead) for t in (lp, ent, kl)))
 
 
-def causal_lm_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> LinearHead:
+def causal_lm_head(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> LinearHead:
     """Run a Hugging Face causal LM's body and return its last hidden states ``[B, T, H]`` with its LM head.
 
     Position ``t`` predicts token ``t + 1``; use :func:`shift_for_next_token` to align labels. Models that
@@ -245,7 +257,9 @@ def causal_lm_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     config = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1.0):
-            raise ValueError(f"`model` post-processes its logits ({attr}={getattr(config, attr)}); unsupported")
+            raise ValueError(
+                f"`model` post-processes its logits ({attr}={getattr(config, attr)}); unsupported"
+            )
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"`model` must have an nn.Linear LM head, got {type(head).__name__}")
@@ -254,7 +268,9 @@ def causal_lm_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return LinearHead(out.last_hidden_state, head.weight, head.bias)
 
 
-def shift_for_next_token(head: LinearHead, input_ids: Tensor, completion_mask: Tensor) -> tuple[LinearHead, Tensor]:
+def shift_for_next_token(
+    head: LinearHead, input_ids: Tensor, completion_mask: Tensor
+) -> tuple[LinearHead, Tensor]:
     """Align a :func:`causal_lm_head` output with next-token labels: hidden ``[B, T−1, H]``, labels
     ``[B, T−1]`` = ``input_ids[:, 1:]`` with ``-100`` where ``completion_mask[:, 1:]`` is 0."""
     labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
