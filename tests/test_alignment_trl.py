@@ -189,4 +189,5 @@ def test_group_advantages_match_trl_formula(scale):
     mean = grouped.mean(1).repeat_interleave(4)
     std = nanstd(grouped, dim=1).squeeze().repeat_interleave(4) if scale == "group" else nanstd(rewards)
     want = (rewards - mean) / (std + 1e-4)
-    assert torch.allclose(group_advantages(rewards, 4, scale=scale), want, rtol=1e-10, atol=1e-12)
+    # TRL's nanstd computes Bessel's correction count/(count-1) in float32, hence the 1e-7 tolerance
+    assert torch.allclose(group_advantages(rewards, 4, scale=scale), want, rtol=1e-7, atol=0)
