@@ -70,7 +70,9 @@ def _tokens(B: int, T: int, seed: int) -> TokenLogps:
 def _trl_dpo(loss_type: str, beta: float, chosen: TokenLogps, rejected: TokenLogps) -> torch.Tensor:
     B, T = chosen.logps.shape
     per_token = torch.cat([chosen.logps * chosen.mask, rejected.logps * rejected.mask])
-    completion_mask = torch.cat([torch.zeros(2 * B, 1, dtype=torch.float64), torch.cat([chosen.mask, rejected.mask])], 1)
+    completion_mask = torch.cat(
+        [torch.zeros(2 * B, 1, dtype=torch.float64), torch.cat([chosen.mask, rejected.mask])], 1
+    )
     stub = _stub(
         ld_alpha=None,
         precompute_ref_logps=True,
@@ -126,13 +128,20 @@ def test_kto_equals_trl():
     outputs = _outputs(tokens.logps * tokens.mask)
     want = KTOTrainer._compute_loss(stub, lambda **kw: outputs, batch, return_outputs=False)
     got = kto_loss(
-        tokens, desirable, kl_logratios=kl_policy - kl_ref, beta=0.2, desirable_weight=1.3, undesirable_weight=0.7
+        tokens,
+        desirable,
+        kl_logratios=kl_policy - kl_ref,
+        beta=0.2,
+        desirable_weight=1.3,
+        undesirable_weight=0.7,
     ).loss
     assert abs(got.item() - want.item()) <= TOL, (got, want)
     assert stub._metrics["train"]["kl"][0] > 0  # the reference point was active, not clamped away
 
 
-@pytest.mark.parametrize("normalization,loss_type", [("sequence", "grpo"), ("token", "bnpo"), ("dr_grpo", "dr_grpo")])
+@pytest.mark.parametrize(
+    "normalization,loss_type", [("sequence", "grpo"), ("token", "bnpo"), ("dr_grpo", "dr_grpo")]
+)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_grpo_equals_trl(normalization, loss_type, beta):
     tokens = _tokens(6, 9, 3)
