@@ -126,8 +126,8 @@ def test_token_weighted_forms_reduce_to_dpo_under_uniform_weights(pair):
     )
     zeros = torch.zeros(B, T, dtype=torch.float64)
     out = sparsepo_loss(
-        c.tokens, r.tokens, beta=0.2, chosen_reward_mask=ones, rejected_reward_mask=ones, chosen_kl_mask=zeros,
-        rejected_kl_mask=zeros,
+        c.tokens, r.tokens, beta=0.2, chosen_reward_mask=ones, rejected_reward_mask=ones,
+        chosen_kl_mask=zeros, rejected_kl_mask=zeros,
     )  # fmt: skip
     close(out.loss, dpo)
     # cDPO where positive and negative models both give probability 1: score 1, rejected weights 0
