@@ -14,7 +14,9 @@ from tokenlab.alignment.tour import tour_section
 def test_dpo_on_toy_target_raises_heldout_margin(tiny_world):
     torch.manual_seed(0)
     train = shuffled_continuation_pairs(tiny_world.train_ids, 32, prompt_len=16, completion_len=12, seed=0)
-    heldout = shuffled_continuation_pairs(tiny_world.heldout_ids, 16, prompt_len=16, completion_len=12, seed=1)
+    heldout = shuffled_continuation_pairs(
+        tiny_world.heldout_ids, 16, prompt_len=16, completion_len=12, seed=1
+    )
     target = tiny_world.target
     assert preference_margin(target, target, heldout) == 0.0  # policy == reference
     policy, losses = train_preference(target, train, steps=6, batch_size=8, learning_rate=2e-3)

@@ -1,60 +1,34 @@
-"""Oracle: DPO, IPO, KTO and GRPO equal TRL's trainer code on the same per-token log-probs.
-
-TRL (1.16) only exposes these losses inside ``Trainer._compute_loss`` methods. We call those methods
-unbound with a minimal stub ``self`` (the attributes they read) and a stub model whose outputs carry the
-per-token log-probs, then compare the returned loss with tokenlab's on the same numbers.
-"""
+"""Oracle: DPO, IPO, KTO and GRPO equal TRL's trainer code on the same per-token log-probs, and the chunked
+mechanism equals TRL's own chunked LM-head kernel (adapters in tokenlab.alignment.trl_oracle)."""
 
 from __future__ import annotations
-
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tokenlab.alignment import TokenLogps, dpo_loss, group_advantages, grpo_loss, ipo_loss, kto_loss
+from tokenlab.alignment import (
+    LinearHead,
+    TokenLogps,
+    dpo_loss,
+    group_advantages,
+    grpo_loss,
+    ipo_loss,
+    kto_loss,
+    token_stats,
+)
+from tokenlab.testing import assert_relative_error
 
-trl_trainer = pytest.importorskip("trl.trainer")
-from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
-from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
-from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
-from trl.trainer.utils import nanstd  # noqa: E402
+pytest.importorskip("trl")
+from trl.trainer.utils import nanstd
+
+from tokenlab.alignment.trl_oracle import (
+    trl_chunked_logps,
+    trl_dpo_loss,
+    trl_grpo_loss,
+    trl_kto_loss,
+)
 
 TOL = 1e-12
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-    num_processes = 1
-    sync_gradients = True
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(x, reduction="sum"):
-        return x
-
-
-def _stub(**attrs) -> SimpleNamespace:
-    base = dict(
-        model=SimpleNamespace(training=True),
-        accelerator=_Accelerator(),
-        aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    return SimpleNamespace(**{**base, **attrs})
-
-
-def _outputs(per_token: torch.Tensor) -> SimpleNamespace:
-    zeros = torch.zeros_like(per_token)
-    return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
 
 def _tokens(B: int, T: int, seed: int) -> TokenLogps:
@@ -67,38 +41,12 @@ def _tokens(B: int, T: int, seed: int) -> TokenLogps:
     return TokenLogps(logps * mask, mask, ref_logps=ref * mask)
 
 
-def _trl_dpo(loss_type: str, beta: float, chosen: TokenLogps, rejected: TokenLogps) -> torch.Tensor:
-    B, T = chosen.logps.shape
-    per_token = torch.cat([chosen.logps * chosen.mask, rejected.logps * rejected.mask])
-    completion_mask = torch.cat(
-        [torch.zeros(2 * B, 1, dtype=torch.float64), torch.cat([chosen.mask, rejected.mask])], 1
-    )
-    stub = _stub(
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
-        beta=beta,
-        use_weighting=False,
-    )
-    inputs = {
-        "input_ids": torch.zeros(2 * B, T + 1, dtype=torch.long),
-        "attention_mask": torch.ones(2 * B, T + 1, dtype=torch.long),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": (chosen.ref_logps * chosen.mask).sum(-1),
-        "ref_rejected_logps": (rejected.ref_logps * rejected.mask).sum(-1),
-    }
-    outputs = _outputs(per_token)
-    return DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, return_outputs=False)
-
-
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_and_ipo_equal_trl(beta):
     chosen, rejected = _tokens(5, 7, 0), _tokens(5, 7, 1)
     for ours, loss_type in ((dpo_loss, "sigmoid"), (ipo_loss, "ipo")):
         got = ours(chosen, rejected, beta=beta).loss
-        want = _trl_dpo(loss_type, beta, chosen, rejected)
+        want = trl_dpo_loss(chosen, rejected, beta=beta, loss_type=loss_type)
         assert abs(got.item() - want.item()) <= TOL * max(1.0, abs(want.item())), (loss_type, got, want)
 
 
@@ -107,36 +55,12 @@ def test_kto_equals_trl():
     desirable = torch.tensor([1, 0, 1, 1, 0, 0])
     kl_policy = -torch.rand(6, dtype=torch.float64) * 2
     kl_ref = -torch.rand(6, dtype=torch.float64) * 2 - 0.5
-    B, T = tokens.logps.shape
-    stub = _stub(
-        calculate_KL=True,
-        precompute_ref_logps=True,
-        loss_type="kto",
-        beta=0.2,
-        desirable_weight=1.3,
-        undesirable_weight=0.7,
-        _compute_kl_logps=lambda model, batch: kl_policy,
-    )
-    batch = {
-        "input_ids": torch.zeros(B, T + 1, dtype=torch.long),
-        "attention_mask": torch.ones(B, T + 1, dtype=torch.long),
-        "completion_mask": torch.cat([torch.zeros(B, 1, dtype=torch.float64), tokens.mask], 1),
-        "label": desirable,
-        "ref_logps": (tokens.ref_logps * tokens.mask).sum(-1),
-        "ref_KL_logps": kl_ref,
-    }
-    outputs = _outputs(tokens.logps * tokens.mask)
-    want = KTOTrainer._compute_loss(stub, lambda **kw: outputs, batch, return_outputs=False)
-    got = kto_loss(
-        tokens,
-        desirable,
-        kl_logratios=kl_policy - kl_ref,
-        beta=0.2,
-        desirable_weight=1.3,
-        undesirable_weight=0.7,
-    ).loss
-    assert abs(got.item() - want.item()) <= TOL, (got, want)
-    assert stub._metrics["train"]["kl"][0] > 0  # the reference point was active, not clamped away
+    weights = dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7)
+    want, metrics = trl_kto_loss(tokens, desirable, kl_logps=kl_policy, ref_kl_logps=kl_ref, **weights)
+    got = kto_loss(tokens, desirable, kl_logratios=kl_policy - kl_ref, **weights)
+    assert abs(got.loss.item() - want.item()) <= TOL, (got.loss, want)
+    assert metrics["kl"][0] > 0 and abs(got.metrics["kl"].item() - metrics["kl"][0]) <= TOL
+    assert abs(got.metrics["rewards/chosen"].item() - metrics["rewards/chosen"][0]) <= 1e-9
 
 
 @pytest.mark.parametrize(
@@ -149,42 +73,20 @@ def test_grpo_equals_trl(normalization, loss_type, beta):
     old = tokens.logps + 0.3 * torch.randn(tokens.logps.shape, generator=g, dtype=torch.float64)
     advantages = group_advantages(torch.randn(6, generator=g, dtype=torch.float64), 3)
     policy = tokens.logps.clone().requires_grad_(True)
-    stub = _stub(
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level="token",
-        beta=beta,
-        loss_type=loss_type,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        use_vllm=False,
-        current_gradient_accumulation_steps=1,
-        max_completion_length=12,
-        _entropy_bonus_enabled=False,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
-        _get_per_token_logps_and_entropies=lambda *a, **k: (policy, torch.zeros_like(policy), None),
-    )
-    inputs = {
-        "prompt_ids": torch.zeros(6, 2, dtype=torch.long),
-        "prompt_mask": torch.ones(6, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(6, 9, dtype=torch.long),
-        "completion_mask": tokens.mask,
-        "advantages": advantages,
-        "old_per_token_logps": old,
-        "ref_per_token_logps": tokens.ref_logps,
-    }
-    want = GRPOTrainer._compute_loss(stub, None, inputs)
-    (want_grad,) = torch.autograd.grad(want, policy)
     ours = TokenLogps(policy, tokens.mask, ref_logps=tokens.ref_logps)
+    clip = dict(epsilon_low=0.2, epsilon_high=0.28)
+    want = trl_grpo_loss(
+        ours, advantages, old_logps=old, beta=beta, loss_type=loss_type, max_completion_length=12, **clip
+    )
+    (want_grad,) = torch.autograd.grad(want, policy)
     got = grpo_loss(
         ours,
         advantages,
         old_logps=old,
         beta=beta,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
         normalization=normalization,
         max_completion_length=12,
+        **clip,
     ).loss
     (got_grad,) = torch.autograd.grad(got, policy)
     assert abs(got.item() - want.item()) <= TOL, (got, want)
@@ -200,3 +102,20 @@ def test_group_advantages_match_trl_formula(scale):
     want = (rewards - mean) / (std + 1e-4)
     # TRL's nanstd computes Bessel's correction count/(count-1) in float32, hence the 1e-7 tolerance
     assert torch.allclose(group_advantages(rewards, 4, scale=scale), want, rtol=1e-7, atol=0)
+
+
+def test_chunked_mechanism_equals_trl_kernel():
+    g = torch.Generator().manual_seed(6)
+    N, H, V = 45, 16, 77
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    upstream = torch.randn(N, generator=g, dtype=torch.float64)
+    ours = token_stats(LinearHead(hidden, weight), labels, chunk_size=8).logps
+    theirs = trl_chunked_logps(hidden, weight, None, labels)
+    # TRL keeps its online-logsumexp statistics in float32 even for float64 inputs: float32-level agreement
+    assert_relative_error(ours, theirs, 1e-6, "logps vs TRL kernel")
+    for a, b in zip(torch.autograd.grad((ours * upstream).sum(), (hidden, weight)),
+                    torch.autograd.grad((theirs * upstream).sum(), (hidden, weight))):  # fmt: skip
+        assert_relative_error(a, b, 1e-6, "gradient vs TRL kernel")
