@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenlab.alignment.common import check_finite
 from tokenlab.backend import check_tensor
 
-Path = Literal["chunked", "naive"]
+ComputePath = Literal["chunked", "naive"]
 IGNORE_INDEX = -100
 
 
@@ -166,11 +167,6 @@ class _ChunkedTokenStats(torch.autograd.Function):
         )
 
 
-def _check_finite(name: str, t: Tensor | None) -> None:
-    if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-        raise ValueError(f"`{name}` contains NaN or infinite values")
-
-
 def token_stats(
     head: LinearHead,
     labels: Tensor,
@@ -178,7 +174,7 @@ def token_stats(
     reference: LinearHead | None = None,
     entropy: bool = False,
     chunk_size: int = 1024,
-    path: Path = "chunked",
+    path: ComputePath = "chunked",
 ) -> TokenStats:
     """Per-token log-probabilities of ``labels`` (and on request entropy, KL to ``reference``).
 
@@ -217,9 +213,9 @@ def token_stats(
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if path not in ("chunked", "naive"):
         raise ValueError(f"`path` must be 'chunked' or 'naive', got {path!r}")
-    _check_finite("head.hidden", head.hidden)
+    check_finite("head.hidden", head.hidden)
     if reference is not None:
-        _check_finite("reference.hidden", reference.hidden)
+        check_finite("reference.hidden", reference.hidden)
 
     H = head.hidden.shape[-1]
     hidden, flat_labels = head.hidden.reshape(-1, H), labels.reshape(-1).long()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from tokenlab.alignment.common import TokenLogps
-from tokenlab.alignment.fused_linear import Path, causal_lm_head, shift_for_next_token, token_stats
+from tokenlab.alignment.fused_linear import ComputePath, causal_lm_head, shift_for_next_token, token_stats
 from tokenlab.backend import check_tensor
 
 
@@ -22,7 +22,7 @@ def completion_token_logps(
     kl: bool = False,
     entropy: bool = False,
     chunk_size: int = 1024,
-    path: Path = "chunked",
+    path: ComputePath = "chunked",
 ) -> TokenLogps:
     """Per-token log-probs of the completion tokens of ``input_ids [B, T]`` under ``model`` (with grad) and
     ``reference_model`` (no grad), aligned to next-token prediction: every output is ``[B, T−1]`` and
