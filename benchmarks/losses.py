@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=None, help="NxV pairs (default: the full grid)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size H (default 4096; quick 32)")
     p.add_argument(
-        "--chunk-size", type=int, default=None, help="tokenlab chunk size (default 2048; quick 24)"
+        "--chunk-size", type=int, default=None, help="tokenlab chunk size (default 512; quick 24)"
     )
     args = p.parse_args()
     device = harness.device_from(args)
@@ -90,7 +90,7 @@ def main() -> None:
         shapes, H, T, dtype, chunk = [(256, 1000)], 32, 32, torch.float32, 24  # 24 does not divide 256
     else:
         shapes = [(4096, 32768), (16384, 32768), (4096, 131072), (16384, 131072)]
-        H, T, chunk = 4096, 512, 2048
+        H, T, chunk = 4096, 512, 512
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.shapes:
         shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes]

@@ -87,6 +87,37 @@ def _distribution_terms(
     return log_p, logp, entropy, kl
 
 
+def _chunk_logits_grad(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    g_logps: Tensor | None,
+    entropy_term: tuple[Tensor, Tensor] | None,
+    kl_term: tuple[Tensor, Tensor, Tensor, Tensor | None] | None,
+) -> Tensor:
+    """``∂(Σ_t g_t · term_t)/∂z`` for one chunk of logits ``z [C, V]``, built in place so that at most three
+    ``[C, V]`` buffers are alive: ``g·(e_y − p)``, ``−g_H·p ⊙ (log p + H)`` and ``g_KL·(p − q)``."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    del logits
+    p = log_p.exp()
+    w = valid.to(p.dtype)
+    grad = None
+    if kl_term is not None:
+        g_kl, ref_hidden, ref_weight, ref_bias = kl_term
+        q = torch.softmax(_logits(ref_hidden, ref_weight, ref_bias), dim=-1).to(p.dtype)
+        grad = q.sub_(p).mul_(-(g_kl * w).unsqueeze(-1))
+    if entropy_term is not None:
+        g_entropy, entropy = entropy_term
+        term = log_p.add_(entropy.unsqueeze(-1)).mul_(p).mul_(-(g_entropy * w).unsqueeze(-1))
+        grad = term if grad is None else grad.add_(term)
+    del log_p
+    if g_logps is not None:
+        coef = (g_logps * w).unsqueeze(-1)
+        term = p.mul_(-coef).scatter_add_(-1, labels.unsqueeze(-1), coef)
+        grad = term if grad is None else grad.add_(term)
+    return torch.zeros_like(p) if grad is None else grad
+
+
 class _ChunkedTokenStats(torch.autograd.Function):
     """One autograd function for every per-token quantity; backward recomputes each chunk's logits."""
 
@@ -141,18 +172,16 @@ class _ChunkedTokenStats(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             for s in range(0, hidden.shape[0], ctx.chunk_size):
                 sl = slice(s, s + ctx.chunk_size)
-                log_p = torch.log_softmax(_logits(hidden[sl], weight, bias), dim=-1)
-                p = log_p.exp()
-                w = valid[sl].to(p.dtype)
-                grad_z = torch.zeros_like(p)
-                if g_logps is not None:
-                    grad_z -= p * (g_logps[sl] * w).unsqueeze(-1)
-                    grad_z.scatter_add_(-1, labels[sl].unsqueeze(-1), (g_logps[sl] * w).unsqueeze(-1))
-                if g_entropy is not None and ctx.want_entropy:
-                    grad_z -= p * (log_p + entropy[sl].unsqueeze(-1)) * (g_entropy[sl] * w).unsqueeze(-1)
-                if g_kl is not None and ctx.has_ref:
-                    q = torch.softmax(_logits(ref_hidden[sl], ref_weight, ref_bias), dim=-1).to(p.dtype)
-                    grad_z += (p - q) * (g_kl[sl] * w).unsqueeze(-1)
+                grad_z = _chunk_logits_grad(
+                    _logits(hidden[sl], weight, bias),
+                    labels[sl],
+                    valid[sl],
+                    None if g_logps is None else g_logps[sl],
+                    None if g_entropy is None or not ctx.want_entropy else (g_entropy[sl], entropy[sl]),
+                    None
+                    if g_kl is None or not ctx.has_ref
+                    else (g_kl[sl], ref_hidden[sl], ref_weight, ref_bias),
+                )
                 if need_h:
                     grad_h[sl] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
