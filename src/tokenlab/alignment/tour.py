@@ -61,9 +61,9 @@ def tour_section(world: ToyWorld) -> list[str]:
         f"naive {naive / 2**20:.2f} MiB, chunked {chunked / 2**20:.3f} MiB ({chunked / naive:.3f}x)"
     ]
     heldout = shuffled_continuation_pairs(world.heldout_ids, 8, prompt_len=16, completion_len=12, seed=1)
-    train = shuffled_continuation_pairs(world.train_ids, 16, prompt_len=16, completion_len=12, seed=2)
+    train = shuffled_continuation_pairs(world.train_ids, 32, prompt_len=16, completion_len=12, seed=2)
     before = preference_margin(target, target, heldout)
-    policy, losses = train_preference(target, train, steps=3, batch_size=4, learning_rate=2e-3)
+    policy, losses = train_preference(target, train, steps=3, batch_size=8, learning_rate=1e-3)
     after = preference_margin(policy, target, heldout)
     lines.append(
         f"DPO (β=0.1) on real-vs-shuffled stdlib continuations, 3 steps: "
