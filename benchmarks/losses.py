@@ -80,9 +80,7 @@ def main() -> None:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", default=None, help="NxV pairs (default: the full grid)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size H (default 4096; quick 32)")
-    p.add_argument(
-        "--chunk-size", type=int, default=None, help="tokenlab chunk size (default 512; quick 24)"
-    )
+    p.add_argument("--chunk-size", type=int, default=None, help="tokenlab chunk size (default 512; quick 24)")
     args = p.parse_args()
     device = harness.device_from(args)
     repeats = args.repeats or (2 if args.quick else 10)
