@@ -152,7 +152,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
                     entropy[sl] = ent
                 if ctx.has_ref:
                     kl[sl] = k
-        logps, entropy, kl = (t * valid[: t.shape[0]] if t.numel() else t for t in (logps, entropy, kl))
+        logps, entropy, kl = (t * valid if t.numel() else t for t in (logps, entropy, kl))
         ctx.save_for_backward(hidden, weight, bias, safe, valid, ref_hidden, ref_weight, ref_bias, entropy)
         ctx.set_materialize_grads(False)
         return logps, entropy, kl
