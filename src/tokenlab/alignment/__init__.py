@@ -1,3 +1,96 @@
-"""Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO, ...) as small
+"""Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO/IcePop) as small
 formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits
-(catalogue section L)."""
+(catalogue section L).
+
+Pipeline: :func:`completion_token_logps` (or :func:`causal_lm_head` + :func:`token_stats`) turns a model
+and a batch into a :class:`TokenLogps` record; a loss from :data:`LOSSES` turns records into a
+:class:`LossOutput` (loss + metrics). See docs/alignment.md.
+"""
+
+from collections.abc import Callable
+
+from tokenlab.alignment.common import LossOutput, TokenLogps, sequence_kl, sequence_logratio
+from tokenlab.alignment.fused_linear import (
+    LinearHead,
+    TokenStats,
+    causal_lm_head,
+    shift_for_next_token,
+    token_stats,
+)
+from tokenlab.alignment.hf import completion_token_logps, contrastive_token_rewards
+from tokenlab.alignment.policy import (
+    NORMALIZATIONS,
+    clipped_surrogate,
+    group_advantages,
+    grpo_loss,
+    gtpo_conflict_tokens,
+    gtpo_loss,
+    icepop_loss,
+)
+from tokenlab.alignment.preference import (
+    SparseTokenMask,
+    activation_token_mask,
+    cdpo_loss,
+    critical_token_weights,
+    dpo_loss,
+    ipo_loss,
+    sparsepo_loss,
+    tdpo_loss,
+    token_level_margin,
+    token_weighted_dpo_loss,
+    treg_loss,
+)
+from tokenlab.alignment.unpaired import RewardShift, bco_loss, kto_loss
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "token_weighted_dpo": token_weighted_dpo_loss,
+    "tdpo": tdpo_loss,
+    "cdpo": cdpo_loss,
+    "sparsepo": sparsepo_loss,
+    "treg": treg_loss,
+    "kto": kto_loss,
+    "bco": bco_loss,
+    "grpo": grpo_loss,
+    "gtpo": gtpo_loss,
+    "icepop": icepop_loss,
+}
+"""Every loss by name: paired ones take ``(chosen, rejected, **kw)``, unpaired ``(tokens, desirable, **kw)``,
+policy ones ``(tokens, advantages, ...)``."""
+
+__all__ = [
+    "LOSSES",
+    "NORMALIZATIONS",
+    "LinearHead",
+    "LossOutput",
+    "RewardShift",
+    "SparseTokenMask",
+    "TokenLogps",
+    "TokenStats",
+    "activation_token_mask",
+    "bco_loss",
+    "causal_lm_head",
+    "cdpo_loss",
+    "clipped_surrogate",
+    "completion_token_logps",
+    "contrastive_token_rewards",
+    "critical_token_weights",
+    "dpo_loss",
+    "group_advantages",
+    "grpo_loss",
+    "gtpo_conflict_tokens",
+    "gtpo_loss",
+    "icepop_loss",
+    "ipo_loss",
+    "kto_loss",
+    "sequence_kl",
+    "sequence_logratio",
+    "shift_for_next_token",
+    "sparsepo_loss",
+    "tdpo_loss",
+    "token_level_margin",
+    "token_stats",
+    "token_weighted_dpo_loss",
+    "treg_loss",
+]

@@ -1,0 +1,140 @@
+"""Shared pieces of every alignment loss: the per-token input record, the output record, input checks,
+masked sums, sequence log-ratios and the sigmoid preference loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokenlab.backend import check_tensor
+
+
+@dataclass
+class LossOutput:
+    """A loss value (scalar, differentiable) and the detached scalar metrics people log."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TokenLogps:
+    """Per-token quantities of a batch of completions, all ``[B, T]``.
+
+    Attributes:
+        logps: policy log-probabilities of the completion tokens (differentiable).
+        mask: 1 where a token belongs to the completion (bool or 0/1 float).
+        ref_logps: reference-model log-probabilities (losses with a reference need it).
+        kl: per-token ``KL(π_ref ‖ π_θ)`` over the whole vocabulary (TDPO, SparsePO).
+        entropy: per-token policy entropy (GTPO's entropy filter).
+    """
+
+    logps: Tensor
+    mask: Tensor
+    ref_logps: Tensor | None = None
+    kl: Tensor | None = None
+    entropy: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_tensor("logps", self.logps)
+        check_tensor("mask", self.mask)
+        if self.logps.ndim != 2:
+            raise ValueError(f"`logps` must be [B, T], got shape {tuple(self.logps.shape)}")
+        for name in ("mask", "ref_logps", "kl", "entropy"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_tensor(name, value)
+            if value.shape != self.logps.shape:
+                raise ValueError(
+                    f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(self.logps.shape)}"
+                )
+        self.mask = self.mask.to(self.logps.dtype)
+        if ((self.mask != 0) & (self.mask != 1)).any():
+            raise ValueError("`mask` must hold only 0 and 1")
+        if (self.mask.sum(-1) == 0).any():
+            raise ValueError(
+                "`mask` selects no token in some sequence; every completion needs at least one token"
+            )
+        for name in ("logps", "ref_logps", "kl", "entropy"):
+            check_finite(name, getattr(self, name))
+
+    def require(self, *names: str) -> None:
+        """Raise a ``ValueError`` naming the fields a loss needs that were not given."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"this loss needs TokenLogps fields {missing}")
+
+
+def check_finite(name: str, value: Tensor | None) -> None:
+    """Raise a ``ValueError`` naming ``name`` when it holds NaN or infinity."""
+    if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a finite number > 0."""
+    if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+
+
+def check_weights(name: str, weights: Tensor | None, like: TokenLogps) -> None:
+    """Token weights/masks must match the tokens' shape and be finite."""
+    if weights is None:
+        return
+    check_tensor(name, weights)
+    if weights.shape != like.logps.shape:
+        raise ValueError(
+            f"`{name}` shape {tuple(weights.shape)} must equal `logps` {tuple(like.logps.shape)}"
+        )
+    check_finite(name, weights)
+
+
+def check_pair(chosen: TokenLogps, rejected: TokenLogps) -> None:
+    """Chosen and rejected completions come in pairs: the same batch size."""
+    if chosen.logps.shape[0] != rejected.logps.shape[0]:
+        raise ValueError(
+            f"`chosen` and `rejected` must hold the same number of pairs, got {chosen.logps.shape[0]} "
+            f"and {rejected.logps.shape[0]}"
+        )
+
+
+def masked_sum(values: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``Σ_t w_t · mask_t · values_t`` over the last dim (``w = 1`` when ``weights`` is None)."""
+    w = mask if weights is None else mask * weights
+    return (values * w).sum(-1)
+
+
+def sequence_logratio(tokens: TokenLogps, weights: Tensor | None = None) -> Tensor:
+    """``Σ_t w_t (log π_θ(y_t) − log π_ref(y_t))`` per sequence ``[B]`` — the (token-weighted) implicit
+    reward of *Direct Preference Optimization* divided by β."""
+    tokens.require("ref_logps")
+    return masked_sum(tokens.logps - tokens.ref_logps, tokens.mask, weights)
+
+
+def sequence_kl(tokens: TokenLogps, weights: Tensor | None = None) -> Tensor:
+    """``Σ_t w_t KL(π_ref(·|y_<t) ‖ π_θ(·|y_<t))`` per sequence ``[B]`` — the sequential KL of TDPO."""
+    tokens.require("kl")
+    return masked_sum(tokens.kl, tokens.mask, weights)
+
+
+def sigmoid_preference_loss(margin: Tensor) -> Tensor:
+    """``mean −log σ(margin)``: the Bradley–Terry negative log-likelihood shared by the DPO family."""
+    return -F.logsigmoid(margin).mean()
+
+
+def preference_metrics(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, **extra: Tensor
+) -> dict[str, Tensor]:
+    """The metrics TRL logs for preference losses: mean rewards, margin and reward accuracy."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        **{k: v.detach() for k, v in extra.items()},
+    }

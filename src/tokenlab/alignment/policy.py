@@ -1,0 +1,251 @@
+"""Policy-gradient losses on sampled groups (catalogue L3): GRPO, GTPO, IcePop.
+
+All three share the PPO clipped surrogate on the token ratio ``ρ_t = π_θ(y_t) / π_old(y_t)``::
+
+    ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A)
+
+and one of the length normalisations of TRL (:data:`NORMALIZATIONS`): ``"sequence"`` (mean over each
+completion, then over completions — GRPO), ``"token"`` (sum over all tokens / number of tokens — BNPO,
+DAPO-style) and ``"dr_grpo"`` (sum / (B · max completion length) — *Understanding R1-Zero-Like
+Training*).
+
+* GRPO (*DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models*):
+  group-normalised advantages (:func:`group_advantages`) and the k3 KL estimator
+  ``exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1`` with weight β.
+* GTPO (*GTPO: Trajectory-Based Policy Optimization in Large Language Models*): no reference model;
+  conflict tokens — the same token at the same position in completions of one group with advantages
+  of opposite sign (:func:`gtpo_conflict_tokens`) — get no update from negative completions and an
+  amplified update from positive ones; completions whose mean entropy exceeds a threshold are dropped.
+* IcePop (*Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking Model*):
+  tokens whose training/inference probability ratio ``k_t = π_train(y_t) / π_infer(y_t)`` (both at the
+  sampling parameters) leaves ``[α, β]`` are masked; inside the band the surrogate is weighted by
+  ``k_t``, so the gradient outside the band is exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_finite, check_positive
+from tokenlab.backend import check_tensor
+
+
+def _by_sequence(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def _by_token(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    return (per_token * mask).sum() / mask.sum()
+
+
+def _dr_grpo(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
+    return (per_token * mask).sum() / (per_token.shape[0] * (max_len or per_token.shape[1]))
+
+
+NORMALIZATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "sequence": _by_sequence,
+    "token": _by_token,
+    "dr_grpo": _dr_grpo,
+}
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """GRPO advantages ``(r − mean_group(r)) / (std + eps)`` for rewards ``[B]`` laid out as consecutive
+    groups of ``group_size`` completions of one prompt. ``scale``: ``"group"`` (std within the group),
+    ``"batch"`` (std over the batch) or ``"none"`` (no division). Std is unbiased, as in TRL."""
+    check_tensor("rewards", rewards)
+    check_finite("rewards", rewards)
+    if not isinstance(group_size, int) or group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"`rewards` [B] must split into groups of `group_size` ≥ 2, got {tuple(rewards.shape)}, "
+            f"{group_size!r}"
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"`scale` must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group_size)
+    advantages = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
+    if scale == "group":
+        advantages = advantages / (grouped.std(-1).repeat_interleave(group_size) + eps)
+    elif scale == "batch":
+        advantages = advantages / (rewards.std() + eps)
+    return advantages
+
+
+def _check_policy_inputs(tokens: TokenLogps, advantages: Tensor, **others: Tensor | None) -> Tensor:
+    check_tensor("advantages", advantages)
+    check_finite("advantages", advantages)
+    B = tokens.logps.shape[0]
+    if advantages.shape not in ((B,), tokens.logps.shape):
+        raise ValueError(f"`advantages` must be [B] or [B, T], got {tuple(advantages.shape)}")
+    for name, value in others.items():
+        if value is None:
+            continue
+        check_tensor(name, value)
+        if value.shape != tokens.logps.shape:
+            raise ValueError(
+                f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(tokens.logps.shape)}"
+            )
+        check_finite(name, value)
+    return advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
+
+
+def clipped_surrogate(
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO loss ``−min(ρA, clip(ρ)A)`` and the clip-fraction metrics (unmasked)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    low = (ratio < 1 - epsilon_low) & (advantages < 0)
+    high = (ratio > 1 + epsilon_high) & (advantages > 0)
+    return per_token, {"clip_ratio/low": low.float(), "clip_ratio/high": high.float()}
+
+
+def _finish(
+    per_token: Tensor, mask: Tensor, normalization: str, max_len: int | None, token_metrics: dict
+) -> LossOutput:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    loss = NORMALIZATIONS[normalization](per_token, mask, max_len)
+    n = mask.sum()
+    metrics = {k: ((v.detach() * mask).sum() / n) for k, v in token_metrics.items()}
+    return LossOutput(loss, metrics)
+
+
+def _check_clip(epsilon_low: float, epsilon_high: float | None) -> float:
+    check_positive("epsilon_low", epsilon_low)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    check_positive("epsilon_high", epsilon_high)
+    return epsilon_high
+
+
+def grpo_loss(
+    tokens: TokenLogps,
+    advantages: Tensor,
+    *,
+    old_logps: Tensor | None = None,
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    normalization: str = "sequence",
+    max_completion_length: int | None = None,
+) -> LossOutput:
+    """GRPO loss: clipped surrogate + β·k3 KL to the reference, length-normalised.
+
+    Args:
+        tokens: policy ``logps``, completion ``mask`` and (when ``beta > 0``) ``ref_logps``, ``[B, T]``.
+        advantages: ``[B]`` (e.g. :func:`group_advantages`) or per-token ``[B, T]``.
+        old_logps: log-probs at sampling time; default ``logps.detach()`` (one update per batch).
+        beta: KL weight ≥ 0 (0: no reference needed).
+        normalization: a key of :data:`NORMALIZATIONS`; ``max_completion_length`` is dr_grpo's constant.
+    """
+    if not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"`beta` must be a number ≥ 0 for GRPO, got {beta!r}")
+    epsilon_high = _check_clip(epsilon_low, epsilon_high)
+    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps)
+    old = tokens.logps.detach() if old_logps is None else old_logps
+    per_token, token_metrics = clipped_surrogate(tokens.logps, old, adv, epsilon_low, epsilon_high)
+    if beta > 0:
+        tokens.require("ref_logps")
+        d = tokens.ref_logps - tokens.logps
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+        token_metrics["kl"] = kl
+    return _finish(per_token, tokens.mask, normalization, max_completion_length, token_metrics)
+
+
+def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_size: int) -> Tensor:
+    """Conflict tokens ``[B, T]`` (bool): token ``y_{i,t}`` also appears at position ``t`` of another
+    completion of the same group whose advantage has the opposite sign (zero advantages never conflict).
+
+    ``completion_ids``/``mask``: ``[B, T]`` in consecutive groups of ``group_size``; ``advantages``: ``[B]``.
+    """
+    B, T = completion_ids.shape
+    if B % group_size or advantages.shape != (B,) or mask.shape != (B, T):
+        raise ValueError(
+            "`completion_ids`/`mask` [B, T] and `advantages` [B] must split into groups of `group_size`"
+        )
+    ids = completion_ids.view(-1, group_size, T)
+    valid = (mask > 0).view(-1, group_size, T)
+    sign = torch.sign(advantages).view(-1, group_size)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [G, i, j, T]
+    opposite = (sign.unsqueeze(2) * sign.unsqueeze(1)) < 0  # [G, i, j]
+    return (same & opposite.unsqueeze(-1)).any(2).view(B, T)
+
+
+def gtpo_loss(
+    tokens: TokenLogps,
+    advantages: Tensor,
+    completion_ids: Tensor,
+    group_size: int,
+    *,
+    entropy_threshold: float,
+    old_logps: Tensor | None = None,
+    amplify: float = 2.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    normalization: str = "token",
+) -> LossOutput:
+    """GTPO loss (no reference model): the clipped surrogate with token weights
+
+    ``w_t = 0`` for conflict tokens of negative-advantage completions, ``w_t = amplify`` for conflict
+    tokens of positive-advantage completions, 1 otherwise; and ``w = 0`` on every token of a completion
+    whose mean token entropy (``tokens.entropy``) exceeds ``entropy_threshold`` (in nats).
+    """
+    check_positive("entropy_threshold", entropy_threshold)
+    check_positive("amplify", amplify)
+    epsilon_high = _check_clip(epsilon_low, epsilon_high)
+    tokens.require("entropy")
+    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps)
+    if advantages.ndim != 1:
+        raise ValueError("GTPO needs one advantage per completion: `advantages` [B]")
+    conflict = gtpo_conflict_tokens(completion_ids, tokens.mask, advantages, group_size)
+    weights = torch.ones_like(tokens.logps)
+    weights = torch.where(conflict & (adv < 0), 0.0, weights)
+    weights = torch.where(conflict & (adv > 0), amplify, weights)
+    mean_entropy = (tokens.entropy.detach() * tokens.mask).sum(-1) / tokens.mask.sum(-1)
+    kept = (mean_entropy <= entropy_threshold).unsqueeze(-1)
+    weights = weights * kept
+    old = tokens.logps.detach() if old_logps is None else old_logps
+    per_token, token_metrics = clipped_surrogate(tokens.logps, old, adv, epsilon_low, epsilon_high)
+    token_metrics.update({"conflict_fraction": conflict.float(), "entropy": tokens.entropy})
+    out = _finish(per_token * weights, tokens.mask, normalization, None, token_metrics)
+    out.metrics["filtered_fraction"] = (~kept).float().mean()
+    return out
+
+
+def icepop_loss(
+    tokens: TokenLogps,
+    advantages: Tensor,
+    *,
+    inference_logps: Tensor,
+    old_logps: Tensor | None = None,
+    alpha: float = 0.5,
+    beta: float = 5.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    normalization: str = "token",
+) -> LossOutput:
+    """IcePop loss: ``Σ_t M(k_t) ℓ_t`` with ``k_t = π_old(y_t) / π_infer(y_t)`` and ``M(k) = k`` for
+    ``α ≤ k ≤ β``, else 0.
+
+    Args:
+        inference_logps: ``[B, T]`` log-probs the inference engine (e.g. vLLM) reported when sampling.
+        old_logps: the training engine's log-probs at the sampling parameters; default
+            ``tokens.logps.detach()`` (on-policy step).
+        alpha, beta: the band, ``0 < α < 1 < β``.
+    """
+    if not (isinstance(alpha, (int, float)) and isinstance(beta, (int, float)) and 0 < alpha < 1 < beta):
+        raise ValueError(f"IcePop needs 0 < `alpha` < 1 < `beta`, got alpha={alpha!r}, beta={beta!r}")
+    epsilon_high = _check_clip(epsilon_low, epsilon_high)
+    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps, inference_logps=inference_logps)
+    old = tokens.logps.detach() if old_logps is None else old_logps
+    k = torch.exp(old.detach() - inference_logps)
+    in_band = (k >= alpha) & (k <= beta)
+    weight = torch.where(in_band, k, torch.zeros_like(k))
+    per_token, token_metrics = clipped_surrogate(tokens.logps, old, adv, epsilon_low, epsilon_high)
+    token_metrics["masked_fraction"] = (~in_band).float()
+    return _finish(per_token * weight, tokens.mask, normalization, None, token_metrics)
