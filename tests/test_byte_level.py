@@ -278,3 +278,27 @@ def test_bad_input(world):
         world.lm.next_byte_distribution(b"b", [world.tokenizer.bos_token_id, world.lm.bpe.encode(b"a")[0]])
     with pytest.raises(ValueError, match="max_new_bytes"):
         generate_bytes(world.lm, b"a", -1)
+
+
+def test_canonical_extensions_match_definition_on_toy_tokenizer(tiny_world):
+    """The tail-only canonicality check equals the definition encode(bytes) == ids on the toy world's
+    GPT-2-regex tokenizer, at random cut points of real code (whitespace runs, mid-word, invalid
+    UTF-8), and the byte view encodes like the HF tokenizer."""
+    tok = tiny_world.tokenizer
+    bpe = ByteLevelBPE(tok)
+    text = "def f(x):\n    return  x  +  1  # ünïcode ñ\n\n\nclass A:\n\tpass   \n".encode()
+    gen = torch.Generator().manual_seed(0)
+    for cut in [*range(len(text)), len(text)]:
+        data = text[:cut]
+        if cut < 20 or cut % 3 == 0:
+            tokens = torch.randint(0, len(bpe.byte_token_ids), (40,), generator=gen).tolist()
+            tokens = [bpe.byte_token_ids[k] for k in tokens] + bpe.tokens_starting_with(text[cut : cut + 1])[
+                :20
+            ]
+            ids, canonical = bpe.canonical_extensions(data, tokens)
+            want = [t for t in tokens if bpe.encode(data + bpe.token_bytes[t]) == [*ids, t]]
+            assert canonical == want, data
+        try:
+            assert bpe.encode(data) == tok(data.decode(), add_special_tokens=False).input_ids
+        except UnicodeDecodeError:
+            assert bpe.decode(bpe.encode(data)) == data

@@ -126,16 +126,11 @@ class ByteLevelBPE:
             tb = self.token_bytes[idx]
             for end in range(len(tb) + 1):
                 self._starting_with.setdefault(tb[:end], []).append(idx)
-        # The BPE model alone (no normaliser, pre-tokeniser, post-processor or added-token matching):
-        # we pre-tokenise raw bytes ourselves and feed it byte-mapped pieces.
-        bare = {
-            **state,
-            "normalizer": None,
-            "pre_tokenizer": None,
-            "post_processor": None,
-            "added_tokens": [],
-        }
-        self._bpe = Tokenizer.from_str(json.dumps(bare))
+        # Valid UTF-8 goes through the tokenizer itself (Rust, batched) without added-token matching or
+        # post-processing; other bytes are pre-tokenised here and fed to the bare BPE model.
+        plain = {**state, "post_processor": None, "added_tokens": []}
+        self._tokenizer = Tokenizer.from_str(json.dumps(plain))
+        self._bpe = Tokenizer.from_str(json.dumps({**plain, "normalizer": None, "pre_tokenizer": None}))
         self._pre_tokenizer = backend.pre_tokenizer
         self._to_unicode = byte_to_unicode()
 
@@ -147,24 +142,67 @@ class ByteLevelBPE:
         """Bytes of a token sequence (special tokens contribute nothing)."""
         return b"".join(self.token_bytes[i] or b"" for i in ids)
 
-    def _pieces(self, data: bytes) -> list[str]:
+    def _spans(self, data: bytes) -> list[tuple[int, int]]:
+        """Byte spans of the pre-tokens of ``data``."""
         if self._pre_tokenizer is None:
-            spans = [(0, len(data))]
-        else:
-            text, offsets = _lossless_text(data)
-            spans = [(offsets[s], offsets[e]) for _, (s, e) in self._pre_tokenizer.pre_tokenize_str(text)]
-        return ["".join(self._to_unicode[b] for b in data[s:e]) for s, e in spans if e > s]
+            return [(0, len(data))] if data else []
+        text, offsets = _lossless_text(data)
+        spans = [(offsets[s], offsets[e]) for _, (s, e) in self._pre_tokenizer.pre_tokenize_str(text)]
+        return [(s, e) for s, e in spans if e > s]
+
+    def _pieces(self, data: bytes) -> list[str]:
+        return ["".join(self._to_unicode[b] for b in data[s:e]) for s, e in self._spans(data)]
+
+    def stable_boundary(self, data: bytes) -> int:
+        """A byte offset before which the pre-tokens of ``data`` do not change when bytes are appended:
+        the start of its second-to-last pre-token (appending can only change the last pre-token and
+        where the next one starts, for regex pre-tokenisers such as GPT-2's). Tokens never cross
+        pre-tokens, so the canonical encoding up to this offset is fixed too."""
+        if self._pre_tokenizer is None:
+            return 0
+        spans = self._spans(data)
+        return spans[-2][0] if len(spans) >= 2 else 0
 
     def encode_many(self, datas: Sequence[bytes]) -> list[list[int]]:
         """Canonical encodings (what the tokenizer produces) of several byte strings."""
-        pieces = [self._pieces(d) for d in datas]
-        nonempty = [i for i, p in enumerate(pieces) if p]
+        texts, raw = [], []
+        for i, data in enumerate(datas):
+            try:
+                texts.append((i, data.decode("utf-8")))
+            except UnicodeDecodeError:
+                raw.append((i, self._pieces(data)))
         out: list[list[int]] = [[] for _ in datas]
-        if nonempty:
-            encs = self._bpe.encode_batch([pieces[i] for i in nonempty], is_pretokenized=True)
-            for i, enc in zip(nonempty, encs):
+        if texts:
+            encs = self._tokenizer.encode_batch([t for _, t in texts], add_special_tokens=False)
+            for (i, _), enc in zip(texts, encs):
+                out[i] = enc.ids
+        raw = [(i, pieces) for i, pieces in raw if pieces]
+        if raw:
+            encs = self._bpe.encode_batch([p for _, p in raw], is_pretokenized=True, add_special_tokens=False)
+            for (i, _), enc in zip(raw, encs):
                 out[i] = enc.ids
         return out
+
+    def canonical_extensions(self, data: bytes, tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``encode(data)`` and the tokens ``t`` for which ``encode(data) + [t]`` is canonical
+        (re-encoding its bytes gives it back). Only the part after :meth:`stable_boundary` can
+        change, so only that part is re-encoded, in one batch."""
+        ids = self.encode(data)
+        boundary = self.stable_boundary(data)
+        tail, tail_ids = data[boundary:], ids[self.tokens_covering(ids, boundary) :]
+        encs = self.encode_many([tail + self.token_bytes[t] for t in tokens])
+        return ids, [t for t, enc in zip(tokens, encs) if enc == [*tail_ids, t]]
+
+    def tokens_covering(self, ids: Sequence[int], offset: int) -> int:
+        """Number of leading tokens of ``ids`` whose bytes make up exactly the first ``offset`` bytes."""
+        total = 0
+        for k, idx in enumerate(ids):
+            if total == offset:
+                return k
+            total += len(self.token_bytes[idx] or b"")
+        if total != offset:
+            raise ValueError(f"no token boundary at byte {offset}")
+        return len(ids)
 
     def encode(self, data: bytes) -> list[int]:
         """Canonical encoding of one byte string."""
@@ -283,9 +321,7 @@ class ByteLevelLM:
             tokens = self.bpe.tokens_starting_with(data[i:])
             if not tokens:
                 continue
-            prefix_ids = self.bpe.encode(data[:i])
-            encs = self.bpe.encode_many([data[:i] + self.bpe.token_bytes[t] for t in tokens])
-            canonical = [t for t, enc in zip(tokens, encs) if enc == [*prefix_ids, t]]
+            prefix_ids, canonical = self.bpe.canonical_extensions(data[:i], tokens)
             if canonical or i == n:
                 plans.append((i, prefix_ids, canonical))
         scores = self._score([context + prefix for _, prefix, _ in plans], given=len(context))
