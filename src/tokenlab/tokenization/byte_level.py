@@ -256,6 +256,7 @@ class ByteLevelLM:
         if not callable(model):
             raise TypeError(f"`model` must be a callable causal LM, got {type(model).__name__}")
         self.bpe = ByteLevelBPE(tokenizer)
+        self.tokenizer = tokenizer
         self.model = model
         if context_ids is None:
             if tokenizer.bos_token_id is None:
