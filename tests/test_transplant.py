@@ -202,3 +202,13 @@ def test_bad_input(toks):
         )
     with pytest.raises(TypeError, match="model"):
         transplant_tokenizer(torch.nn.Linear(2, 2), old_tok, new_tok, method="mean")
+
+
+def test_tour_lines_on_tiny_world(tiny_world):
+    from tokenlab.tokenization.tour_bytes import tour_lines
+
+    lines = tour_lines(tiny_world)
+    text = "\n".join(lines)
+    assert "exact next-byte law" in text and "naive token completion" in text
+    for method in TRANSPLANT_METHODS:
+        assert f"transplant: {method}" in text

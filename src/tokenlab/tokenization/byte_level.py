@@ -24,6 +24,7 @@ completion and token healing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -67,6 +68,14 @@ def _as_bytes(text: bytes | str, name: str) -> bytes:
 def _lossless_text(data: bytes) -> tuple[str, list[int]]:
     """Decode ``data`` as UTF-8 with each invalid byte mapped to a private-use character, and the byte
     offset of every character (so pre-tokenizer character offsets map back to bytes)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if text.isascii():
+            return text, list(range(len(data) + 1))
+        return text, [0, *itertools.accumulate(len(c.encode()) for c in text)]
     chars: list[str] = []
     offsets: list[int] = []
     pos = 0

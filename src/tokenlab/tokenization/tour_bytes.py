@@ -202,22 +202,22 @@ def tour_lines(world: ToyWorld) -> list[str]:
         f"  naive token completion:                {describe_law(lm.naive_next_byte_distribution(prompt))}",
     ]
     heldout = [t for _, t in stdlib_documents("heldout", max_bytes=20_000)]
-    bias = next_byte_bias(lm, "".join(heldout), count=8)
+    tiny = world.config.vocab_size < 1024
+    bias = next_byte_bias(lm, "".join(heldout), count=4 if tiny else 8)
     lines.append(
         f"  {bias.prompts} held-out mid-token cuts: next-byte accuracy exact {bias.exact_accuracy:.2f} "
         f"vs naive {bias.naive_accuracy:.2f}; NLL {bias.exact_nll:.2f} vs {bias.naive_nll:.2f} nats; "
         f"{bias.forward_calls_per_byte:.0f} batched forward ({bias.sequences_per_byte:.1f} sequences) "
         f"and {bias.ms_per_byte:.0f} ms per byte"
     )
-    tiny = world.config.vocab_size < 1024
     rows = transplant_comparison(
         world,
         heldout,
         new_vocab=world.config.vocab_size + 64 if tiny else world.config.vocab_size + 512,
-        corpus_bytes=100_000 if tiny else 400_000,
+        corpus_bytes=60_000 if tiny else 400_000,
         donor_size=ToyModelSize(32, 1, 2, 1, 64),
-        donor_steps=20 if tiny else 60,
-        eval_tokens=1024 if tiny else 4096,
+        donor_steps=10 if tiny else 60,
+        eval_tokens=512 if tiny else 4096,
     )
     unique = rows[-1]["unique"]
     lines.append(f"transplant to a new tokenizer ({unique} new tokens), held-out bits/byte:")
