@@ -55,11 +55,15 @@ def main() -> None:
     print("exact next-byte law at mid-token cuts (vs naive token completion):")
     harness.print_table(byte_rows, list(byte_rows[0]))
 
+    # the new tokenizer's corpus: the training-split documents after the world's own training slice
+    skip = world.metrics["train_bytes"]
+    docs = [t for _, t in stdlib_documents("train", max_bytes=skip + (150_000 if args.quick else 2_000_000))]
+    offset = int((torch.tensor([len(t.encode()) for t in docs]).cumsum(0) < skip).sum()) + 1
     rows = transplant_comparison(
         world,
+        docs[offset:],
         heldout,
         new_vocab=world.config.vocab_size + (64 if args.quick else 512),
-        corpus_bytes=150_000 if args.quick else 2_000_000,
         donor_size=ToyModelSize(32, 1, 2, 1, 64) if args.quick else world.config.target,
         donor_steps=30 if args.quick else world.config.train_steps,
         eval_tokens=2048 if args.quick else 32_768,

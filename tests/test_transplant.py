@@ -210,5 +210,5 @@ def test_tour_lines_on_tiny_world(tiny_world):
     lines = tour_lines(tiny_world)
     text = "\n".join(lines)
     assert "exact next-byte law" in text and "naive token completion" in text
-    for method in TRANSPLANT_METHODS:
+    for method in set(TRANSPLANT_METHODS) - {"omp"}:  # the tour trains no donor
         assert f"transplant: {method}" in text
