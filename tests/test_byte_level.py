@@ -26,7 +26,6 @@ from tokenlab.tokenization.byte_level import (
     ByteLevelLM,
     fill_in_the_middle,
     generate_bytes,
-    token_healing_generate,
 )
 
 MERGES = [
@@ -233,7 +232,7 @@ def test_fill_in_the_middle_and_token_healing(world):
     )
     context = [tok.bos_token_id, a, b, *lm.bpe.encode(b"cc"), c]
     assert middle == generate_bytes(_Ctx(lm, context), b"ab", 2)
-    healed = token_healing_generate(world.model, tok, b"ab", 2)
+    healed = lm.token_healing_generate(b"ab", 2)
     logits = world.model(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, -1]
     first = max(lm.bpe.tokens_starting_with(b"ab"), key=lambda t: logits[t])
     assert lm.bpe.token_bytes[first].startswith(b"ab")

@@ -9,7 +9,6 @@ from tokenlab.tokenization.byte_level import (
     ByteLevelLM,
     fill_in_the_middle,
     generate_bytes,
-    token_healing_generate,
 )
 from tokenlab.tokenization.transplant import (
     TRANSPLANT_METHODS,
@@ -27,6 +26,5 @@ __all__ = [
     "fill_in_the_middle",
     "generate_bytes",
     "orthogonal_matching_pursuit",
-    "token_healing_generate",
     "transplant_tokenizer",
 ]

@@ -403,6 +403,32 @@ class ByteLevelLM:
         law = torch.zeros(EOS_BYTE + 1, dtype=torch.float64).index_add_(0, outcome, mass)
         return law / law.sum()
 
+    @torch.no_grad()
+    def token_healing_generate(self, prompt: bytes | str, max_new_tokens: int) -> bytes:
+        """Token healing, the standard fix the paper compares with (greedy): drop the prompt's last
+        token and require the first generated token to start with its bytes. Returns the bytes
+        generated after ``prompt`` (stops at EOS)."""
+        data = _as_bytes(prompt, "prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be ≥ 1, got {max_new_tokens}")
+        ids = self.bpe.encode(data)
+        removed = self.bpe.decode(ids[-1:])
+        ids = self.context_ids + ids[:-1]
+        device = next(self.model.parameters()).device
+        allowed = torch.zeros(self.bpe.vocab_size, dtype=torch.bool)
+        allowed[self.bpe.tokens_starting_with(removed)] = True
+        generated: list[int] = []
+        for step in range(max_new_tokens):
+            logits = self.model(input_ids=torch.tensor([ids + generated], device=device)).logits
+            scores = logits[0, -1, : self.bpe.vocab_size].cpu()
+            if step == 0:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            nxt = int(scores.argmax())
+            if nxt == self.eos_token_id:
+                break
+            generated.append(nxt)
+        return self.bpe.decode(generated)[len(removed) :]
+
 
 class ByteLevelEnsemble:
     """Byte-level ensemble of models with different tokenizers (Phan et al., §model ensembles):
@@ -498,39 +524,3 @@ class _WithContext:
 
     def next_byte_distribution(self, text: bytes | str) -> torch.Tensor:
         return self.lm.next_byte_distribution(text, self.context_ids)
-
-
-@torch.no_grad()
-def token_healing_generate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: bytes | str,
-    max_new_tokens: int,
-    *,
-    context_ids: Sequence[int] | None = None,
-) -> bytes:
-    """Token healing (the standard fix the paper compares with), greedy: drop the prompt's last token
-    and require the first generated token to start with its bytes. Returns the bytes after ``prompt``."""
-    bpe = ByteLevelBPE(tokenizer)
-    data = _as_bytes(prompt, "prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be ≥ 1, got {max_new_tokens}")
-    context = list(context_ids) if context_ids is not None else [tokenizer.bos_token_id]
-    ids = bpe.encode(data)
-    removed = bpe.token_bytes[ids[-1]] if ids else b""
-    ids = context + ids[:-1]
-    device = next(model.parameters()).device
-    allowed = torch.zeros(bpe.vocab_size, dtype=torch.bool)
-    allowed[bpe.tokens_starting_with(removed)] = True
-    generated: list[int] = []
-    for step in range(max_new_tokens):
-        logits = model(input_ids=torch.tensor([ids + generated], device=device)).logits[
-            0, -1, : bpe.vocab_size
-        ]
-        if step == 0:
-            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-        nxt = int(logits.argmax())
-        if nxt == tokenizer.eos_token_id:
-            break
-        generated.append(nxt)
-    return bpe.decode(generated)[len(removed) :]

@@ -62,6 +62,7 @@ class NextByteBias:
     prompts: int
     exact_accuracy: float  # argmax of the exact law == true next byte
     naive_accuracy: float
+    healing_accuracy: float  # first byte generated greedily with token healing
     exact_nll: float  # mean −log P(true next byte), nats
     naive_nll: float
     forward_calls_per_byte: float
@@ -72,9 +73,10 @@ class NextByteBias:
 
 def next_byte_bias(lm: ByteLevelLM, text: str, count: int, context_bytes: int = 256) -> NextByteBias:
     """Cut ``text`` at ``count`` mid-token points (keeping the last ``context_bytes`` bytes as the
-    prompt) and score the true next byte under the exact law and under naive token completion."""
+    prompt) and score the true next byte under the exact law and naive token completion (accuracy
+    of the argmax, NLL) and token healing (accuracy of its greedy first byte)."""
     data = text.encode()
-    hits = {"exact": 0, "naive": 0}
+    hits = {"exact": 0, "naive": 0, "healing": 0}
     nll = {"exact": 0.0, "naive": 0.0}
     calls = sequences = 0
     seconds = model_seconds = 0.0
@@ -89,6 +91,7 @@ def next_byte_bias(lm: ByteLevelLM, text: str, count: int, context_bytes: int = 
         sequences += lm.cost.sequences - before.sequences
         model_seconds += lm.cost.seconds - before.seconds
         naive = lm.naive_next_byte_distribution(prompt)
+        hits["healing"] += lm.token_healing_generate(prompt, 2)[:1] == bytes([truth])
         for name, law in (("exact", exact), ("naive", naive)):
             hits[name] += int(law.argmax()) == truth
             nll[name] -= math.log(max(law[truth].item(), 1e-300))
@@ -97,6 +100,7 @@ def next_byte_bias(lm: ByteLevelLM, text: str, count: int, context_bytes: int = 
         prompts=n,
         exact_accuracy=hits["exact"] / n,
         naive_accuracy=hits["naive"] / n,
+        healing_accuracy=hits["healing"] / n,
         exact_nll=nll["exact"] / n,
         naive_nll=nll["naive"] / n,
         forward_calls_per_byte=calls / n,
@@ -238,8 +242,9 @@ def _tour_lines(world: ToyWorld) -> list[str]:
     heldout = world_texts(world, world.heldout_ids, 20_000)
     bias = next_byte_bias(lm, "".join(heldout), count=4 if tiny else 8)
     lines.append(
-        f"  {bias.prompts} held-out mid-token cuts: next-byte accuracy exact {bias.exact_accuracy:.2f} "
-        f"vs naive {bias.naive_accuracy:.2f}; NLL {bias.exact_nll:.2f} vs {bias.naive_nll:.2f} nats; "
+        f"  {bias.prompts} held-out mid-token cuts: next-byte accuracy exact {bias.exact_accuracy:.2f}, "
+        f"naive {bias.naive_accuracy:.2f}, token healing {bias.healing_accuracy:.2f}; "
+        f"NLL exact {bias.exact_nll:.2f} vs naive {bias.naive_nll:.2f} nats; "
         f"{bias.forward_calls_per_byte:.0f} batched forward ({bias.sequences_per_byte:.1f} sequences) "
         f"and {bias.ms_per_byte:.0f} ms per byte"
     )
