@@ -4,15 +4,17 @@
     python benchmarks/transplant.py --quick    # tiny toy world, checks
 
 Part 1 — exact next-byte law (Byte-Token Representation Lemma) at mid-token cuts of held-out text:
-batched forwards and sequences per byte, ms per byte (total and model), and next-byte accuracy / NLL
-vs naive token completion. Part 2 — the toy target transplanted to a tokenizer trained on another
-corpus slice with another vocabulary size, held-out bits/byte per method (OMP donor: a toy model
-trained with the new tokenizer). Goal: OMP and TokenAdapt beat mean-of-subtokens.
+batched forwards and sequences per byte, ms per byte (total and model), next-byte accuracy / NLL vs
+naive token completion, and accuracy of token healing's first byte. Part 2 — the toy target
+transplanted to a tokenizer trained on another corpus slice with another vocabulary size, held-out
+bits/byte per method (OMP donor: a toy model trained with the new tokenizer). Goal: OMP and
+TokenAdapt beat mean-of-subtokens.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -23,15 +25,16 @@ from tokenlab.toy import ToyModelSize, load_toy_world, stdlib_documents
 
 
 def check(world, heldout: list[str]) -> None:
-    """Quick-mode correctness: laws sum to 1, the exact law at a token boundary after a complete
-    word matches the lemma's own prefix probabilities, identity transplant keeps logits."""
+    """Quick-mode correctness: the law sums to 1; P(x·b)/P(x) from the lemma's prefix probabilities
+    matches the law (up to the mass a real model leaks to non-canonical tokens); a transplant between
+    identical tokenizers keeps the logits."""
     lm = ByteLevelLM(world.target, world.tokenizer)
     prompt = heldout[0].encode()[:40]
     law = lm.next_byte_distribution(prompt)
     assert abs(law.sum().item() - 1) < 1e-12
     b = int(law[:256].argmax())
     ratio = lm.prefix_log_probability(prompt + bytes([b])) - lm.prefix_log_probability(prompt)
-    assert abs(torch.tensor(ratio).exp().item() - law[b].item()) < 0.05, "P(x·b)/P(x) vs law"
+    assert abs(math.exp(ratio) - law[b].item()) < 0.05, "P(x·b)/P(x) vs law"
     same = transplant_tokenizer(
         copy.deepcopy(world.draft), world.tokenizer, world.tokenizer, method="tokenadapt", progress=False
     )
@@ -50,7 +53,7 @@ def main() -> None:
         check(world, heldout)
 
     lm = ByteLevelLM(world.target, world.tokenizer)
-    bias = next_byte_bias(lm, "".join(heldout), count=12 if args.quick else 200)
+    bias = next_byte_bias(lm, "".join(heldout), count=8 if args.quick else 200)
     byte_rows = [{"preset": "tiny" if args.quick else "default", "vocab": len(world.tokenizer), **vars(bias)}]
     print("exact next-byte law at mid-token cuts (vs naive token completion):")
     harness.print_table(byte_rows, list(byte_rows[0]))
@@ -65,7 +68,7 @@ def main() -> None:
         heldout,
         new_vocab=world.config.vocab_size + (64 if args.quick else 512),
         donor_size=ToyModelSize(32, 1, 2, 1, 64) if args.quick else world.config.target,
-        donor_steps=30 if args.quick else world.config.train_steps,
+        donor_steps=20 if args.quick else world.config.train_steps,
         eval_tokens=2048 if args.quick else 32_768,
         progress=not args.quick,
     )
