@@ -2,6 +2,15 @@
 dynamic tokenization, learned chunking modules and tokenizer metrics (catalogue section T)."""
 
 from tokenlab.tokenization.bpe import BPETokenizer, bytes_to_unicode, train_bpe, train_superword_bpe
+from tokenlab.tokenization.byte_level import (
+    EOS_BYTE,
+    ByteLevelBPE,
+    ByteLevelCost,
+    ByteLevelEnsemble,
+    ByteLevelLM,
+    fill_in_the_middle,
+    generate_bytes,
+)
 from tokenlab.tokenization.pretokenize import (
     DIGIT_SPLITS,
     SPLITS,
@@ -9,15 +18,30 @@ from tokenlab.tokenization.pretokenize import (
     RegexSplit,
     make_pre_tokenizer,
 )
+from tokenlab.tokenization.transplant import (
+    TRANSPLANT_METHODS,
+    orthogonal_matching_pursuit,
+    transplant_tokenizer,
+)
 
 __all__ = [
     "DIGIT_SPLITS",
+    "EOS_BYTE",
     "SPLITS",
+    "TRANSPLANT_METHODS",
     "BPETokenizer",
+    "ByteLevelBPE",
+    "ByteLevelCost",
+    "ByteLevelEnsemble",
+    "ByteLevelLM",
     "PreTokenizer",
     "RegexSplit",
     "bytes_to_unicode",
+    "fill_in_the_middle",
+    "generate_bytes",
     "make_pre_tokenizer",
+    "orthogonal_matching_pursuit",
     "train_bpe",
     "train_superword_bpe",
+    "transplant_tokenizer",
 ]

@@ -1,0 +1,266 @@
+"""Tour section and shared experiments for exact byte-level probabilities and tokenizer transplant.
+
+:func:`next_byte_bias` and :func:`transplant_comparison` are the experiments that the tour
+(:func:`tour_lines`) and ``benchmarks/transplant.py`` both run, at different sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokenlab.tokenization.byte_level import EOS_BYTE, ByteLevelBPE, ByteLevelLM
+from tokenlab.tokenization.transplant import TRANSPLANT_METHODS, transplant_tokenizer
+from tokenlab.toy import (
+    ToyModelSize,
+    ToyWorld,
+    build_toy_model,
+    encode_documents,
+    heldout_loss,
+    train_causal_lm,
+    train_toy_tokenizer,
+)
+
+
+def _show(outcome: int) -> str:
+    return "EOS" if outcome == EOS_BYTE else repr(chr(outcome))
+
+
+def describe_law(law: torch.Tensor, k: int = 3) -> str:
+    """The ``k`` most likely outcomes of a 257-entry next-byte law, e.g. ``'m' 0.94, 'n' 0.03``."""
+    top = law.topk(k)
+    return ", ".join(f"{_show(int(i))} {p:.2f}" for p, i in zip(top.values.tolist(), top.indices))
+
+
+def mid_token_cuts(tokenizer: PreTrainedTokenizerBase, text: str, count: int, seed: int = 0) -> list[bytes]:
+    """``count`` prefixes of ``text`` cut strictly inside a multi-byte token of its encoding."""
+    bpe = ByteLevelBPE(tokenizer)
+    data = text.encode()
+    ids = bpe.encode(data)
+    cuts, offset = [], 0
+    for idx in ids:
+        size = len(bpe.token_bytes[idx] or b"")
+        cuts.extend(range(offset + 1, offset + size))
+        offset += size
+    gen = torch.Generator().manual_seed(seed)
+    chosen = sorted(cuts[i] for i in torch.randperm(len(cuts), generator=gen)[:count].tolist())
+    return [data[:c] for c in chosen]
+
+
+@dataclass
+class NextByteBias:
+    """Next-byte prediction at mid-token cuts of held-out text: exact law vs naive token completion."""
+
+    prompts: int
+    exact_accuracy: float  # argmax of the exact law == true next byte
+    naive_accuracy: float
+    healing_accuracy: float  # first byte generated greedily with token healing
+    exact_nll: float  # mean −log P(true next byte), nats
+    naive_nll: float
+    forward_calls_per_byte: float
+    sequences_per_byte: float
+    ms_per_byte: float
+    model_ms_per_byte: float
+
+
+def next_byte_bias(lm: ByteLevelLM, text: str, count: int, context_bytes: int = 256) -> NextByteBias:
+    """Cut ``text`` at ``count`` mid-token points (keeping the last ``context_bytes`` bytes as the
+    prompt) and score the true next byte under the exact law and naive token completion (accuracy
+    of the argmax, NLL) and token healing (accuracy of its greedy first byte)."""
+    data = text.encode()
+    hits = {"exact": 0, "naive": 0, "healing": 0}
+    nll = {"exact": 0.0, "naive": 0.0}
+    calls = sequences = 0
+    seconds = model_seconds = 0.0
+    prompts = mid_token_cuts(lm.tokenizer, text, count)
+    for cut in prompts:
+        truth, prompt = data[len(cut)], cut[-context_bytes:]
+        before = dataclasses.replace(lm.cost)
+        start = time.perf_counter()
+        exact = lm.next_byte_distribution(prompt)
+        seconds += time.perf_counter() - start
+        calls += lm.cost.forward_calls - before.forward_calls
+        sequences += lm.cost.sequences - before.sequences
+        model_seconds += lm.cost.seconds - before.seconds
+        naive = lm.naive_next_byte_distribution(prompt)
+        hits["healing"] += lm.token_healing_generate(prompt, 2)[:1] == bytes([truth])
+        for name, law in (("exact", exact), ("naive", naive)):
+            hits[name] += int(law.argmax()) == truth
+            nll[name] -= math.log(max(law[truth].item(), 1e-300))
+    n = len(prompts)
+    return NextByteBias(
+        prompts=n,
+        exact_accuracy=hits["exact"] / n,
+        naive_accuracy=hits["naive"] / n,
+        healing_accuracy=hits["healing"] / n,
+        exact_nll=nll["exact"] / n,
+        naive_nll=nll["naive"] / n,
+        forward_calls_per_byte=calls / n,
+        sequences_per_byte=sequences / n,
+        ms_per_byte=1e3 * seconds / n,
+        model_ms_per_byte=1e3 * model_seconds / n,
+    )
+
+
+@torch.no_grad()
+def bits_per_byte(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    context_length: int,
+    max_tokens: int,
+) -> tuple[float, float]:
+    """``(nats/token, bits/byte)`` of ``model`` on ``texts`` encoded with ``tokenizer`` — bits per byte
+    compares models with different tokenizers on the same text (scored tokens' bytes, EOS = 0 bytes)."""
+    ids = encode_documents(tokenizer, texts)
+    loss = heldout_loss(model, ids, context_length, max_tokens)
+    bpe = ByteLevelBPE(tokenizer)
+    n_windows = max(1, min(ids.numel(), max_tokens) // context_length)
+    scored = ids[: n_windows * context_length].view(n_windows, context_length)[:, 1:].reshape(-1)
+    n_bytes = sum(len(bpe.token_bytes[t] or b"") for t in scored.tolist())
+    return loss, loss * scored.numel() / n_bytes / math.log(2)
+
+
+def transplant_comparison(
+    world: ToyWorld,
+    new_docs: list[str],
+    heldout: list[str],
+    *,
+    new_vocab: int,
+    donor_size: ToyModelSize | None,
+    donor_steps: int,
+    eval_tokens: int,
+    progress: bool = False,
+) -> list[dict]:
+    """Transplant the world's target to a tokenizer with ``new_vocab`` entries trained on ``new_docs``,
+    with each method, and score the ``heldout`` texts in bits/byte.
+
+    The OMP / TokenAdapt donor is a toy model of ``donor_size`` trained for ``donor_steps`` on
+    ``new_docs`` with the new tokenizer (:func:`tokenlab.toy.train_causal_lm`); without one
+    (``donor_size=None``) OMP is left out and TokenAdapt uses the base space. Rows: the original
+    target (its own tokenizer), the donor, then each method; each with nats/token, bits/byte,
+    shared/unique token counts and seconds.
+    """
+    new_tok = train_toy_tokenizer(new_docs, new_vocab)
+    ctx = world.config.context_length
+    rows = []
+    loss, bpb = bits_per_byte(world.target, world.tokenizer, heldout, ctx, eval_tokens)
+    rows.append({"model": "target (own tokenizer)", "nats/token": loss, "bits/byte": bpb})
+
+    donor = None
+    if donor_size is not None:
+        torch.manual_seed(world.config.seed)
+        donor = build_toy_model(donor_size, len(new_tok), ctx, new_tok)
+        start = time.perf_counter()
+        train_causal_lm(
+            donor,
+            encode_documents(new_tok, new_docs),
+            steps=donor_steps,
+            batch_size=world.config.batch_size,
+            context_length=ctx,
+            learning_rate=world.config.learning_rate,
+            desc="training transplant donor",
+            progress=progress,
+        )
+        loss, bpb = bits_per_byte(donor, new_tok, heldout, ctx, eval_tokens)
+        rows.append(
+            {"model": f"donor ({donor_steps} steps)", "nats/token": loss, "bits/byte": bpb,
+             "seconds": time.perf_counter() - start}
+        )  # fmt: skip
+    shared = len(set(new_tok.get_vocab()) & set(world.tokenizer.get_vocab()))
+    for method in TRANSPLANT_METHODS:
+        if method == "omp" and donor is None:
+            continue
+        start = time.perf_counter()
+        model = transplant_tokenizer(
+            copy.deepcopy(world.target),
+            world.tokenizer,
+            new_tok,
+            method=method,
+            donor=donor,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        loss, bpb = bits_per_byte(model, new_tok, heldout, ctx, eval_tokens)
+        rows.append(
+            {"model": f"transplant: {method}", "nats/token": loss, "bits/byte": bpb, "seconds": seconds,
+             "shared": shared, "unique": len(new_tok) - shared}
+        )  # fmt: skip
+    return rows
+
+
+def world_texts(world: ToyWorld, ids: torch.Tensor, max_bytes: int) -> list[str]:
+    """The documents behind a toy world's token ids (split at EOS, decoded), up to ``max_bytes``."""
+    ends = (ids == world.tokenizer.eos_token_id).nonzero().flatten().tolist()
+    docs, total, start = [], 0, 0
+    for end in ends:
+        docs.append(world.tokenizer.decode(ids[start:end]))
+        total += len(docs[-1].encode())
+        start = end + 1
+        if total >= max_bytes:
+            break
+    return docs
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Tiny models on CPU: one intra-op thread beats two contending ones (restored afterwards)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tour_lines(world: ToyWorld) -> list[str]:
+    """Next-byte law for a prompt ending mid-token (exact vs naive token completion), and held-out
+    bits/byte of the target transplanted to a tokenizer trained with a larger vocabulary, with each
+    donor-free method (training a donor for OMP does not fit the tour's time)."""
+    with _one_thread_on_cpu(world.target.device):
+        return _tour_lines(world)
+
+
+def _tour_lines(world: ToyWorld) -> list[str]:
+    lm = ByteLevelLM(world.target, world.tokenizer)
+    prompt = b"    def __init__(self, name):\n        self.na"
+    lines = [
+        f"prompt ending mid-token: {prompt.decode()[-20:]!r}",
+        f"  exact next-byte law (cover encodings): {describe_law(lm.next_byte_distribution(prompt))}",
+        f"  naive token completion:                {describe_law(lm.naive_next_byte_distribution(prompt))}",
+    ]
+    tiny = world.config.vocab_size < 1024
+    heldout = world_texts(world, world.heldout_ids, 20_000)
+    bias = next_byte_bias(lm, "".join(heldout), count=4 if tiny else 8)
+    lines.append(
+        f"  {bias.prompts} held-out mid-token cuts: next-byte accuracy exact {bias.exact_accuracy:.2f}, "
+        f"naive {bias.naive_accuracy:.2f}, token healing {bias.healing_accuracy:.2f}; "
+        f"NLL exact {bias.exact_nll:.2f} vs naive {bias.naive_nll:.2f} nats; "
+        f"{bias.forward_calls_per_byte:.0f} batched forward ({bias.sequences_per_byte:.1f} sequences) "
+        f"and {bias.ms_per_byte:.0f} ms per byte"
+    )
+    rows = transplant_comparison(
+        world,
+        world_texts(world, world.train_ids, 60_000 if tiny else 400_000),
+        heldout,
+        new_vocab=world.config.vocab_size + 64 if tiny else world.config.vocab_size + 512,
+        donor_size=None,
+        donor_steps=0,
+        eval_tokens=512 if tiny else 4096,
+    )
+    unique = rows[-1]["unique"]
+    lines.append(
+        f"transplant to a tokenizer with {unique} new tokens (another vocabulary size), held-out bits/byte:"
+    )
+    lines.extend(f"  {r['model']:<30} {r['bits/byte']:.3f}" for r in rows)
+    lines.append("  (OMP needs a donor trained with the new tokenizer: see benchmarks/transplant.py)")
+    return lines

@@ -1,0 +1,214 @@
+"""Tokenizer transplant (catalogue T3): exact shared rows, identity on identical tokenizers, OMP
+recovering planted sparse combinations, tied/untied embeddings, save/reload, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from tokenlab.tokenization.byte_level import ByteLevelBPE
+from tokenlab.tokenization.transplant import (
+    TRANSPLANT_METHODS,
+    orthogonal_matching_pursuit,
+    transplant_tokenizer,
+)
+from tokenlab.toy import ToyModelSize, build_toy_model, stdlib_documents, train_toy_tokenizer
+
+SIZE = ToyModelSize(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def toks():
+    docs = [t for _, t in stdlib_documents("train", max_bytes=80_000)]
+    old = train_toy_tokenizer(docs[: len(docs) // 2], 300)
+    new = train_toy_tokenizer(docs[len(docs) // 2 :], 340)
+    return old, new
+
+
+def model_for(tokenizer, seed: int, tied: bool = True):
+    torch.manual_seed(seed)
+    model = build_toy_model(SIZE, len(tokenizer), 32, tokenizer)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model.eval()
+
+
+def shared_pairs(old_tok, new_tok):
+    old_vocab = old_tok.get_vocab()
+    return [(n, old_vocab[t]) for t, n in new_tok.get_vocab().items() if t in old_vocab]
+
+
+def test_omp_recovers_planted_sparse_codes():
+    """3-sparse codes over a random 48-atom dictionary in 96 dimensions (low coherence, where OMP's
+    exact-recovery condition holds): supports and coefficients are recovered to 1e-10."""
+    gen = torch.Generator().manual_seed(0)
+    dictionary = torch.randn(48, 96, generator=gen, dtype=torch.float64)
+    support = torch.stack([torch.randperm(48, generator=gen)[:3] for _ in range(16)])
+    coef = torch.randn(16, 3, generator=gen, dtype=torch.float64).sign() * (
+        1 + torch.rand(16, 3, generator=gen)
+    )
+    targets = torch.einsum("nk,nkd->nd", coef, dictionary[support])
+    idx, got = orthogonal_matching_pursuit(dictionary, targets, atoms=3)
+    for n in range(16):
+        planted = dict(zip(support[n].tolist(), coef[n].tolist()))
+        found = dict(zip(idx[n].tolist(), got[n].tolist()))
+        assert planted.keys() == found.keys()
+        assert max(abs(planted[k] - found[k]) for k in planted) < 1e-10
+
+
+@pytest.mark.parametrize("method", sorted(TRANSPLANT_METHODS))
+def test_shared_rows_exact_and_tied_stays_tied(toks, method):
+    old_tok, new_tok = toks
+    base = model_for(old_tok, 0)
+    before = base.get_input_embeddings().weight.detach().clone()
+    donor = model_for(new_tok, 1)
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, new_tok, method=method, donor=donor, progress=False
+    )
+    emb = model.get_input_embeddings().weight
+    assert emb.shape == (len(new_tok), SIZE.hidden_size) and model.config.vocab_size == len(new_tok)
+    assert model.get_output_embeddings().weight is emb
+    pairs = shared_pairs(old_tok, new_tok)
+    assert 250 < len(pairs) < len(new_tok)
+    new_ids, old_ids = map(list, zip(*pairs))
+    assert torch.equal(emb[new_ids], before[old_ids])
+    assert torch.isfinite(emb).all()
+    assert model.config.eos_token_id == new_tok.eos_token_id
+
+
+@pytest.mark.parametrize("method", sorted(TRANSPLANT_METHODS))
+def test_identical_tokenizers_give_identical_logits(toks, method):
+    old_tok, _ = toks
+    base = model_for(old_tok, 0)
+    same = copy.deepcopy(old_tok)
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, same, method=method, donor=base, progress=False
+    )
+    ids = torch.randint(0, len(old_tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_untied_output_embeddings_are_transplanted(toks):
+    old_tok, new_tok = toks
+    base = model_for(old_tok, 0, tied=False)
+    out_before = base.lm_head.weight.detach().clone()
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, new_tok, method="mean_of_subtokens", progress=False
+    )
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert model.lm_head.weight.shape == (len(new_tok), SIZE.hidden_size)
+    new_ids, old_ids = map(list, zip(*shared_pairs(old_tok, new_tok)))
+    assert torch.equal(model.lm_head.weight[new_ids], out_before[old_ids])
+    unique = next(i for i in range(len(new_tok)) if i not in set(new_ids))
+    subtokens = ByteLevelBPE(old_tok).encode(ByteLevelBPE(new_tok).token_bytes[unique])
+    assert len(subtokens) >= 2
+    assert torch.allclose(model.lm_head.weight[unique], out_before[subtokens].mean(0), atol=1e-6)
+
+
+def test_omp_transplant_reconstructs_linear_donor(toks):
+    """Donor anchors equal to the base's anchor rows and unique donor rows planted as 2-sparse
+    combinations of anchors: OMP must return exactly the planted base combinations."""
+    old_tok, new_tok = toks
+    base = model_for(old_tok, 0)
+    old_rows = base.get_input_embeddings().weight.detach()
+    donor = model_for(new_tok, 1)
+    new_ids, old_ids = map(list, zip(*shared_pairs(old_tok, new_tok)))
+    unique = [i for i in range(len(new_tok)) if i not in set(new_ids)]
+    gen = torch.Generator().manual_seed(0)
+    want = {}
+    with torch.no_grad():
+        d = donor.get_input_embeddings().weight
+        d[new_ids] = old_rows[old_ids]
+        for u in unique:
+            j = torch.randperm(len(new_ids), generator=gen)[:2].tolist()
+            c = [1.5, -0.7]
+            d[u] = c[0] * old_rows[old_ids[j[0]]] + c[1] * old_rows[old_ids[j[1]]]
+            want[u] = d[u].clone()
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, new_tok, method="omp", donor=donor, omp_atoms=2
+    )
+    got = model.get_input_embeddings().weight
+    err = max((got[u] - w).norm() / w.norm() for u, w in want.items())
+    assert err < 1e-5
+
+
+def test_tokenadapt_without_global_part_is_length_weighted_local(toks):
+    old_tok, new_tok = toks
+    base = model_for(old_tok, 0)
+    rows = base.get_input_embeddings().weight.detach().clone()
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, new_tok, method="tokenadapt", global_weight=0.0, progress=False
+    )
+    old_bpe, new_bpe = ByteLevelBPE(old_tok), ByteLevelBPE(new_tok)
+    new_ids = {n for n, _ in shared_pairs(old_tok, new_tok)}
+    for u in [i for i in range(len(new_tok)) if i not in new_ids][:10]:
+        sub = old_bpe.encode(new_bpe.token_bytes[u])
+        w = torch.tensor([len(old_bpe.token_bytes[t]) for t in sub], dtype=torch.float32)
+        assert torch.allclose(model.get_input_embeddings().weight[u], (w / w.sum()) @ rows[sub], atol=1e-6)
+
+
+def test_save_and_reload_with_new_tokenizer(toks, tmp_path):
+    old_tok, new_tok = toks
+    model = transplant_tokenizer(
+        model_for(old_tok, 0),
+        old_tok,
+        new_tok,
+        method="tokenadapt",
+        donor=model_for(new_tok, 1),
+        progress=False,
+    )
+    model.save_pretrained(tmp_path)
+    new_tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("def transplant(x):\n    return x", return_tensors="pt").input_ids
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert again.get_output_embeddings().weight is again.get_input_embeddings().weight
+
+
+def _letters_tokenizer(letters: str, special: str) -> PreTrainedTokenizerFast:
+    vocab = {special: 0, **{c: i + 1 for i, c in enumerate(letters)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([special])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special)
+
+
+def test_bad_input(toks):
+    old_tok, new_tok = toks
+    base = model_for(old_tok, 0)
+    with pytest.raises(ValueError, match="method"):
+        transplant_tokenizer(base, old_tok, new_tok, method="magic")
+    with pytest.raises(ValueError, match="donor"):
+        transplant_tokenizer(base, old_tok, new_tok, method="omp")
+    with pytest.raises(ValueError, match="donor"):
+        transplant_tokenizer(
+            base, old_tok, new_tok, method="omp", donor=model_for(_letters_tokenizer("ab", "<s>"), 0)
+        )
+    abc, xyz = _letters_tokenizer("abc", "<s>"), _letters_tokenizer("xyz", "</s>")
+    with pytest.raises(ValueError, match="share no tokens"):
+        transplant_tokenizer(model_for(abc, 0), abc, xyz, method="mean")
+    wordlevel = Tokenizer(models.WordLevel(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="BPE"):
+        transplant_tokenizer(
+            base, old_tok, PreTrainedTokenizerFast(tokenizer_object=wordlevel), method="mean"
+        )
+    with pytest.raises(TypeError, match="model"):
+        transplant_tokenizer(torch.nn.Linear(2, 2), old_tok, new_tok, method="mean")
+
+
+def test_tour_lines_on_tiny_world(tiny_world):
+    from tokenlab.tokenization.tour_bytes import tour_lines
+
+    lines = tour_lines(tiny_world)
+    text = "\n".join(lines)
+    assert "exact next-byte law" in text and "naive token completion" in text
+    for method in set(TRANSPLANT_METHODS) - {"omp"}:  # the tour trains no donor
+        assert f"transplant: {method}" in text
