@@ -20,7 +20,7 @@ import torch
 
 import harness
 from tokenlab.tokenization import ByteLevelLM, transplant_tokenizer
-from tokenlab.tokenization.tour_bytes import next_byte_bias, transplant_comparison
+from tokenlab.tokenization.experiments import next_byte_bias, transplant_comparison
 from tokenlab.toy import ToyModelSize, load_toy_world, stdlib_documents
 
 

@@ -14,10 +14,9 @@ import torch
 
 from tokenlab.toy import ToyWorld, load_toy_world
 
-# Under pytest-xdist the workers share the cores: oversubscribed intra-op threads make the tiny models'
-# forward passes up to ~100x slower, so each worker gets its share of the cores.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+# The tests run tiny models, for which extra intra-op threads only contend (up to ~100x slower on a
+# busy machine); parallelism comes from pytest-xdist workers instead, one thread each.
+torch.set_num_threads(1)
 
 TOY_CACHE = Path(
     os.environ.get("TOKENLAB_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests")

@@ -120,15 +120,6 @@ def brute_law(outcomes, x: bytes) -> torch.Tensor:
     return law / brute_prefix(outcomes, x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards: one intra-op thread avoids thread contention on shared CPUs (50x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world():
     tokenizer = abc_tokenizer()

@@ -25,15 +25,6 @@ PARTS = ["x = 1\n", "import os\n", "def g(a, b):\n    return a\n", "y = [0]\n"]
 SUFFIX = "print("
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscribing a shared CPU (100× faster there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(kind: str, vocab_size: int) -> torch.nn.Module:
     """A random float32 model (init std 0.2 so that logits are far from uniform)."""
     torch.manual_seed(0)

@@ -34,15 +34,6 @@ from tokenlab.kernels.speculative_verify.reference import acceptance_probability
 WARPINGS = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.5, 4, 0.7), (2.0, 1, None)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(cls, config_cls, hidden, layers, vocab, seed):
     torch.manual_seed(seed)
     config = config_cls(

@@ -205,9 +205,9 @@ def test_bad_input(toks):
 
 
 def test_tour_lines_on_tiny_world(tiny_world):
-    from tokenlab.tokenization.tour_bytes import tour_lines
+    from tokenlab.tokenization.experiments import byte_level_and_transplant_lines
 
-    lines = tour_lines(tiny_world)
+    lines = byte_level_and_transplant_lines(tiny_world)
     text = "\n".join(lines)
     assert "exact next-byte law" in text and "naive token completion" in text
     for method in set(TRANSPLANT_METHODS) - {"omp"}:  # the tour trains no donor

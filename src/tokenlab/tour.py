@@ -22,9 +22,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from tokenlab.alignment.tour import tour_section as alignment_section
 from tokenlab.attention.tour import tour_section as attention_section
 from tokenlab.decoding.tour import tour_section as decoding_section
-from tokenlab.tokenization.tour_bpe import tour_lines as tokenization_section
+from tokenlab.merging.tour import tour_section as merging_section
+from tokenlab.tokenization.tour import tour_section as tokenization_section
 from tokenlab.toy import PRESETS, ToyWorld, load_toy_world
 
 
@@ -53,6 +55,8 @@ SECTIONS: list[tuple[str, Callable[[ToyWorld], list[str]]]] = [
     ("attention", attention_section),
     ("tokenization", tokenization_section),
     ("decoding", decoding_section),
+    ("alignment", alignment_section),
+    ("merging", merging_section),
 ]
 
 
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     world = load_toy_world(args.preset, device=args.device)
+    if world.target.device.type == "cpu":
+        # The toy models are tiny: one intra-op thread is fastest for them and keeps timings stable.
+        torch.set_num_threads(1)
     print(f"tokenlab tour — toy world '{args.preset}' on {world.target.device}\n")
     for title, section in SECTIONS:
         t0 = time.perf_counter()

@@ -90,12 +90,8 @@ def train_preference(
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train a copy of ``model`` with ``loss_fn`` (frozen ``model`` as reference) for ``steps`` AdamW steps in
     a plain loop; return the trained copy and the loss of every step."""
-    reference = model.eval()
-    policy = copy.deepcopy(model).train()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    for p in policy.parameters():
-        p.requires_grad_(True)
+    reference = model  # scored under no_grad by completion_token_logps; left untouched
+    policy = copy.deepcopy(model).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = []

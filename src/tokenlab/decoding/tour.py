@@ -12,21 +12,7 @@ from tokenlab.toy import ToyWorld
 
 def tour_section(world: ToyWorld) -> list[str]:
     """Greedy speculative decoding (chain and batched EQSPEC/EXSPEC) vs plain ``generate`` on the
-    toy pair: acceptance rate, tokens per target call, tokens/s and speedup (device labelled).
-
-    On CPU the section runs the toy models on one intra-op thread (restored afterwards): at these
-    sizes it is the fastest setting, and timings stay meaningful on a shared machine."""
-    if world.target.device.type != "cpu":
-        return _speculative_lines(world)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _speculative_lines(world)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _speculative_lines(world: ToyWorld) -> list[str]:
+    toy pair: acceptance rate, tokens per target call, tokens/s and speedup (device labelled)."""
     target, draft, device = world.target, world.draft, world.target.device
     label = "GPU" if device.type == "cuda" else "CPU"
     n_prompts, prompt_len, max_new, k = 4, 16, 20, 4

@@ -1,17 +1,15 @@
-"""Tour section and shared experiments for exact byte-level probabilities and tokenizer transplant.
+"""Experiments for exact byte-level probabilities and tokenizer transplant on the toy world.
 
-:func:`next_byte_bias` and :func:`transplant_comparison` are the experiments that the tour
-(:func:`tour_lines`) and ``benchmarks/transplant.py`` both run, at different sizes.
+:func:`next_byte_bias` and :func:`transplant_comparison` are run by the tour
+(:func:`byte_level_and_transplant_lines`) and by ``benchmarks/transplant.py``, at different sizes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -210,27 +208,10 @@ def world_texts(world: ToyWorld, ids: torch.Tensor, max_bytes: int) -> list[str]
     return docs
 
 
-@contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Tiny models on CPU: one intra-op thread beats two contending ones (restored afterwards)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def tour_lines(world: ToyWorld) -> list[str]:
+def byte_level_and_transplant_lines(world: ToyWorld) -> list[str]:
     """Next-byte law for a prompt ending mid-token (exact vs naive token completion), and held-out
     bits/byte of the target transplanted to a tokenizer trained with a larger vocabulary, with each
     donor-free method (training a donor for OMP does not fit the tour's time)."""
-    with _one_thread_on_cpu(world.target.device):
-        return _tour_lines(world)
-
-
-def _tour_lines(world: ToyWorld) -> list[str]:
     lm = ByteLevelLM(world.target, world.tokenizer)
     prompt = b"    def __init__(self, name):\n        self.na"
     lines = [

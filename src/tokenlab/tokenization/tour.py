@@ -1,10 +1,12 @@
-"""Tour section: superword vs subword BPE compression on held-out stdlib text at equal vocabulary."""
+"""Tour section of the tokenization family: superword vs subword compression, exact next-byte laws
+for a mid-token prompt, and tokenizer transplant losses."""
 
 from __future__ import annotations
 
 import time
 
 from tokenlab.tokenization.bpe import train_bpe, train_superword_bpe
+from tokenlab.tokenization.experiments import byte_level_and_transplant_lines
 from tokenlab.toy import ToyWorld, stdlib_documents
 
 SLICE_CHARS = 400  # a slice from the middle of every file: many files in little text
@@ -15,7 +17,7 @@ def _middle_slices(split: str) -> list[str]:
     return [t[len(t) // 2 : len(t) // 2 + SLICE_CHARS] for _, t in stdlib_documents(split)]
 
 
-def tour_lines(world: ToyWorld) -> list[str]:
+def _superword_lines(world: ToyWorld) -> list[str]:
     """Train a subword and a superword BPE tokenizer (our trainer; the world tokenizer's vocabulary
     size, at most 1024; superword transition at 30 % of the merges) on a 400-character slice of
     every training file, and count their tokens on the same slices of the held-out files."""
@@ -41,3 +43,8 @@ def tour_lines(world: ToyWorld) -> list[str]:
         f"  superword (transition at {transition}): {100 * (1 - sup / sub):.1f}% fewer tokens; "
         f"HF export = our encoder: {'yes' if exact else 'NO'} ({time.perf_counter() - start:.1f} s)",
     ]
+
+
+def tour_section(world: ToyWorld) -> list[str]:
+    """Superword vs subword BPE on held-out stdlib text; byte-level probabilities and transplant."""
+    return _superword_lines(world) + byte_level_and_transplant_lines(world)
