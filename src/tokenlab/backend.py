@@ -5,7 +5,9 @@ Every op with a fused kernel takes ``backend="auto" | "triton" | "reference"``:
 * ``"reference"`` — the pure-PyTorch specification; runs anywhere, supports autograd.
 * ``"triton"`` — the fused kernel. On CUDA tensors it is compiled; on CPU tensors it runs
   under the Triton interpreter, which must be switched on with ``TRITON_INTERPRET=1`` *before*
-  the kernel module is first imported (tokenlab imports kernel modules lazily, on first use).
+  ``triton`` is first imported (``triton.language`` builds its helpers at import, and transformers'
+  model modules import triton): set it in the environment or at the very top of the script.
+  tokenlab itself imports its kernel modules lazily, on first use.
 * ``"auto"`` — Triton when every tensor is on CUDA and Triton imports, the reference otherwise.
 
 Ops call :func:`resolve_backend` with their tensor arguments *by name*, so errors name the
@@ -82,6 +84,6 @@ def resolve_backend(backend: str, **tensors: torch.Tensor | None) -> Literal["tr
     if not on_cuda and not triton_interpreter_enabled():
         raise ValueError(
             "`backend`='triton' needs CUDA tensors (got CPU ones); to run the kernel on CPU, set "
-            "TRITON_INTERPRET=1 before tokenlab's kernels are first used, or use backend='reference'"
+            "TRITON_INTERPRET=1 before triton is first imported, or use backend='reference'"
         )
     return "triton"

@@ -1,7 +1,7 @@
 """Fused attention with variant flags: the public :func:`flash_attention` and its dispatch.
 
-``reference.py`` is the specification; ``kernel.py`` the Triton forward/backward, imported lazily so
-that ``TRITON_INTERPRET`` is read when the kernel is first used.
+``reference.py`` is the specification; ``kernel.py`` the Triton forward/backward, imported lazily (on
+first use).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Softmax with temperature: the demonstration kernel of the dispatch path (used by decoding).
 
-``reference.py`` is the specification; ``kernel.py`` the fused Triton kernel, imported lazily so
-that ``TRITON_INTERPRET`` is read when the kernel is first used, not when tokenlab is imported.
+``reference.py`` is the specification; ``kernel.py`` the fused Triton kernel, imported lazily (on
+first use), so importing tokenlab never imports triton.
 """
 
 from __future__ import annotations
