@@ -148,3 +148,16 @@ def test_configure_attention_bad_input():
     ours.model.layers[0].self_attn.attention_dropout = 0.1
     with pytest.raises(ValueError, match="`dropout`"):
         ours(torch.tensor([[1, 2, 3]]))
+
+
+def test_configure_attention_bad_input_leaves_model_unchanged():
+    _, ours = _pair(_llama_config())
+    configure_attention(ours, sinks=0.5, initial_token_scale=2.0, softcap=3.0)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(ValueError, match="`sinks` must be"):
+        configure_attention(ours, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="`initial_token_scale` must be > 0"):
+        configure_attention(ours, initial_token_scale=0.0)
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.tokenlab_softcap == 3.0 for m in ours.model.layers.modules() if hasattr(m, "q_proj"))

@@ -186,18 +186,22 @@ def configure_attention(
     if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
         raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")
     selected = [m for m in modules if chosen is None or m.layer_idx in chosen]
+    values = []  # validated for every module before any module is changed
     for module in selected:
-        heads = module.config.num_attention_heads
-        weight = module.q_proj.weight
+        heads, weight = module.config.num_attention_heads, module.q_proj.weight
+        sink = None if sinks is None else _per_head("sinks", sinks, heads, weight)
+        gamma = None
+        if initial_token_scale is not None:
+            gamma = _per_head("initial_token_scale", initial_token_scale, heads, weight)
+            if not bool((gamma > 0).all()):
+                raise ValueError(f"`initial_token_scale` must be > 0, got {gamma.tolist()}")
+        values.append((sink, gamma))
+    for module, (sink, gamma) in zip(selected, values):
         if SINKS_ATTR in module._parameters:
             del module._parameters[SINKS_ATTR]
         if INITIAL_TOKEN_SCALE_ATTR in module._buffers:
             del module._buffers[INITIAL_TOKEN_SCALE_ATTR]
-        sink_param = None if sinks is None else nn.Parameter(_per_head("sinks", sinks, heads, weight))
-        module.register_parameter(SINKS_ATTR, sink_param)
-        gamma = None
-        if initial_token_scale is not None:
-            gamma = _per_head("initial_token_scale", initial_token_scale, heads, weight)
+        module.register_parameter(SINKS_ATTR, None if sink is None else nn.Parameter(sink))
         module.register_buffer(INITIAL_TOKEN_SCALE_ATTR, gamma)
         setattr(module, SOFTCAP_ATTR, softcap)
         setattr(module, BACKEND_ATTR, backend)
