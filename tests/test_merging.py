@@ -237,6 +237,22 @@ def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetu
         assert grad[i].item() == pytest.approx(fd, rel=0.02, abs=1e-4), (i, grad, fd)
 
 
+def test_probe_loss_bad_input():
+    """Too few coefficients used to be dropped silently by zip (a merge of fewer models)."""
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    base, a, b = (LlamaForCausalLM(config) for _ in range(3))
+    ids = torch.randint(0, 32, (1, 8))
+    probe = [{"input_ids": ids, "labels": ids}]
+    with pytest.raises(ValueError, match="`coefficients` must hold one number per fine-tuned model"):
+        probe_loss(base, [a, b], [0.5], probe)
+    with pytest.raises(ValueError, match="`probe` must be a non-empty"):
+        probe_loss(base, [a, b], [0.5, 0.5], [])
+    assert math.isfinite(probe_loss(base, [a, b], [0.5, 0.5], probe))
+
+
 # -------------------------------------------------------------------------- checkpoint merges
 def _tree_hash(paths) -> dict[str, str]:
     return {

@@ -143,7 +143,16 @@ def probe_loss(
     loss_fn: LossFn = causal_lm_loss,
 ) -> float:
     """Mean ``loss_fn`` over ``probe`` of the model ``θ_0 + Σ_i α_i τ_i`` with ``α = coefficients``."""
+    alpha = torch.as_tensor(coefficients, dtype=torch.float32)
+    if alpha.dim() != 1 or alpha.numel() != len(finetuned):
+        raise ValueError(
+            f"`coefficients` must hold one number per fine-tuned model ({len(finetuned)}), "
+            f"got shape {tuple(alpha.shape)}"
+        )
+    probe = list(probe)
+    if not probe:
+        raise ValueError("`probe` must be a non-empty collection of keyword-argument batches")
     base, tvs = model_task_vectors(model, finetuned)
-    params = merged_parameters(base, tvs, torch.as_tensor(coefficients, dtype=torch.float32))
+    params = merged_parameters(base, tvs, alpha)
     values = [loss_fn(functional_call(model, params, args=(), kwargs=dict(b)), b).item() for b in probe]
     return sum(values) / len(values)
