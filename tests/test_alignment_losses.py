@@ -387,6 +387,17 @@ def test_bad_inputs_unpaired_and_policy(pair):
         )
 
 
+def test_gtpo_bad_group_size_and_ids_are_named():
+    ids, mask, adv = torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3), torch.ones(4)
+    for group_size in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="`group_size` must be an int >= 1"):
+            gtpo_conflict_tokens(ids, mask, adv, group_size)
+    with pytest.raises(ValueError, match="`completion_ids` must be"):
+        gtpo_conflict_tokens(torch.zeros(4, dtype=torch.long), mask, adv, 2)
+    with pytest.raises(TypeError, match="completion_ids"):
+        gtpo_conflict_tokens(ids.tolist(), mask, adv, 2)
+
+
 def test_losses_under_autocast_bfloat16(pair):
     c, r = pair
     hidden = c.hidden.detach().float().requires_grad_(True)

@@ -163,6 +163,13 @@ def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tenso
 
     ``completion_ids``/``mask``: ``[B, T]`` in consecutive groups of ``group_size``; ``advantages``: ``[B]``.
     """
+    check_tensor("completion_ids", completion_ids)
+    check_tensor("mask", mask)
+    check_tensor("advantages", advantages)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"`group_size` must be an int >= 1, got {group_size!r}")
+    if completion_ids.ndim != 2:
+        raise ValueError(f"`completion_ids` must be [B, T], got shape {tuple(completion_ids.shape)}")
     B, T = completion_ids.shape
     if B % group_size or advantages.shape != (B,) or mask.shape != (B, T):
         raise ValueError(
