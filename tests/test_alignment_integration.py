@@ -4,6 +4,7 @@ contrastive-prompting token rewards obey their invariants; the tour section runs
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenlab.alignment import contrastive_token_rewards
@@ -45,6 +46,16 @@ def test_contrastive_token_rewards_invariants(tiny_world):
         model, tok, prompts, completions, better_instruction="# buggy\n", worse_instruction="# correct\n"
     )
     assert torch.allclose(r, -r_swapped, atol=1e-6) and (r.abs() < 1).all() and (r != 0).any()
+
+
+def test_contrastive_token_rewards_rejects_empty_context(tiny_world):
+    """With an empty instruction + prompt the first completion token has no preceding token to be scored
+    from; the rewards used to be silently misaligned (slice from position -1)."""
+    with pytest.raises(ValueError, match="must tokenize to at least one token"):
+        contrastive_token_rewards(
+            tiny_world.target, tiny_world.tokenizer, [""], ["    return a + b\n"],
+            better_instruction="", worse_instruction="# good\n",
+        )  # fmt: skip
 
 
 def test_tour_section_runs(tiny_world):

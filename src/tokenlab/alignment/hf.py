@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from tokenlab.alignment.common import TokenLogps
 from tokenlab.alignment.fused_linear import ComputePath, causal_lm_head, shift_for_next_token, token_stats
@@ -60,7 +61,7 @@ def completion_token_logps(
 @torch.no_grad()
 def contrastive_token_rewards(
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     completions: list[str],
     *,
@@ -82,6 +83,13 @@ def contrastive_token_rewards(
     encoded = [tokenizer(c, add_special_tokens=False).input_ids for c in completions]
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("every completion must tokenize to at least one token")
+    contexts = {
+        instruction: [tokenizer(instruction + p, add_special_tokens=False).input_ids for p in prompts]
+        for instruction in (better_instruction, worse_instruction)
+    }
+    if any(len(ids) == 0 for ctx in contexts.values() for ids in ctx):
+        # the first completion token is scored from the token before it: the context cannot be empty
+        raise ValueError("every instruction + prompt in `prompts` must tokenize to at least one token")
     L = max(len(ids) for ids in encoded)
     device = next(model.parameters()).device
     completion_ids = torch.zeros(len(encoded), L, dtype=torch.long, device=device)
@@ -92,8 +100,7 @@ def contrastive_token_rewards(
 
     def completion_logps(instruction: str) -> Tensor:
         rows = []
-        for i, prompt in enumerate(prompts):
-            context = tokenizer(instruction + prompt, add_special_tokens=False).input_ids
+        for i, context in enumerate(contexts[instruction]):
             ids = torch.tensor([context + encoded[i]], device=device)
             mask = torch.zeros_like(ids)
             mask[:, len(context) :] = 1
