@@ -376,6 +376,11 @@ def test_bad_input(pairs):
         speculative_generate(target, draft, ids, max_new_tokens=3, strategy="bsp")
     with pytest.raises(TypeError, match="draft"):
         speculative_generate(target, "draft", ids, max_new_tokens=3)
+    with pytest.raises(TypeError, match="`target`"):
+        speculative_generate("target", draft, ids, max_new_tokens=3)
+    for pad in ("0", 1.0, -1, 10**6):  # checked before generating, not when the output is assembled
+        with pytest.raises(ValueError, match="`pad_token_id`"):
+            speculative_generate(target, draft, ids, max_new_tokens=3, pad_token_id=pad)
     with pytest.raises(ValueError, match="one device"):
         speculative_generate(target, copy.deepcopy(draft).to("meta"), ids, max_new_tokens=3)
     with pytest.raises(ValueError, match="input_ids"):

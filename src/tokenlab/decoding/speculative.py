@@ -400,7 +400,7 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
-    if eos_token_id is None:
+    if eos_token_id is None and isinstance(target, PreTrainedModel):  # else _check_inputs names `target`
         eos_token_id = target.generation_config.eos_token_id
     eos = _check_inputs(
         target,
@@ -418,6 +418,9 @@ def speculative_generate(
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    vocab = _model_vocab(target)
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
+        raise ValueError(f"`pad_token_id` must be an int in [0, {vocab}), got {pad_token_id!r}")
     sampling = _Sampling(do_sample, float(temperature), top_k, top_p, generator, backend)
     device = input_ids.device
     B = input_ids.shape[0]
