@@ -292,3 +292,11 @@ def test_canonical_extensions_match_definition_on_toy_tokenizer(tiny_world):
             assert bpe.encode(data) == tok(data.decode(), add_special_tokens=False).input_ids
         except UnicodeDecodeError:
             assert bpe.decode(bpe.encode(data)) == data
+
+
+def test_byte_map_has_one_home():
+    """GPT-2's byte → character map lives in tokenlab.tokenization.bpe; byte_level had a second copy."""
+    from tokenlab.tokenization import bpe, byte_level
+
+    assert not hasattr(byte_level, "byte_to_unicode")
+    assert byte_level.bytes_to_unicode is bpe.bytes_to_unicode

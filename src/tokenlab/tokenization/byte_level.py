@@ -29,32 +29,15 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from tokenlab.tokenization.bpe import bytes_to_unicode
+
 EOS_BYTE = 256
 """Index of the end-of-text outcome in a next-byte law (laws have 257 entries: bytes 0–255, EOS)."""
-
-
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _as_bytes(text: bytes | str, name: str) -> bytes:
@@ -119,7 +102,7 @@ class ByteLevelBPE:
         pre = state.get("pre_tokenizer")
         if pre is not None and '"add_prefix_space": true' in json.dumps(pre):
             raise ValueError("`tokenizer` adds a prefix space: decode(encode(x)) != x, unsupported")
-        unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
+        unicode_to_byte = {c: b for b, c in bytes_to_unicode().items()}
         special = {a["content"] for a in state.get("added_tokens", [])}
         vocab: dict[str, int] = state["model"]["vocab"]
         size = max(len(tokenizer), max(vocab.values()) + 1)
@@ -141,7 +124,7 @@ class ByteLevelBPE:
         self._tokenizer = Tokenizer.from_str(json.dumps(plain))
         self._bpe = Tokenizer.from_str(json.dumps({**plain, "normalizer": None, "pre_tokenizer": None}))
         self._pre_tokenizer = backend.pre_tokenizer
-        self._to_unicode = byte_to_unicode()
+        self._to_unicode = bytes_to_unicode()
 
     def tokens_starting_with(self, prefix: bytes) -> list[int]:
         """Ids of the (non-special) tokens whose bytes start with ``prefix`` (all of them for b"")."""
