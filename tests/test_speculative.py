@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tokenlab.decoding import speculative_generate, warp_logits, warped_probs
+from tokenlab.decoding import speculative_generate, warp_cutoff, warp_logits, warped_probs
 from tokenlab.kernels.speculative_verify import verify
 from tokenlab.kernels.speculative_verify.reference import acceptance_probability, residual_distribution
 
@@ -100,6 +100,20 @@ def test_warping_matches_hf_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(
         warped_probs(logits, temperature, top_k, top_p), expected.softmax(-1), rtol=1e-12, atol=1e-15
     )
+
+
+def test_public_warping_functions_reject_bad_arguments():
+    """temperature 0 used to give NaN probabilities, top_k 0 an index error, top_p > 1 no filter."""
+    logits = torch.randn(2, 10)
+    for fn in (warp_cutoff, warp_logits, warped_probs):
+        with pytest.raises(ValueError, match="`temperature`"):
+            fn(logits, 0.0, None, 0.9)
+        with pytest.raises(ValueError, match="`top_k`"):
+            fn(logits, 1.0, 0, None)
+        with pytest.raises(ValueError, match="`top_p`"):
+            fn(logits, 1.0, None, 1.5)
+        with pytest.raises(TypeError, match="`logits`"):
+            fn(logits.tolist(), 1.0, 3, None)
 
 
 # ----------------------------------------------------------------------- kernel vs reference

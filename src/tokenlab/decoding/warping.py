@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from tokenlab.backend import Backend
+from tokenlab.backend import Backend, check_tensor
 from tokenlab.kernels.temperature_softmax import temperature_softmax
 
 
@@ -51,8 +51,11 @@ def warp_cutoff(
     """The raw-logit cutoff of top-k/top-p: tokens with ``logits ≥ cutoff`` are kept.
 
     Shapes: ``logits [..., V]`` → ``cutoff [...]`` in the dtype of ``logits`` (``-inf`` when
-    neither filter is set, or when ``top_k ≥ V`` and ``top_p = 1``).
+    neither filter is set, or when ``top_k ≥ V`` and ``top_p = 1``). Raises on a bad warping argument
+    (e.g. ``temperature ≤ 0``, which would divide by zero) before computing.
     """
+    check_tensor("logits", logits)
+    check_warping(True, temperature, top_k, top_p)
     cutoff = torch.full(logits.shape[:-1], float("-inf"), dtype=logits.dtype, device=logits.device)
     if top_k is None and (top_p is None or top_p >= 1):
         return cutoff
