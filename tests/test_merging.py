@@ -443,3 +443,25 @@ def test_tour_section_runs(tiny_world):
     assert any(line.startswith("TIES merge") for line in lines)
     values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
     assert all(math.isfinite(v) and 0 < v < 10 for v in values)
+
+
+def test_public_merging_functions_are_typed_and_documented():
+    """Every public function of the merging family states its types and has a docstring."""
+    import inspect
+
+    from tokenlab.merging import checkpoint, config, methods, self_positioning
+
+    missing = []
+    for module in (methods, self_positioning, checkpoint, config):
+        for name, fn in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue
+            sig = inspect.signature(fn)
+            untyped = [
+                p
+                for p in sig.parameters.values()
+                if p.annotation is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+            ]
+            if untyped or sig.return_annotation is inspect.Signature.empty or not fn.__doc__:
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, missing

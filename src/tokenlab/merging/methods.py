@@ -236,14 +236,14 @@ def _masks_for(inputs, density, generator, masks) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------- methods
 @register_merge_method("task_arithmetic", paper="Editing Models with Task Arithmetic")
-def task_arithmetic(inputs: MergeInputs, weights) -> Iterator[torch.Tensor]:
+def task_arithmetic(inputs: MergeInputs, weights: torch.Tensor) -> Iterator[torch.Tensor]:
     """``θ = θ_base + Σ_i w_i τ_i``."""
     for a, b in inputs.blocks():
         yield weight_(inputs.task_vectors(a, b), weights).sum(0).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method("magnitude_prune", paper="TIES-Merging (trim step only)", density=None)
-def magnitude_prune(inputs: MergeInputs, weights, *, density) -> Iterator[torch.Tensor]:
+def magnitude_prune(inputs: MergeInputs, weights: torch.Tensor, *, density: float) -> Iterator[torch.Tensor]:
     """``θ = θ_base + Σ_i w_i trim(τ_i, density)`` (PEFT's ``magnitude_prune``)."""
     thresholds = magnitude_thresholds(inputs, density)
     for a, b in inputs.blocks():
@@ -257,7 +257,9 @@ def magnitude_prune(inputs: MergeInputs, weights, *, density) -> Iterator[torch.
     density=None,
     majority_sign="total",
 )
-def ties(inputs: MergeInputs, weights, *, density, majority_sign) -> Iterator[torch.Tensor]:
+def ties(
+    inputs: MergeInputs, weights: torch.Tensor, *, density: float, majority_sign: str
+) -> Iterator[torch.Tensor]:
     """Trim, elect sign, disjoint mean: ``θ = θ_base + Σ_{i∈A} w_i τ̂_i / |A|`` with ``τ̂ = trim(τ)``
     and ``A`` the models whose ``τ̂`` agrees with the elected sign."""
     thresholds = magnitude_thresholds(inputs, density)
@@ -275,7 +277,14 @@ def ties(inputs: MergeInputs, weights, *, density, majority_sign) -> Iterator[to
     generator=None,
     masks=None,
 )
-def dare_linear(inputs: MergeInputs, weights, *, density, generator, masks) -> Iterator[torch.Tensor]:
+def dare_linear(
+    inputs: MergeInputs,
+    weights: torch.Tensor,
+    *,
+    density: float,
+    generator: torch.Generator | None,
+    masks: torch.Tensor | None,
+) -> Iterator[torch.Tensor]:
     """DARE then task arithmetic: ``θ = θ_base + Σ_i w_i m_i ⊙ τ_i / density``."""
     masks = _masks_for(inputs, density, generator, masks)
     for a, b in inputs.blocks():
@@ -293,7 +302,13 @@ def dare_linear(inputs: MergeInputs, weights, *, density, generator, masks) -> I
     masks=None,
 )
 def dare_ties(
-    inputs: MergeInputs, weights, *, density, majority_sign, generator, masks
+    inputs: MergeInputs,
+    weights: torch.Tensor,
+    *,
+    density: float,
+    majority_sign: str,
+    generator: torch.Generator | None,
+    masks: torch.Tensor | None,
 ) -> Iterator[torch.Tensor]:
     """DARE's drop-and-rescale in place of TIES' trim, then elect sign and disjoint mean."""
     masks = _masks_for(inputs, density, generator, masks)
@@ -306,7 +321,7 @@ def dare_ties(
 @register_merge_method(
     "slerp", paper="Animating Rotation with Quaternion Curves (SLERP)", weighted=False, t=None, eps=1e-8
 )
-def slerp(inputs: MergeInputs, weights, *, t, eps) -> Iterator[torch.Tensor]:
+def slerp(inputs: MergeInputs, weights: torch.Tensor, *, t: float, eps: float) -> Iterator[torch.Tensor]:
     """Spherical linear interpolation from the base (t = 0) to the one fine-tuned tensor (t = 1).
 
     With ``Ω`` the angle between the flattened tensors (inner products accumulated in float64),
@@ -332,6 +347,8 @@ def slerp(inputs: MergeInputs, weights, *, t, eps) -> Iterator[torch.Tensor]:
 
 # ----------------------------------------------------------------------------------- entry point
 def check_param_values(method: MergeMethod, params: dict, n: int, shape: torch.Size, where: str) -> None:
+    """Validate a method's resolved ``params`` for ``n`` models and tensors of ``shape`` (``masks``:
+    ``(n, *shape)``); errors name the parameter, and ``where`` (the tensor or checkpoints) for masks."""
     if "density" in method.defaults:
         d = params["density"]
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
@@ -370,7 +387,9 @@ def resolve_params(method: str, params: dict) -> tuple[MergeMethod, dict]:
     return entry, full
 
 
-def resolve_weights(entry: MergeMethod, weights, n: int) -> torch.Tensor:
+def resolve_weights(
+    entry: MergeMethod, weights: Sequence[float] | torch.Tensor | None, n: int
+) -> torch.Tensor:
     """Per-model weights as a float64 tensor of length ``n`` (default: all ones)."""
     if weights is None:
         return torch.ones(n, dtype=torch.float64)
@@ -384,7 +403,7 @@ def resolve_weights(entry: MergeMethod, weights, n: int) -> torch.Tensor:
     return w
 
 
-def check_tensors(base, finetuned, name: str = "tensor") -> None:
+def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "tensor") -> None:
     """Same shape and dtype across ``base`` and every fine-tuned tensor; errors name ``name``."""
     if not isinstance(base, torch.Tensor):
         raise TypeError(f"`base` must be a torch.Tensor, got {type(base).__name__}")

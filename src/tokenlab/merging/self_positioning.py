@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
+from transformers.utils import ModelOutput
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[object, Batch], torch.Tensor]
 
 
-def causal_lm_loss(outputs, batch: Batch) -> torch.Tensor:
+def causal_lm_loss(outputs: ModelOutput, batch: Batch) -> torch.Tensor:
     """Default loss: the ``loss`` a Hugging Face model returns when the batch carries ``labels``."""
     return outputs.loss
 
