@@ -161,3 +161,20 @@ def test_configure_attention_bad_input_leaves_model_unchanged():
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(m.tokenlab_softcap == 3.0 for m in ours.model.layers.modules() if hasattr(m, "q_proj"))
+
+
+def test_public_attention_functions_are_typed_and_documented():
+    import inspect
+
+    from tokenlab.attention import hf, rope, set_based_prompting
+
+    missing = []
+    for module in (hf, rope, set_based_prompting):
+        for name, fn in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue
+            sig = inspect.signature(fn)
+            untyped = [p for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty]
+            if untyped or sig.return_annotation is inspect.Signature.empty or not fn.__doc__:
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, missing

@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 
-def tokenlab_attention_mask(*args, allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
+def tokenlab_attention_mask(
+    *args: object, allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs: object
+) -> torch.Tensor | None:
     """Mask function for ``AttentionMaskInterface``: ``None`` or the 2-D padding mask when the pattern
     is causal (or sliding-window causal) plus padding, else the exact 4-D boolean mask of ``sdpa_mask``.
 
@@ -87,7 +89,7 @@ def tokenlab_attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
-    **kwargs,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: ``query [B, Hq, T, D]``, ``key``/``value [B, Hkv, S, D]``
     (after the KV-cache update) → ``(out [B, T, Hq, D], None)``.
