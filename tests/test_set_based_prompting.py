@@ -223,6 +223,15 @@ class NoIds:
         return {"tokens": list(text)}
 
 
+def test_sampling_arguments_follow_the_shared_warping(tiny_world) -> None:
+    """Sampling goes through tokenlab.decoding.warping (one home): as there and in HF ``generate``, the
+    temperature is ignored (not rejected) when decoding greedily."""
+    model, tok = tiny_world.target, tiny_world.tokenizer
+    greedy = set_based_generate(model, tok, PREFIX, PARTS[:2], SUFFIX, 3, eos_token_id=-1)
+    ignored = set_based_generate(model, tok, PREFIX, PARTS[:2], SUFFIX, 3, temperature=0.0, eos_token_id=-1)
+    assert torch.equal(greedy, ignored)
+
+
 def test_bad_input(tiny_world) -> None:
     tok = tiny_world.tokenizer
     with pytest.raises(ValueError, match="at least one"):

@@ -27,7 +27,6 @@ the next position, so the guarantee holds for the whole continuation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenlab.kernels.temperature_softmax import temperature_softmax
+from tokenlab.decoding.warping import check_warping, warped_probs
 
 __all__ = ["SetBasedInputs", "segment_attention_mask", "set_based_generate", "set_based_inputs"]
 
@@ -186,14 +185,7 @@ def set_based_inputs(
 def _check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"`do_sample` must be a bool, got {type(do_sample).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"`temperature` must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be finite and > 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"`top_k` must be a positive int or None, got {top_k!r}")
+    check_warping(do_sample, temperature, top_k, None)
 
 
 def _next_token(
@@ -203,14 +195,11 @@ def _next_token(
     top_k: int | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Greedy argmax, or a sample from ``softmax(logits / temperature)`` restricted to the top ``k``."""
+    """Greedy argmax, or a sample from ``softmax(logits / temperature)`` restricted to the top ``k``
+    (the warping of :mod:`tokenlab.decoding.warping`)."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = temperature_softmax(logits, temperature)
+    probs = warped_probs(logits.float(), temperature, top_k)
     return torch.multinomial(probs, 1, generator=generator)[..., 0]
 
 
