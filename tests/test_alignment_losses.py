@@ -379,6 +379,11 @@ def test_bad_inputs_unpaired_and_policy(pair):
         grpo_loss(c.tokens, torch.zeros(B + 1))
     with pytest.raises(ValueError, match="normalization"):
         grpo_loss(c.tokens, torch.zeros(B), normalization="per-word")
+    with pytest.raises(ValueError, match="`old_logps` shape"):
+        grpo_loss(c.tokens, torch.zeros(B), old_logps=c.tokens.logps.detach()[:, :-1])
+    nan = torch.full_like(c.tokens.logps.detach(), float("nan"))
+    with pytest.raises(ValueError, match="`inference_logps` contains NaN"):
+        icepop_loss(c.tokens, torch.zeros(B), inference_logps=nan)
     with pytest.raises(ValueError, match="alpha"):
         icepop_loss(c.tokens, torch.zeros(B), inference_logps=c.tokens.logps.detach(), alpha=1.5)
     with pytest.raises(ValueError, match="entropy"):

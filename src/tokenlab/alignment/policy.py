@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_finite, check_positive
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_finite, check_positive, check_weights
 from tokenlab.backend import check_tensor
 
 
@@ -81,14 +81,7 @@ def _check_policy_inputs(tokens: TokenLogps, advantages: Tensor, **others: Tenso
     if advantages.shape not in ((B,), tokens.logps.shape):
         raise ValueError(f"`advantages` must be [B] or [B, T], got {tuple(advantages.shape)}")
     for name, value in others.items():
-        if value is None:
-            continue
-        check_tensor(name, value)
-        if value.shape != tokens.logps.shape:
-            raise ValueError(
-                f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(tokens.logps.shape)}"
-            )
-        check_finite(name, value)
+        check_weights(name, value, tokens)  # same [B, T] shape and finite
     return advantages.unsqueeze(-1) if advantages.ndim == 1 else advantages
 
 
