@@ -368,7 +368,7 @@ def test_bad_inputs(pair, name):
 
 
 def test_bad_inputs_unpaired_and_policy(pair):
-    c, _ = pair
+    c, r = pair
     with pytest.raises(ValueError, match="desirable"):
         kto_loss(c.tokens, torch.ones(3, dtype=torch.bool), kl_logratios=torch.zeros(2))
     with pytest.raises(ValueError, match="kl_logratios"):
@@ -379,6 +379,13 @@ def test_bad_inputs_unpaired_and_policy(pair):
         grpo_loss(c.tokens, torch.zeros(B + 1))
     with pytest.raises(ValueError, match="normalization"):
         grpo_loss(c.tokens, torch.zeros(B), normalization="per-word")
+    lp = r.tokens.logps.detach()
+    with pytest.raises(ValueError, match="`positive_logps` shape"):  # used to blame `rejected_weights`
+        cdpo_loss(c.tokens, r.tokens, positive_logps=lp[:, :-1], negative_logps=lp[:, :-1])
+    with pytest.raises(TypeError, match="`negative_logps`"):
+        critical_token_weights(lp, lp.tolist())
+    with pytest.raises(ValueError, match=r"`positive_logps`.*same shape"):
+        critical_token_weights(lp, lp[:, :-1])
     with pytest.raises(ValueError, match="`old_logps` shape"):
         grpo_loss(c.tokens, torch.zeros(B), old_logps=c.tokens.logps.detach()[:, :-1])
     nan = torch.full_like(c.tokens.logps.detach(), float("nan"))

@@ -36,6 +36,7 @@ from tokenlab.alignment.common import (
     sequence_logratio,
     sigmoid_preference_loss,
 )
+from tokenlab.backend import check_tensor
 
 
 def token_level_margin(
@@ -189,6 +190,13 @@ def critical_token_weights(positive_logps: Tensor, negative_logps: Tensor, *, ce
     where the positive model agrees with the token; the weight is ``1 − s_t``, largest on critical tokens
     that only the negative model favours. Inputs ``[B, T]``; the output carries no gradient."""
     check_positive("ce_beta", ce_beta)
+    check_tensor("positive_logps", positive_logps)
+    check_tensor("negative_logps", negative_logps)
+    if positive_logps.shape != negative_logps.shape:
+        raise ValueError(
+            f"`positive_logps` {tuple(positive_logps.shape)} and `negative_logps` "
+            f"{tuple(negative_logps.shape)} must have the same shape"
+        )
     score = (1 + ce_beta) * positive_logps.detach() - ce_beta * negative_logps.detach()
     return 1 - score.clamp(max=0).exp()
 
@@ -204,6 +212,8 @@ def cdpo_loss(
 ) -> LossOutput:
     """cDPO: token-weighted DPO whose rejected-side weights are :func:`critical_token_weights` of the
     rejected completion (``positive_logps``/``negative_logps`` ``[B, T]`` on the rejected tokens)."""
+    check_weights("positive_logps", positive_logps, rejected)  # [B, T] like `rejected`, finite
+    check_weights("negative_logps", negative_logps, rejected)
     weights = critical_token_weights(positive_logps, negative_logps, ce_beta=ce_beta)
     out = token_weighted_dpo_loss(chosen, rejected, beta=beta, rejected_weights=weights)
     out.metrics["weights/rejected_mean"] = masked_sum(weights, rejected.mask).sum() / rejected.mask.sum()
