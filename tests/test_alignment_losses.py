@@ -373,6 +373,14 @@ def test_bad_inputs_unpaired_and_policy(pair):
         kto_loss(c.tokens, torch.ones(3, dtype=torch.bool), kl_logratios=torch.zeros(2))
     with pytest.raises(ValueError, match="kl_logratios"):
         kto_loss(c.tokens, torch.ones(B, dtype=torch.bool), kl_logratios=torch.tensor([float("nan")]))
+    shift = RewardShift()
+    shift.update(torch.tensor([1.0, 3.0]))
+    for bad in (torch.tensor([]), torch.tensor([1.0, float("nan")])):
+        with pytest.raises(ValueError, match="`rewards`"):
+            shift.update(bad)
+    assert shift.value == 2.0 and shift.count == 2  # state untouched by the rejected batches
+    with pytest.raises(ValueError, match="`reward_shift`"):
+        bco_loss(c.tokens, torch.ones(B, dtype=torch.bool), reward_shift=float("inf"))
     with pytest.raises(ValueError, match="beta"):
         grpo_loss(c.tokens, torch.zeros(B), beta=-0.1)
     with pytest.raises(ValueError, match="advantages"):

@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,6 +96,10 @@ class RewardShift:
 
     def update(self, rewards: Tensor) -> float:
         """Fold a batch of rewards ``[n]`` into ``δ`` and return the new value."""
+        check_tensor("rewards", rewards)
+        if rewards.numel() == 0:
+            raise ValueError("`rewards` is empty: nothing to fold into the reward shift")
+        check_finite("rewards", rewards)  # one NaN would poison δ for the rest of training
         r = rewards.detach().double()
         if self.momentum is None or self.count == 0:
             self.value = (self.value * self.count + r.sum().item()) / (self.count + r.numel())
@@ -119,8 +125,12 @@ def bco_loss(
     """
     check_positive("beta", beta)
     desirable = _check_labels(desirable, tokens)
-    if not isinstance(reward_shift, (int, float)) or reward_shift != reward_shift:
-        raise ValueError(f"`reward_shift` must be a number, got {reward_shift!r}")
+    if (
+        isinstance(reward_shift, bool)
+        or not isinstance(reward_shift, (int, float))
+        or not math.isfinite(reward_shift)
+    ):
+        raise ValueError(f"`reward_shift` must be a finite number, got {reward_shift!r}")
     rewards = beta * sequence_logratio(tokens)
     logit = rewards - reward_shift
     losses = -F.logsigmoid(torch.where(desirable, logit, -logit))
