@@ -258,6 +258,10 @@ def test_bad_input(corpus):
         train_superword_bpe(["abc"], 300, 200)
     with pytest.raises(ValueError, match="`special_tokens`"):
         train_bpe(["abc"], 300, special_tokens=["x", "x"])
+    with pytest.raises(TypeError, match="`pre_tokenizer`"):  # a str used to be split on, silently
+        train_bpe(["abc def"], 300, pre_tokenizer="gpt2", progress=False)
+    with pytest.raises(TypeError, match="`superword_pre_tokenizer`"):
+        train_superword_bpe(["abc def"], 300, 280, superword_pre_tokenizer="lines", progress=False)
     with pytest.raises(ValueError, match="`split`"):
         make_pre_tokenizer("words")
     with pytest.raises(ValueError, match="`digits`"):

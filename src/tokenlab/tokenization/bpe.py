@@ -200,6 +200,14 @@ def _check_training_args(
     return specials
 
 
+def _check_pre_tokenizer(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, PreTokenizer):
+        raise TypeError(
+            f"`{name}` must be a PreTokenizer (e.g. make_pre_tokenizer('gpt2')) or None, "
+            f"got {type(value).__name__}"
+        )
+
+
 def train_bpe(
     texts: Sequence[str],
     vocab_size: int,
@@ -218,6 +226,7 @@ def train_bpe(
         progress: show a tqdm bar over the merges.
     """
     specials = _check_training_args(texts, vocab_size, special_tokens)
+    _check_pre_tokenizer("pre_tokenizer", pre_tokenizer)
     pre_tokenizer = pre_tokenizer or make_pre_tokenizer("gpt2")
     vocab = _Vocabulary()
     size = vocab_size - len(specials)
@@ -245,6 +254,8 @@ def train_superword_bpe(
     if digits should stay grouped in stage 2.
     """
     specials = _check_training_args(texts, vocab_size, special_tokens)
+    _check_pre_tokenizer("pre_tokenizer", pre_tokenizer)
+    _check_pre_tokenizer("superword_pre_tokenizer", superword_pre_tokenizer)
     if not isinstance(transition_vocab_size, int) or not 256 + len(specials) <= transition_vocab_size:
         raise ValueError(
             f"`transition_vocab_size` must be an int ≥ {256 + len(specials)}, got {transition_vocab_size!r}"
