@@ -251,6 +251,10 @@ def test_ensemble_of_two_tokenizers(world):
     assert (alone - world.lm.next_byte_distribution(b"ab")).abs().max() < 1e-12
     with pytest.raises(ValueError, match="weights"):
         ByteLevelEnsemble([world.lm], weights=[-1.0])
+    with pytest.raises(ValueError, match="weights"):  # NaN/inf used to give a NaN law
+        ByteLevelEnsemble([world.lm, world.lm], weights=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="weights"):
+        ByteLevelEnsemble([world.lm, world.lm], weights=[1.0, float("inf")])
 
 
 def test_bad_input(world):
@@ -268,6 +272,10 @@ def test_bad_input(world):
         world.lm.next_byte_distribution(b"b", [world.tokenizer.bos_token_id, world.lm.bpe.encode(b"a")[0]])
     with pytest.raises(ValueError, match="max_new_bytes"):
         generate_bytes(world.lm, b"a", -1)
+    with pytest.raises(ValueError, match="`max_new_bytes`"):  # was a TypeError from range()
+        generate_bytes(world.lm, b"a", 2.0)
+    with pytest.raises(ValueError, match="`temperature`"):  # inf: law ** 0, uniform over all 257
+        generate_bytes(world.lm, b"a", 2, do_sample=True, temperature=float("inf"))
 
 
 def test_canonical_extensions_match_definition_on_toy_tokenizer(tiny_world):

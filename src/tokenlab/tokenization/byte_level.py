@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -419,7 +420,7 @@ class ByteLevelEnsemble:
 
     Args:
         members: :class:`ByteLevelLM` objects (any tokenizers).
-        weights: non-negative mixture weights (default uniform); normalised to sum to 1.
+        weights: finite non-negative mixture weights (default uniform); normalised to sum to 1.
     """
 
     def __init__(self, members: Sequence[ByteLevelLM], weights: Sequence[float] | None = None):
@@ -430,7 +431,7 @@ class ByteLevelEnsemble:
             if weights is None
             else torch.tensor(weights, dtype=torch.float64)
         )
-        if w.shape != (len(members),) or (w < 0).any() or w.sum() <= 0:
+        if w.shape != (len(members),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"`weights` must be {len(members)} non-negative numbers with a positive sum")
         self.members = list(members)
         self.weights = w / w.sum()
@@ -455,10 +456,14 @@ def generate_bytes(
     Sampling draws from ``law^(1/temperature)`` renormalised.
     """
     data = _as_bytes(prompt, "prompt")
-    if max_new_bytes < 0:
-        raise ValueError(f"`max_new_bytes` must be ≥ 0, got {max_new_bytes}")
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    if isinstance(max_new_bytes, bool) or not isinstance(max_new_bytes, int) or max_new_bytes < 0:
+        raise ValueError(f"`max_new_bytes` must be an int ≥ 0, got {max_new_bytes!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf
+    ):
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}")
     new = bytearray()
     for _ in range(max_new_bytes):
         law = lm.next_byte_distribution(data + bytes(new))
