@@ -250,6 +250,15 @@ def test_probe_loss_bad_input():
         probe_loss(base, [a, b], [0.5], probe)
     with pytest.raises(ValueError, match="`probe` must be a non-empty"):
         probe_loss(base, [a, b], [0.5, 0.5], [])
+    # a negative λ rewards large coefficients, momentum ≥ 1 diverges: rejected before any step
+    for kwargs, name in (
+        ({"regularization": -0.1}, "regularization"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"lr": float("nan")}, "lr"),
+        ({"steps": True}, "steps"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            self_positioning(base, [a, b], probe, **kwargs)
     assert math.isfinite(probe_loss(base, [a, b], [0.5, 0.5], probe))
 
 
