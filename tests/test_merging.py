@@ -237,6 +237,16 @@ def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetu
         assert grad[i].item() == pytest.approx(fd, rel=0.02, abs=1e-4), (i, grad, fd)
 
 
+def test_merge_state_dicts_bad_input():
+    base = {"w": torch.zeros(2, 2)}
+    with pytest.raises(TypeError, match="not one state dict"):  # was "model 0 ... different tensors"
+        merge_state_dicts("task_arithmetic", base, {"w": torch.ones(2, 2)})
+    with pytest.raises(TypeError, match=r"`finetuned\[0\]`"):
+        merge_state_dicts("task_arithmetic", base, [torch.ones(2, 2)])
+    with pytest.raises(TypeError, match="`base`"):
+        merge_state_dicts("task_arithmetic", [torch.zeros(2, 2)], [base])
+
+
 def test_probe_loss_bad_input():
     """Too few coefficients used to be dropped silently by zip (a merge of fewer models)."""
     config = LlamaConfig(

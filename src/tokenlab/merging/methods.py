@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -473,7 +473,13 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge whole state dicts tensor by tensor (in memory). Non-floating tensors are copied from the
     base; DARE draws each tensor's masks from :func:`tensor_generator` ``(seed, name)``."""
+    if not isinstance(base, Mapping):
+        raise TypeError(f"`base` must be a state dict (mapping name -> tensor), got {type(base).__name__}")
+    if isinstance(finetuned, Mapping) or not isinstance(finetuned, Sequence) or not finetuned:
+        raise TypeError("`finetuned` must be a non-empty list of state dicts (not one state dict)")
     for i, sd in enumerate(finetuned):
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"`finetuned[{i}]` must be a state dict, got {type(sd).__name__}")
         if set(sd) != set(base):
             diff = sorted(set(base) ^ set(sd))
             raise ValueError(f"model {i} and the base have different tensors, e.g. {diff[:3]}")
