@@ -429,15 +429,16 @@ def _gpu_configs(block_pairs: list[tuple[int, int]]) -> list[triton.Config]:
 
 
 def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose staged tiles (q + k + v blocks) exceed ~200 KB of shared memory."""
+    """Drop configs whose staged tiles (q + k + v blocks) exceed ~200 KB of shared memory; if none
+    fits (float32/float64 at large head dims), keep the smallest, the only one that may still fit."""
     d = kwargs["HEAD_DIM_PAD"]
     itemsize = named_args["Q"].element_size()
-    kept = [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * d * itemsize * c.num_stages <= 200 * 1024
-    ]
-    return kept or configs[:1]
+
+    def staged_bytes(c):
+        return (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * d * itemsize * c.num_stages
+
+    kept = [c for c in configs if staged_bytes(c) <= 200 * 1024]
+    return kept or [min(configs, key=staged_bytes)]
 
 
 _TUNE_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "SCORE_FN", "ACC"]
