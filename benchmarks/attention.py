@@ -35,6 +35,9 @@ FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 def _flex_fn(device: torch.device):
     if device.type == "cuda":
+        # Every shape and score/mask closure recompiles (dynamic=False): well over dynamo's default
+        # limit of 8, past which dynamo runs flex eagerly: an unfused path that materialises the scores.
+        torch._dynamo.config.recompile_limit = 256
         return torch.compile(flex_attention, dynamic=False)
     return flex_attention  # eager on CPU (correctness only)
 

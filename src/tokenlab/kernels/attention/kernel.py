@@ -1,7 +1,7 @@
 """Triton flash attention: forward, and a backward in two passes (dK/dV, then dQ) without atomics.
 
 Forward (*FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness*, and the
-work partitioning of *FlashAttention-2*): one program per ``(query block, batch·query head)`` keeps
+work partitioning of *FlashAttention-2*): one program per ``(batch·query head, query block)`` keeps
 the running maximum ``m``, the rescaled denominator ``l`` and the unnormalised output in registers
 while it walks the key blocks, and writes the output and ``LSE = m + log l`` (O(T) extra memory).
 Key blocks that the causal or sliding-window mask hides entirely are never visited. A learned sink
@@ -9,8 +9,8 @@ starts the online softmax as ``m = sink, l = 1`` (a denominator term with no val
 ReLU scores need no normalisation and simply accumulate ``f(s) v``.
 
 Backward recomputes ``P`` from the saved LSE. The dK/dV pass runs one program per
-``(key block, batch·key/value head)`` and loops over the query heads of its GQA group and the
-visible query blocks; the dQ pass runs one program per ``(query block, batch·query head)`` over the
+``(batch·key/value head, key block)`` and loops over the query heads of its GQA group and the
+visible query blocks; the dQ pass runs one program per ``(batch·query head, query block)`` over the
 visible key blocks. Every output element is written by exactly one program, so results are
 deterministic run to run. ``Δ_i = Σ_d dO_id·O_id`` and the sink gradient are O(T) and computed in
 PyTorch.
@@ -201,8 +201,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // H_Q
     h = bh % H_Q
     kv_base = (b * (H_Q // GROUP) + h // GROUP) * S * HEAD_DIM
@@ -295,8 +295,8 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
+    bhk = tl.program_id(0).to(tl.int64)
     H_KV = H_Q // GROUP
     b = bhk // H_KV
     hk = bhk % H_KV
@@ -375,8 +375,8 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // H_Q
     h = bh % H_Q
     kv_base = (b * (H_Q // GROUP) + h // GROUP) * S * HEAD_DIM
@@ -429,15 +429,16 @@ def _gpu_configs(block_pairs: list[tuple[int, int]]) -> list[triton.Config]:
 
 
 def _fits_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose staged tiles (q + k + v blocks) exceed ~200 KB of shared memory."""
+    """Drop configs whose staged tiles (q + k + v blocks) exceed ~200 KB of shared memory; if none
+    fits (float32/float64 at large head dims), keep the smallest, the only one that may still fit."""
     d = kwargs["HEAD_DIM_PAD"]
     itemsize = named_args["Q"].element_size()
-    kept = [
-        c
-        for c in configs
-        if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * d * itemsize * c.num_stages <= 200 * 1024
-    ]
-    return kept or configs[:1]
+
+    def staged_bytes(c):
+        return (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * d * itemsize * c.num_stages
+
+    kept = [c for c in configs if staged_bytes(c) <= 200 * 1024]
+    return kept or [min(configs, key=staged_bytes)]
 
 
 _TUNE_KEY = ["HEAD_DIM_PAD", "IS_CAUSAL", "SCORE_FN", "ACC"]
@@ -509,7 +510,7 @@ def attention_forward_triton(
         return out, lse
     dummy = lse
     _launch(
-        _attn_fwd, _attn_fwd_tuned, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq), q,
+        _attn_fwd, _attn_fwd_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
         q, k, v, out, lse,
         dummy if sinks is None else sinks,
         dummy if log_gamma is None else log_gamma,
@@ -570,11 +571,11 @@ def attention_backward_triton(
         T, S, Hq, Hq // Hkv,
     )  # fmt: skip
     _launch(
-        _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv), q,
+        _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"])), q,
         q, k, v, dout, lse, delta, dk, dv, gamma, *common, **flags,
     )  # fmt: skip
     _launch(
-        _attn_bwd_dq, _attn_bwd_dq_tuned, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq), q,
+        _attn_bwd_dq, _attn_bwd_dq_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
         q, k, v, dout, lse, delta, dq, dummy if dbias is None else dbias, gamma, *common, **flags,
     )  # fmt: skip
     return dq, dk, dv, delta, dbias

@@ -23,7 +23,7 @@ def _temperature_softmax_kernel(
     BLOCK_V: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride overflows int32 past 2^31 elements
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_out
     offs = tl.arange(0, BLOCK_V)
