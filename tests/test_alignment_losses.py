@@ -387,6 +387,8 @@ def test_bad_inputs_unpaired_and_policy(pair):
         grpo_loss(c.tokens, torch.zeros(B + 1))
     with pytest.raises(ValueError, match="normalization"):
         grpo_loss(c.tokens, torch.zeros(B), normalization="per-word")
+    with pytest.raises(ValueError, match="normalization"):  # checked with the inputs, before any work
+        icepop_loss(c.tokens, torch.zeros(B), inference_logps=c.tokens.logps.detach(), normalization="x")
     lp = r.tokens.logps.detach()
     with pytest.raises(ValueError, match="`positive_logps` shape"):  # used to blame `rejected_weights`
         cdpo_loss(c.tokens, r.tokens, positive_logps=lp[:, :-1], negative_logps=lp[:, :-1])

@@ -202,6 +202,14 @@ def test_bad_input(toks):
         )
     with pytest.raises(TypeError, match="model"):
         transplant_tokenizer(torch.nn.Linear(2, 2), old_tok, new_tok, method="mean")
+    with pytest.raises(TypeError, match="`top_k`"):
+        transplant_tokenizer(base, old_tok, new_tok, method="tokenadapt", top_k="5")
+    with pytest.raises(ValueError, match="`omp_atoms`"):
+        transplant_tokenizer(base, old_tok, new_tok, method="mean", omp_atoms=0)
+    with pytest.raises(ValueError, match="`temperature`"):
+        transplant_tokenizer(base, old_tok, new_tok, method="tokenadapt", temperature=0.0)
+    with pytest.raises(ValueError, match="`global_weight`"):
+        transplant_tokenizer(base, old_tok, new_tok, method="tokenadapt", global_weight=1.5)
 
 
 def test_tour_lines_on_tiny_world(tiny_world):

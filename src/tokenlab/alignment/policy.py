@@ -74,7 +74,11 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     return advantages
 
 
-def _check_policy_inputs(tokens: TokenLogps, advantages: Tensor, **others: Tensor | None) -> Tensor:
+def _check_policy_inputs(
+    tokens: TokenLogps, advantages: Tensor, normalization: str, **others: Tensor | None
+) -> Tensor:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
     check_tensor("advantages", advantages)
     check_finite("advantages", advantages)
     B = tokens.logps.shape[0]
@@ -100,8 +104,6 @@ def clipped_surrogate(
 def _finish(
     per_token: Tensor, mask: Tensor, normalization: str, max_len: int | None, token_metrics: dict
 ) -> LossOutput:
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
     loss = NORMALIZATIONS[normalization](per_token, mask, max_len)
     n = mask.sum()
     metrics = {k: ((v.detach() * mask).sum() / n) for k, v in token_metrics.items()}
@@ -138,7 +140,7 @@ def grpo_loss(
     if not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"`beta` must be a number ≥ 0 for GRPO, got {beta!r}")
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
-    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps)
+    adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     old = tokens.logps.detach() if old_logps is None else old_logps
     per_token, token_metrics = clipped_surrogate(tokens.logps, old, adv, epsilon_low, epsilon_high)
     if beta > 0:
@@ -199,7 +201,7 @@ def gtpo_loss(
     check_positive("amplify", amplify)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     tokens.require("entropy")
-    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps)
+    adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     if advantages.ndim != 1:
         raise ValueError("GTPO needs one advantage per completion: `advantages` [B]")
     conflict = gtpo_conflict_tokens(completion_ids, tokens.mask, advantages, group_size)
@@ -241,7 +243,9 @@ def icepop_loss(
     if not (isinstance(alpha, (int, float)) and isinstance(beta, (int, float)) and 0 < alpha < 1 < beta):
         raise ValueError(f"IcePop needs 0 < `alpha` < 1 < `beta`, got alpha={alpha!r}, beta={beta!r}")
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
-    adv = _check_policy_inputs(tokens, advantages, old_logps=old_logps, inference_logps=inference_logps)
+    adv = _check_policy_inputs(
+        tokens, advantages, normalization, old_logps=old_logps, inference_logps=inference_logps
+    )
     old = tokens.logps.detach() if old_logps is None else old_logps
     k = torch.exp(old.detach() - inference_logps)
     in_band = (k >= alpha) & (k <= beta)

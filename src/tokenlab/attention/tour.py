@@ -51,7 +51,7 @@ def _spread(rows: list[torch.Tensor]) -> float:
 def _set_based_and_carope(world: ToyWorld) -> list[str]:
     """Max next-token logit difference over all 24 orders of 4 parts, set-based vs concatenated;
     greedy continuations; and CARoPE (W = 0) against RoPE."""
-    model, tokenizer = world.target.eval(), world.tokenizer
+    model, tokenizer = world.target, world.tokenizer
     device = next(model.parameters()).device
     set_based, concatenated, continuations = [], [], set()
     for order in itertools.permutations(PARTS):

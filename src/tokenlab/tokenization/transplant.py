@@ -182,10 +182,14 @@ def transplant_tokenizer(
     if method == "omp" and donor is None:
         raise ValueError("method 'omp' needs a `donor` model that uses the new tokenizer")
     for name, value in (("omp_atoms", omp_atoms), ("top_k", top_k), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"`{name}` must be ≥ 1, got {value}")
-    if temperature <= 0 or not 0 <= global_weight <= 1:
-        raise ValueError("`temperature` must be positive and `global_weight` in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    if not 0 <= global_weight <= 1:
+        raise ValueError(f"`global_weight` must be in [0, 1], got {global_weight}")
     old_bpe, new_bpe = ByteLevelBPE(tokenizer), ByteLevelBPE(new_tokenizer)
     old_vocab, new_vocab = tokenizer.get_vocab(), new_tokenizer.get_vocab()
     new_size = len(new_tokenizer)
