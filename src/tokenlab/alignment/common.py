@@ -12,6 +12,15 @@ from torch import Tensor
 from tokenlab.backend import check_tensor
 
 
+def check_shape_like_logps(name: str, value: Tensor | None, logps: Tensor) -> None:
+    """Raise unless ``value`` (when given) is a tensor of the same ``[B, T]`` shape as ``logps``."""
+    if value is None:
+        return
+    check_tensor(name, value)
+    if value.shape != logps.shape:
+        raise ValueError(f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(logps.shape)}")
+
+
 @dataclass
 class LossOutput:
     """A loss value (scalar, differentiable) and the detached scalar metrics people log."""
@@ -44,14 +53,7 @@ class TokenLogps:
         if self.logps.ndim != 2:
             raise ValueError(f"`logps` must be [B, T], got shape {tuple(self.logps.shape)}")
         for name in ("mask", "ref_logps", "kl", "entropy"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            check_tensor(name, value)
-            if value.shape != self.logps.shape:
-                raise ValueError(
-                    f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(self.logps.shape)}"
-                )
+            check_shape_like_logps(name, getattr(self, name), self.logps)
         self.mask = self.mask.to(self.logps.dtype)
         if ((self.mask != 0) & (self.mask != 1)).any():
             raise ValueError("`mask` must hold only 0 and 1")
@@ -85,11 +87,7 @@ def check_weights(name: str, weights: Tensor | None, like: TokenLogps) -> None:
     """Token weights/masks must match the tokens' shape and be finite."""
     if weights is None:
         return
-    check_tensor(name, weights)
-    if weights.shape != like.logps.shape:
-        raise ValueError(
-            f"`{name}` shape {tuple(weights.shape)} must equal `logps` {tuple(like.logps.shape)}"
-        )
+    check_shape_like_logps(name, weights, like.logps)
     check_finite(name, weights)
 
 
