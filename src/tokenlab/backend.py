@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from tokenlab._checks import check_choice, check_tensor
+
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
 
@@ -45,13 +47,6 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_tensor(name: str, value: object) -> torch.Tensor:
-    """Return ``value`` if it is a tensor, else raise a ``TypeError`` naming the argument."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def resolve_backend(backend: str, **tensors: torch.Tensor | None) -> Literal["triton", "reference"]:
     """Apply the dispatch rule and return the implementation to run.
 
@@ -66,8 +61,7 @@ def resolve_backend(backend: str, **tensors: torch.Tensor | None) -> Literal["tr
             ``TRITON_INTERPRET=1``).
         TypeError: a named argument that is not a tensor.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     present = {name: check_tensor(name, t) for name, t in tensors.items() if t is not None}
     devices = {t.device for t in present.values()}
     if len(devices) > 1:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab.backend import check_tensor
+from tokenlab._checks import check_finite, check_tensor
 
 
 def check_shape_like_logps(name: str, value: Tensor | None, logps: Tensor) -> None:
@@ -69,18 +68,6 @@ class TokenLogps:
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise ValueError(f"this loss needs TokenLogps fields {missing}")
-
-
-def check_finite(name: str, value: Tensor | None) -> None:
-    """Raise a ``ValueError`` naming ``name`` when it holds NaN or infinity."""
-    if value is not None and value.is_floating_point() and not torch.isfinite(value).all():
-        raise ValueError(f"`{name}` contains NaN or infinite values")
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise a ``ValueError`` unless ``value`` is a finite number > 0."""
-    if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
 
 
 def check_weights(name: str, weights: Tensor | None, like: TokenLogps) -> None:

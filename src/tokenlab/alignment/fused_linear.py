@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab.alignment.common import check_finite
-from tokenlab.backend import check_tensor
+from tokenlab._checks import check_finite, check_tensor
 
 ComputePath = Literal["chunked", "naive"]
 IGNORE_INDEX = -100

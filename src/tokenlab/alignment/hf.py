@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from tokenlab._checks import check_tensor
 from tokenlab.alignment.common import TokenLogps
 from tokenlab.alignment.fused_linear import ComputePath, causal_lm_head, shift_for_next_token, token_stats
-from tokenlab.backend import check_tensor
 
 
 def completion_token_logps(

@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_finite, check_positive, check_weights
-from tokenlab.backend import check_tensor
+from tokenlab._checks import check_finite, check_positive, check_tensor
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights
 
 
 def _by_sequence(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tokenlab._checks import check_positive, check_tensor
 from tokenlab.alignment.common import (
     LossOutput,
     TokenLogps,
     check_pair,
-    check_positive,
     check_weights,
     masked_sum,
     preference_metrics,
@@ -36,7 +36,6 @@ from tokenlab.alignment.common import (
     sequence_logratio,
     sigmoid_preference_loss,
 )
-from tokenlab.backend import check_tensor
 
 
 def token_level_margin(

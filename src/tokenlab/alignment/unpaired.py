@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_finite, check_positive, sequence_logratio
-from tokenlab.backend import check_tensor
+from tokenlab._checks import check_finite, check_positive, check_tensor
+from tokenlab.alignment.common import LossOutput, TokenLogps, sequence_logratio
 
 
 def _check_labels(desirable: Tensor, tokens: TokenLogps) -> Tensor:

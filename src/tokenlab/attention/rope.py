@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tokenlab.backend import check_tensor
+from tokenlab._checks import check_tensor
 
 __all__ = [
     "ContextAwareRotaryEmbedding",

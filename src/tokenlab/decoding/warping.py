@@ -25,7 +25,8 @@ import math
 
 import torch
 
-from tokenlab.backend import Backend, check_tensor
+from tokenlab._checks import check_tensor
+from tokenlab.backend import Backend
 from tokenlab.kernels.temperature_softmax import temperature_softmax
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from tokenlab.backend import Backend, check_tensor, resolve_backend
+from tokenlab._checks import check_tensor
+from tokenlab.backend import Backend, resolve_backend
 from tokenlab.decoding.warping import check_warping, warp_cutoff
 from tokenlab.kernels.speculative_verify.reference import verify_reference
 
