@@ -24,9 +24,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from tokenlab.decoding import speculative_generate  # noqa: E402
-from tokenlab.decoding.warping import warped_probs  # noqa: E402
-from tokenlab.kernels.speculative_verify import verify  # noqa: E402
+from tokenlab.decoding import speculative_generate, warped_probs  # noqa: E402
+from tokenlab.kernels.speculative_verify import speculative_verify  # noqa: E402
 from tokenlab.toy import load_toy_world  # noqa: E402
 
 TEMPERATURE = 0.8
@@ -82,7 +81,7 @@ def bench_verify(args, device, repeats) -> list[dict]:
         backends = ("reference", "triton") if args.quick or on_gpu else ("reference",)
         candidates = {
             name: functools.partial(
-                verify,
+                speculative_verify,
                 logits,
                 q,
                 tokens,

@@ -224,7 +224,7 @@ class NoIds:
 
 
 def test_sampling_arguments_follow_the_shared_warping(tiny_world) -> None:
-    """Sampling goes through tokenlab.decoding.warping (one home): as there and in HF ``generate``, the
+    """Sampling goes through tokenlab.kernels.warping (one home): as there and in HF ``generate``, the
     temperature is ignored (not rejected) when decoding greedily."""
     model, tok = tiny_world.target, tiny_world.tokenizer
     greedy = set_based_generate(model, tok, PREFIX, PARTS[:2], SUFFIX, 3, eos_token_id=-1)

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from tokenlab.decoding import speculative_generate, warp_cutoff, warp_logits, warped_probs
-from tokenlab.kernels.speculative_verify import verify
+from tokenlab.kernels.speculative_verify import speculative_verify as verify
 from tokenlab.kernels.speculative_verify.reference import acceptance_probability, residual_distribution
 
 WARPINGS = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.5, 4, 0.7), (2.0, 1, None)]
@@ -392,8 +392,9 @@ def test_bad_input(pairs):
         speculative_generate(target, "draft", ids, max_new_tokens=3)
     with pytest.raises(TypeError, match="`target`"):
         speculative_generate("target", draft, ids, max_new_tokens=3)
-    for pad in ("0", 1.0, -1, 10**6):  # checked before generating, not when the output is assembled
-        with pytest.raises(ValueError, match="`pad_token_id`"):
+    # checked before generating, not when the output is assembled; wrong kind → TypeError (one rule)
+    for pad, error in (("0", TypeError), (1.0, TypeError), (-1, ValueError), (10**6, ValueError)):
+        with pytest.raises(error, match="`pad_token_id`"):
             speculative_generate(target, draft, ids, max_new_tokens=3, pad_token_id=pad)
     with pytest.raises(ValueError, match="one device"):
         speculative_generate(target, copy.deepcopy(draft).to("meta"), ids, max_new_tokens=3)

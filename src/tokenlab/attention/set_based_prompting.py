@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tokenlab.decoding.warping import check_warping, warped_probs
+from tokenlab._checks import check_int
+from tokenlab.kernels.warping import Warping
 
 __all__ = ["SetBasedInputs", "segment_attention_mask", "set_based_generate", "set_based_inputs"]
 
@@ -182,24 +183,12 @@ def set_based_inputs(
     )
 
 
-def _check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}")
-    check_warping(do_sample, temperature, top_k, None)
-
-
-def _next_token(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+def _next_token(logits: torch.Tensor, warping: Warping, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy argmax, or a sample from ``softmax(logits / temperature)`` restricted to the top ``k``
-    (the warping of :mod:`tokenlab.decoding.warping`)."""
-    if not do_sample:
+    (the warping of :class:`tokenlab.kernels.warping.Warping`)."""
+    if not warping.do_sample:
         return logits.argmax(dim=-1)
-    probs = warped_probs(logits.float(), temperature, top_k)
+    probs = warping.probs(logits.float())
     return torch.multinomial(probs, 1, generator=generator)[..., 0]
 
 
@@ -245,7 +234,8 @@ def set_based_generate(
         raise ValueError(
             f"`model` uses attn_implementation={attn!r}, which ignores 4-D masks; use 'eager' or 'sdpa'"
         )
-    _check_sampling(max_new_tokens, do_sample, temperature, top_k)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    warping = Warping(do_sample, temperature, top_k)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
 
@@ -262,7 +252,7 @@ def set_based_generate(
     cache, logits = out.past_key_values, out.logits[:, -1]
     length, new_tokens = inputs.input_ids.shape[1], []
     for step in tqdm(range(max_new_tokens), desc="set-based generate", disable=not progress):
-        token = _next_token(logits, do_sample, temperature, top_k, generator)
+        token = _next_token(logits, warping, generator)
         new_tokens.append(token)
         if (eos_token_id is not None and int(token) == eos_token_id) or step == max_new_tokens - 1:
             break

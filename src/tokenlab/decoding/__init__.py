@@ -1,13 +1,14 @@
-"""Decoding: speculative decoding (chain, batched, token trees) with a fused verification kernel,
-contrastive/context-aware decoding, counterfactual generation, steering logits processors,
-constrained sampling and generation metrics (catalogue section D)."""
+"""Decoding: speculative decoding (chain and batched) with a fused verification kernel, and the logit
+warping (temperature, top-k, top-p) every sampling loop shares (its home is
+:mod:`tokenlab.kernels.warping`; this package is its public face)."""
 
 from tokenlab.decoding.speculative import SpeculativeOutput, SpeculativeStats, speculative_generate
-from tokenlab.decoding.warping import warp_cutoff, warp_logits, warped_probs
+from tokenlab.kernels.warping import Warping, warp_cutoff, warp_logits, warped_probs
 
 __all__ = [
     "SpeculativeOutput",
     "SpeculativeStats",
+    "Warping",
     "speculative_generate",
     "warp_cutoff",
     "warp_logits",

@@ -3,7 +3,7 @@
 *Fast Inference from Transformers via Speculative Decoding* (Leviathan et al.) and *Accelerating
 Large Language Model Decoding with Speculative Sampling* (Chen et al.): a draft model proposes
 ``k`` tokens autoregressively, the target scores all of them in one forward, and
-:func:`tokenlab.kernels.speculative_verify.verify` accepts a prefix and emits one more token, so
+:func:`tokenlab.kernels.speculative_verify.speculative_verify` accepts a prefix and emits one more token, so
 every target call yields 1..k+1 tokens while the output law equals the target's (sampling) or
 its greedy continuation exactly (greedy).
 
@@ -35,9 +35,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from tokenlab.backend import Backend
-from tokenlab.decoding.warping import check_warping, warped_probs
-from tokenlab.kernels import speculative_verify
+from tokenlab._checks import check_choice, check_int
+from tokenlab.backend import Backend, resolve_backend
+from tokenlab.kernels.speculative_verify import verify_block
+from tokenlab.kernels.warping import Warping
 
 Strategy = Literal["eqspec", "exspec"]
 STRATEGIES: tuple[str, ...] = ("eqspec", "exspec")
@@ -85,12 +86,10 @@ class SpeculativeOutput:
 
 @dataclass
 class _Sampling:
-    do_sample: bool
-    temperature: float
-    top_k: int | None
-    top_p: float | None
+    warping: Warping
     generator: torch.Generator | None
     backend: Backend
+    impl: str  # the verification kernel's implementation, resolved once
 
 
 @dataclass
@@ -196,10 +195,8 @@ def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: Spec
     draft_tokens, draft_probs = [], []
     for _ in range(k):
         logits = _forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
-        if sampling.do_sample:
-            q = warped_probs(
-                logits, sampling.temperature, sampling.top_k, sampling.top_p, backend=sampling.backend
-            )
+        if sampling.warping.do_sample:
+            q = sampling.warping.probs(logits, backend=sampling.backend)
             token = torch.multinomial(q, 1, generator=sampling.generator)
             draft_probs.append(q)
         else:
@@ -210,22 +207,14 @@ def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: Spec
     target_logits = _forward(target, ids, mask, group.target_cache, k + 1).float()
     stats.target_calls += 1
     uniforms = exponentials = q_all = None
-    if sampling.do_sample:
+    if sampling.warping.do_sample:
         q_all = torch.stack(draft_probs, dim=1)
         uniforms = torch.rand(G, k, device=ids.device, generator=sampling.generator)
         exponentials = torch.empty_like(target_logits).exponential_(generator=sampling.generator)
-    num_accepted, next_tokens = speculative_verify.verify(
-        target_logits,
-        q_all,
-        torch.cat(draft_tokens, dim=1),
-        do_sample=sampling.do_sample,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        uniforms=uniforms,
-        exponentials=exponentials,
-        backend=sampling.backend,
-    )
+    num_accepted, next_tokens = verify_block(
+        target_logits, q_all, torch.cat(draft_tokens, dim=1), sampling.warping, uniforms, exponentials,
+        sampling.impl,
+    )  # fmt: skip
     stats.steps += G
     stats.drafted += G * k
     stats.accepted += int(num_accepted.sum())
@@ -334,12 +323,8 @@ def _check_inputs(
         m = attention_mask.long()
         if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
             raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
-    for name, value, low in (
-        ("max_new_tokens", max_new_tokens, 1),
-        ("num_draft_tokens", num_draft_tokens, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_int("num_draft_tokens", num_draft_tokens, low=1)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
         raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
@@ -347,12 +332,9 @@ def _check_inputs(
         not isinstance(generator, torch.Generator) or generator.device.type != device.type
     ):
         raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
-        raise ValueError(f"`group_size` must be None or an int >= 1, got {group_size!r}")
+    check_choice("strategy", strategy, STRATEGIES)
+    if group_size is not None:
+        check_int("group_size", group_size, low=1)
     return eos
 
 
@@ -386,7 +368,7 @@ def speculative_generate(
         input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` ``[B, P]`` is given.
         max_new_tokens: tokens to generate per sequence (fewer when it emits an EOS).
         num_draft_tokens: ``k ≥ 1`` draft tokens per target call.
-        do_sample, temperature, top_k, top_p: the warping of :mod:`tokenlab.decoding.warping`,
+        do_sample, temperature, top_k, top_p: the warping of :class:`tokenlab.kernels.warping.Warping`,
             applied identically to the target and the draft.
         eos_token_id: token id(s) that end a sequence (kept in the output); ``None`` takes the
             target's ``generation_config.eos_token_id``, as ``generate`` does; ``[]`` never stops.
@@ -414,14 +396,13 @@ def speculative_generate(
         strategy,
         group_size,
     )
-    check_warping(do_sample, temperature, top_k, top_p)
+    warping = Warping(do_sample, temperature, top_k, top_p)
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     vocab = _model_vocab(target)
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
-        raise ValueError(f"`pad_token_id` must be an int in [0, {vocab}), got {pad_token_id!r}")
-    sampling = _Sampling(do_sample, float(temperature), top_k, top_p, generator, backend)
+    check_int("pad_token_id", pad_token_id, low=0, high=vocab - 1)
+    sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids))
     device = input_ids.device
     B = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()

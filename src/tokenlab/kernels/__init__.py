@@ -1,10 +1,16 @@
 """Fused Triton kernels, each in its own subpackage beside the PyTorch reference it must equal.
 
 Layout per op: ``reference.py`` (the readable specification and CPU fallback), ``kernel.py`` (the
-Triton kernel, imported lazily) and ``__init__.py`` (the public function applying the dispatch rule
-of :mod:`tokenlab.backend`).
+Triton kernel, imported lazily) and ``__init__.py`` (the function applying the dispatch rule of
+:mod:`tokenlab.backend`). :mod:`tokenlab.kernels.warping` holds the logit warping (temperature,
+top-k, top-p) that the verification kernel and every sampling loop share.
+
+This package is a leaf of tokenlab: it imports ``torch``, ``triton``, :mod:`tokenlab.backend` and
+:mod:`tokenlab._checks`, never a family.
 """
 
+from tokenlab.kernels.speculative_verify import speculative_verify
 from tokenlab.kernels.temperature_softmax import temperature_softmax
+from tokenlab.kernels.warping import Warping
 
-__all__ = ["temperature_softmax"]
+__all__ = ["Warping", "speculative_verify", "temperature_softmax"]

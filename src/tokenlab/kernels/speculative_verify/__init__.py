@@ -3,13 +3,16 @@
 ``reference.py`` is the specification (speculative sampling of Leviathan et al. and Chen et al.,
 greedy prefix matching); ``kernel.py`` the fused Triton kernel, imported lazily.
 
-Design: warping (temperature, top-k, top-p) has one home, :mod:`tokenlab.decoding.warping`. Top-k
+Design: warping (temperature, top-k, top-p) has one home, :mod:`tokenlab.kernels.warping`. Top-k
 and top-p need an order statistic that a one-pass kernel cannot have, so both backends receive
 the *cutoff* (a raw logit per row, computed beforehand by
-:func:`~tokenlab.decoding.warping.warp_cutoff`; ``-inf`` without top-k/top-p, and then no extra
+:meth:`~tokenlab.kernels.warping.Warping.cutoff`; ``-inf`` without top-k/top-p, and then no extra
 pass) and the temperature, and apply ``x = logits / T where logits ≥ cutoff`` themselves.
 Randomness comes from the caller: ``uniforms [B, k]`` for the acceptance tests and Exp(1)
 ``exponentials [B, k+1, V]`` for the exponential races, so both backends return the same tokens.
+
+:func:`speculative_verify` validates its arguments; :func:`verify_block` is the unchecked step that
+a decoding loop calls after validating once at its own entry.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import torch
 
 from tokenlab._checks import check_tensor
 from tokenlab.backend import Backend, resolve_backend
-from tokenlab.decoding.warping import check_warping, warp_cutoff
 from tokenlab.kernels.speculative_verify.reference import verify_reference
+from tokenlab.kernels.warping import Warping
 
 
-def verify(
+def speculative_verify(
     target_logits: torch.Tensor,
     draft_probs: torch.Tensor | None,
     draft_tokens: torch.Tensor,
@@ -44,7 +47,8 @@ def verify(
             from (same warping as the target's); ignored (may be ``None``) when greedy.
         draft_tokens: ``[B, k]`` integer draft tokens, ``k ≥ 1``.
         do_sample: speculative sampling (``True``) or greedy prefix matching (``False``).
-        temperature, top_k, top_p: the warping of :mod:`tokenlab.decoding.warping` (sampling only).
+        temperature, top_k, top_p: the warping of :class:`~tokenlab.kernels.warping.Warping`
+            (sampling only).
         uniforms: ``[B, k]`` U[0, 1) numbers for the acceptance tests (sampling only).
         exponentials: ``[B, k+1, V]`` Exp(1) noise for the residual and bonus draws (sampling only).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
@@ -56,7 +60,7 @@ def verify(
     """
     check_tensor("target_logits", target_logits)
     check_tensor("draft_tokens", draft_tokens)
-    check_warping(do_sample, temperature, top_k, top_p)
+    warping = Warping(do_sample, temperature, top_k, top_p)
     sample_inputs = {"draft_probs": draft_probs, "uniforms": uniforms, "exponentials": exponentials}
     if not do_sample:
         sample_inputs = dict.fromkeys(sample_inputs)
@@ -85,11 +89,24 @@ def verify(
                 raise ValueError(
                     f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}"
                 )
-    cutoff = warp_cutoff(target_logits, temperature, top_k, top_p) if do_sample else None
+    return verify_block(target_logits, draft_probs, draft_tokens, warping, uniforms, exponentials, impl)
+
+
+def verify_block(
+    target_logits: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    draft_tokens: torch.Tensor,
+    warping: Warping,
+    uniforms: torch.Tensor | None,
+    exponentials: torch.Tensor | None,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`speculative_verify` without argument checks, on the implementation ``impl``
+    (``"triton"`` or ``"reference"``, from :func:`tokenlab.backend.resolve_backend`)."""
     args = dict(
-        do_sample=do_sample,
-        temperature=float(temperature),
-        cutoff=cutoff,
+        do_sample=warping.do_sample,
+        temperature=warping.temperature,
+        cutoff=warping.cutoff(target_logits) if warping.do_sample else None,
         uniforms=uniforms,
         exponentials=exponentials,
     )
@@ -101,4 +118,4 @@ def verify(
     return verify_triton(target_logits, draft_probs, draft_tokens, **args)
 
 
-__all__ = ["verify"]
+__all__ = ["speculative_verify", "verify_block"]

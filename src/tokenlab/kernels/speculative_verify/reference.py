@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenlab.decoding.warping import apply_cutoff
+from tokenlab.kernels.warping import apply_cutoff
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def verify_reference(
     exponentials: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes: ``target_logits [B, k+1, V]``, ``draft_probs [B, k, V]``, ``draft_tokens [B, k]``,
-    ``cutoff [B, k+1]`` (see :func:`tokenlab.decoding.warping.warp_cutoff`), ``uniforms [B, k]``,
+    ``cutoff [B, k+1]`` (see :meth:`tokenlab.kernels.warping.Warping.cutoff`), ``uniforms [B, k]``,
     ``exponentials [B, k+1, V]`` → ``(num_accepted [B], next_tokens [B, k+1])``."""
     k = draft_tokens.shape[-1]
     if not do_sample:

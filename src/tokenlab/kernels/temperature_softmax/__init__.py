@@ -1,4 +1,4 @@
-"""Softmax with temperature: the demonstration kernel of the dispatch path (used by decoding).
+"""Softmax with temperature: the demonstration kernel of the dispatch path (used by the logit warping).
 
 ``reference.py`` is the specification; ``kernel.py`` the fused Triton kernel, imported lazily (on
 first use), so importing tokenlab never imports triton.
@@ -6,10 +6,9 @@ first use), so importing tokenlab never imports triton.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from tokenlab._checks import check_positive, check_tensor
 from tokenlab.backend import Backend, resolve_backend
 from tokenlab.kernels.temperature_softmax.reference import temperature_softmax_reference
 
@@ -29,14 +28,10 @@ def temperature_softmax(
         use ``backend="reference"`` when gradients are needed.
     """
     impl = resolve_backend(backend, logits=logits)
-    if not logits.is_floating_point():
-        raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}")
+    check_tensor("logits", logits, floating=True)
     if logits.dim() == 0:
         raise ValueError("`logits` must have at least one dimension (the vocabulary)")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"`temperature` must be a number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be finite and > 0, got {temperature}")
+    temperature = check_positive("temperature", temperature)
     if impl == "reference":
         return temperature_softmax_reference(logits, temperature)
     if logits.requires_grad and torch.is_grad_enabled():
