@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,6 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from tokenlab.testing.timing import synchronize, time_fn, timed
+
+__all__ = ["synchronize", "time_fn", "timed"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -47,32 +50,6 @@ def enable_interpreter_if_cpu() -> None:
     """Switch on the Triton interpreter before any kernel is defined when no GPU is present."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _rss_bytes() -> int:

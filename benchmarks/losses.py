@@ -23,8 +23,8 @@ harness.enable_interpreter_if_cpu()
 import torch  # noqa: E402
 
 from tokenlab.alignment import LinearHead, TokenLogps, dpo_loss, group_advantages, grpo_loss, token_stats  # noqa: E402
-from tokenlab.alignment.trl_oracle import trl_chunked_logps, trl_dpo_loss, trl_grpo_loss  # noqa: E402
 from tokenlab.testing import assert_relative_error  # noqa: E402
+from tokenlab.testing.trl import trl_chunked_logps, trl_dpo_loss, trl_grpo_loss  # noqa: E402
 
 BETA = 0.1
 

@@ -20,13 +20,12 @@ import harness
 harness.enable_interpreter_if_cpu()
 
 import functools  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
 from tokenlab.decoding import speculative_generate, warped_probs  # noqa: E402
 from tokenlab.kernels.speculative_verify import speculative_verify  # noqa: E402
-from tokenlab.toy import load_toy_world  # noqa: E402
+from tokenlab.tour.toy import load_toy_world  # noqa: E402
 
 TEMPERATURE = 0.8
 
@@ -143,13 +142,7 @@ def bench_end_to_end(args, device) -> tuple[list[dict], dict]:
     pad = world.tokenizer.pad_token_id
 
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return result, time.perf_counter() - t0
+        return harness.timed(fn, device)
 
     eos = world.tokenizer.eos_token_id
     hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos)

@@ -32,7 +32,7 @@ from tokenlab.tokenization import (
     train_bpe,
     train_superword_bpe,
 )
-from tokenlab.toy import stdlib_documents
+from tokenlab.tour.toy import stdlib_documents
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float, float]:

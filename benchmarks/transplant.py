@@ -20,8 +20,8 @@ import torch
 
 import harness
 from tokenlab.tokenization import ByteLevelLM, transplant_tokenizer
-from tokenlab.tokenization.experiments import next_byte_bias, transplant_comparison
-from tokenlab.toy import ToyModelSize, load_toy_world, stdlib_documents
+from tokenlab.tour.toy import ToyModelSize, load_toy_world, stdlib_documents
+from tokenlab.tour.transplant import next_byte_bias, transplant_comparison
 
 
 def check(world, heldout: list[str]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenlab.toy import ToyWorld, load_toy_world
+from tokenlab.tour.toy import ToyWorld, load_toy_world
 
 # The tests run tiny models, for which extra intra-op threads only contend (up to ~100x slower on a
 # busy machine); parallelism comes from pytest-xdist workers instead, one thread each.

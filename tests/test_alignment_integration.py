@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tokenlab.alignment import contrastive_token_rewards
-from tokenlab.alignment.example import preference_margin, shuffled_continuation_pairs, train_preference
-from tokenlab.alignment.tour import tour_section
+from tokenlab.tour.alignment import tour_section
+from tokenlab.tour.preference import preference_margin, shuffled_continuation_pairs, train_preference
 
 
 def test_dpo_on_toy_target_raises_heldout_margin(tiny_world):

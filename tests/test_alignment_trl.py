@@ -1,5 +1,5 @@
 """Oracle: DPO, IPO, KTO and GRPO equal TRL's trainer code on the same per-token log-probs, and the chunked
-mechanism equals TRL's own chunked LM-head kernel (adapters in tokenlab.alignment.trl_oracle)."""
+mechanism equals TRL's own chunked LM-head kernel (adapters in tokenlab.testing.trl)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tokenlab.testing import assert_relative_error
 pytest.importorskip("trl")
 from trl.trainer.utils import nanstd
 
-from tokenlab.alignment.trl_oracle import (
+from tokenlab.testing.trl import (
     trl_chunked_logps,
     trl_dpo_loss,
     trl_grpo_loss,

@@ -21,7 +21,7 @@ from tokenlab.tokenization import (
 )
 from tokenlab.tokenization.bpe import _count_pre_tokens, _MergeState
 from tokenlab.tokenization.pretokenize import DIGIT_SPLITS
-from tokenlab.toy import stdlib_documents
+from tokenlab.tour.toy import stdlib_documents
 
 VOCAB = 640
 TRANSITION = 450

@@ -28,7 +28,7 @@ from tokenlab.merging import (
     self_positioning,
 )
 from tokenlab.merging.config import main as cli_main
-from tokenlab.merging.tour import SUBSETS, subset_ids, toy_finetunes
+from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
 PEFT_METHODS = {
@@ -456,7 +456,7 @@ def test_checkpoint_bad_input(checkpoints, tmp_path):
 
 
 def test_tour_section_runs(tiny_world):
-    from tokenlab.merging.tour import tour_section
+    from tokenlab.tour.merging import tour_section
 
     lines = tour_section(tiny_world)
     assert any(line.startswith("TIES merge") for line in lines)

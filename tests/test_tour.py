@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenlab import tour
+from tokenlab.tour import report as tour
 
 
 def test_tour_tiny(tiny_world, capsys, monkeypatch):

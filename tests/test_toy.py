@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from tokenlab.toy import (
+from tokenlab.tour.toy import (
     PRESETS,
     build_toy_model,
     load_toy_world,

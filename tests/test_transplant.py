@@ -16,7 +16,7 @@ from tokenlab.tokenization.transplant import (
     orthogonal_matching_pursuit,
     transplant_tokenizer,
 )
-from tokenlab.toy import ToyModelSize, build_toy_model, stdlib_documents, train_toy_tokenizer
+from tokenlab.tour.toy import ToyModelSize, build_toy_model, stdlib_documents, train_toy_tokenizer
 
 SIZE = ToyModelSize(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
@@ -213,7 +213,7 @@ def test_bad_input(toks):
 
 
 def test_tour_lines_on_tiny_world(tiny_world):
-    from tokenlab.tokenization.experiments import byte_level_and_transplant_lines
+    from tokenlab.tour.transplant import byte_level_and_transplant_lines
 
     lines = byte_level_and_transplant_lines(tiny_world)
     text = "\n".join(lines)

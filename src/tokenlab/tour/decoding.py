@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from tokenlab.decoding.speculative import speculative_generate
-from tokenlab.toy import ToyWorld
+from tokenlab.testing.timing import timed
+from tokenlab.tour.toy import ToyWorld
 
 
 def tour_section(world: ToyWorld) -> list[str]:
@@ -22,13 +21,7 @@ def tour_section(world: ToyWorld) -> list[str]:
     pad = world.tokenizer.pad_token_id
 
     def clock(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out, time.perf_counter() - t0
+        return timed(fn, device)
 
     greedy = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
     target.generate(ids[:1], max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up

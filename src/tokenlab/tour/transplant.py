@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenlab.tokenization.byte_level import EOS_BYTE, ByteLevelBPE, ByteLevelLM
 from tokenlab.tokenization.transplant import TRANSPLANT_METHODS, transplant_tokenizer
-from tokenlab.toy import (
+from tokenlab.tour.toy import (
     ToyModelSize,
     ToyWorld,
     build_toy_model,
@@ -142,7 +142,7 @@ def transplant_comparison(
     with each method, and score the ``heldout`` texts in bits/byte.
 
     The OMP / TokenAdapt donor is a toy model of ``donor_size`` trained for ``donor_steps`` on
-    ``new_docs`` with the new tokenizer (:func:`tokenlab.toy.train_causal_lm`); without one
+    ``new_docs`` with the new tokenizer (:func:`tokenlab.tour.toy.train_causal_lm`); without one
     (``donor_size=None``) OMP is left out and TokenAdapt uses the base space. Rows: the original
     target (its own tokenizer), the donor, then each method; each with nats/token, bits/byte,
     shared/unique token counts and seconds.

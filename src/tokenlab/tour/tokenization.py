@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 from tokenlab.tokenization.bpe import train_bpe, train_superword_bpe
-from tokenlab.tokenization.experiments import byte_level_and_transplant_lines
-from tokenlab.toy import ToyWorld, stdlib_documents
+from tokenlab.tour.toy import ToyWorld, stdlib_documents
+from tokenlab.tour.transplant import byte_level_and_transplant_lines
 
 SLICE_CHARS = 400  # a slice from the middle of every file: many files in little text
 MAX_VOCAB = 1024

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 
 from tokenlab.alignment.common import TokenLogps
-from tokenlab.alignment.example import preference_margin, shuffled_continuation_pairs, train_preference
 from tokenlab.alignment.fused_linear import LinearHead, causal_lm_head, shift_for_next_token, token_stats
 from tokenlab.alignment.preference import dpo_loss
-from tokenlab.toy import ToyWorld
+from tokenlab.tour.preference import preference_margin, shuffled_continuation_pairs, train_preference
+from tokenlab.tour.toy import ToyWorld
 
 
 def saved_for_backward_bytes(fn: Callable[[], torch.Tensor], *inputs: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tokenlab.merging.methods import merge_state_dicts
-from tokenlab.toy import ToyWorld, encode_documents, heldout_loss, stdlib_documents, train_causal_lm
+from tokenlab.tour.toy import ToyWorld, encode_documents, heldout_loss, stdlib_documents, train_causal_lm
 
 SUBSETS = ("packages", "modules")
 

@@ -15,7 +15,7 @@ toy world is built from text every machine has — the running Python's standard
 
 Example::
 
-    from tokenlab.toy import load_toy_world
+    from tokenlab.tour.toy import load_toy_world
     world = load_toy_world("default")        # trains once (≈ 2–3 min on 2 CPU cores), then cached
     ids = world.tokenizer("def main():", return_tensors="pt").input_ids
     out = world.target.generate(ids, max_new_tokens=20, do_sample=False)

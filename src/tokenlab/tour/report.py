@@ -22,12 +22,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tokenlab.alignment.tour import tour_section as alignment_section
-from tokenlab.attention.tour import tour_section as attention_section
-from tokenlab.decoding.tour import tour_section as decoding_section
-from tokenlab.merging.tour import tour_section as merging_section
-from tokenlab.tokenization.tour import tour_section as tokenization_section
-from tokenlab.toy import PRESETS, ToyWorld, load_toy_world
+from tokenlab.tour.alignment import tour_section as alignment_section
+from tokenlab.tour.attention import tour_section as attention_section
+from tokenlab.tour.decoding import tour_section as decoding_section
+from tokenlab.tour.merging import tour_section as merging_section
+from tokenlab.tour.tokenization import tour_section as tokenization_section
+from tokenlab.tour.toy import PRESETS, ToyWorld, load_toy_world
 
 
 def toy_world_section(world: ToyWorld) -> list[str]:
@@ -81,6 +81,3 @@ def main(argv: list[str] | None = None) -> None:
         print()
     print(f"tour finished in {time.perf_counter() - start:.1f} s")
 
-
-if __name__ == "__main__":
-    main()

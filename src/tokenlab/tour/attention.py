@@ -13,7 +13,7 @@ from tokenlab.attention.set_based_prompting import set_based_generate, set_based
 from tokenlab.backend import triton_interpreter_enabled
 from tokenlab.kernels.attention import flash_attention
 from tokenlab.testing import relative_error
-from tokenlab.toy import ToyWorld
+from tokenlab.tour.toy import ToyWorld
 
 
 def _kernel_vs_reference(device: torch.device) -> str:

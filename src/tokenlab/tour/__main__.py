@@ -1,0 +1,3 @@
+from tokenlab.tour.report import main
+
+main()
