@@ -7,8 +7,8 @@
 Each candidate computes per-token log-probs of N tokens from hidden states [N, H] and an LM head [V, H],
 the loss on them, and the gradients w.r.t. hidden states and head (forward + backward):
 
-* ``chunked`` — :func:`tokenlab.alignment.token_stats` (``path="chunked"``) + tokenlab's loss;
-* ``naive`` — the same with ``path="naive"`` (``[N, V]`` logits and ``log_softmax``);
+* ``chunked`` — :func:`tokenlab.alignment.token_stats` (``backend="chunked"``) + tokenlab's loss;
+* ``naive`` — the same with ``backend="reference"`` (``[N, V]`` logits and ``log_softmax``);
 * ``trl`` — TRL's chunked LM-head kernel (``trl.kernels.ChunkedLogProbFunction``) + TRL's trainer loss code.
 
 Reports time (median) and peak memory (above the inputs) per candidate, and the ratios to naive.
@@ -43,7 +43,8 @@ def make_inputs(N: int, V: int, H: int, T: int, dtype: torch.dtype, device: torc
 def per_token_logps(impl: str, hidden, weight, labels, chunk_size: int) -> torch.Tensor:
     if impl == "trl":
         return trl_chunked_logps(hidden, weight, None, labels)
-    return token_stats(LinearHead(hidden, weight), labels, chunk_size=chunk_size, path=impl).logps
+    backend = "reference" if impl == "naive" else impl
+    return token_stats(LinearHead(hidden, weight), labels, chunk_size=chunk_size, backend=backend).logps
 
 
 def loss_fn(loss: str, impl: str, inputs, chunk_size: int):

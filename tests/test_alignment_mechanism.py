@@ -25,8 +25,8 @@ def _heads(N: int, H: int, V: int, dtype=torch.float64, bias: bool = True, seed:
     return LinearHead(h, W, b), ref, labels
 
 
-def _run(head, ref, labels, path, chunk_size, seed=1):
-    stats = token_stats(head, labels, reference=ref, entropy=True, chunk_size=chunk_size, path=path)
+def _run(head, ref, labels, backend, chunk_size, seed=1):
+    stats = token_stats(head, labels, reference=ref, entropy=True, chunk_size=chunk_size, backend=backend)
     g = torch.Generator().manual_seed(seed)
     weights = [
         torch.randn(labels.shape, generator=g, dtype=torch.float64).to(stats.logps.dtype) for _ in range(3)
@@ -40,7 +40,7 @@ def _run(head, ref, labels, path, chunk_size, seed=1):
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
 def test_chunked_equals_naive_float64(N, V, bias, chunk_size):
     head, ref, labels = _heads(N, 12, V, bias=bias)
-    want, want_grads = _run(head, ref, labels, "naive", 1)
+    want, want_grads = _run(head, ref, labels, "reference", 1)
     got, got_grads = _run(head, ref, labels, "chunked", chunk_size)
     errors = []
     for name in ("logps", "entropy", "kl"):
@@ -56,7 +56,7 @@ def test_chunked_float32_matches_float64_reference():
         *(t.detach().double().requires_grad_(True) for t in (head.hidden, head.weight, head.bias))
     )
     ref64 = LinearHead(ref.hidden.double(), ref.weight.double())
-    want, want_grads = _run(head64, ref64, labels, "naive", 1)
+    want, want_grads = _run(head64, ref64, labels, "reference", 1)
     got, got_grads = _run(head, ref, labels, "chunked", 13)
     for name in ("logps", "entropy", "kl"):
         assert_relative_error(getattr(got, name), getattr(want, name), 1e-5, name)
@@ -66,7 +66,7 @@ def test_chunked_float32_matches_float64_reference():
 
 def test_naive_path_equals_torch_distributions():
     head, ref, labels = _heads(20, 8, 31)
-    stats = token_stats(head, labels, reference=ref, entropy=True, path="naive")
+    stats = token_stats(head, labels, reference=ref, entropy=True, backend="reference")
     p = Categorical(logits=head.hidden @ head.weight.T + head.bias)
     q = Categorical(logits=ref.hidden @ ref.weight.T)
     keep = labels != -100
@@ -86,9 +86,9 @@ def test_ignored_tokens_get_no_gradient_and_frozen_head_is_skipped():
 
 def test_autocast_bfloat16_close_to_float32():
     head, ref, labels = _heads(40, 32, 257, dtype=torch.float32)
-    want = token_stats(head, labels, reference=ref, entropy=True, path="naive")
+    want = token_stats(head, labels, reference=ref, entropy=True, backend="reference")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        naive, naive_grads = _run(head, ref, labels, "naive", 1)
+        naive, naive_grads = _run(head, ref, labels, "reference", 1)
         chunked, chunked_grads = _run(head, ref, labels, "chunked", 9)
     assert chunked.logps.dtype == torch.float32
     assert_relative_error(chunked.logps, want.logps, 3e-2, "bf16 autocast vs float32")
@@ -107,8 +107,8 @@ def test_bad_inputs_raise_clear_errors():
         token_stats(head, labels.double())
     with pytest.raises(ValueError, match="chunk_size"):
         token_stats(head, labels, chunk_size=0)
-    with pytest.raises(ValueError, match="path"):
-        token_stats(head, labels, path="fast")
+    with pytest.raises(ValueError, match="backend"):
+        token_stats(head, labels, backend="fast")
     with pytest.raises(ValueError, match="weight"):
         LinearHead(head.hidden, head.weight[:, :-1])
     with pytest.raises(ValueError, match="reference"):

@@ -2,14 +2,16 @@
 
 Every check names the argument and says what it must be, then what it got::
 
-    TypeError:  `temperature` must be a number, got str
-    ValueError: `top_p` must be a number in (0, 1], got 1.5
-    ValueError: `group_size` must be an int >= 1, got 0
+    ArgumentTypeError: `temperature` must be a finite number > 0, got 'hot'
+    ValueError:        `top_p` must be a finite number in (0, 1], got 1.5
+    ValueError:        `group_size` must be an int >= 1, got 0
 
-A wrong *kind* of value (a string where a number goes, a bool where an int goes) is a ``TypeError``;
-a value of the right kind outside its range is a ``ValueError``. ``bool`` is never accepted as a
-number. Each check returns the value normalised (``float``, ``int``, the tensor), so an entry point
-validates and converts in one line, once, before any work; inner layers trust their callers.
+A value of the right kind outside its range is a ``ValueError``. A wrong *kind* of value (a string
+where a number goes, a bool or a float where an int goes) is an :class:`ArgumentTypeError`, which is
+both a ``TypeError`` and a ``ValueError`` (as numpy's ``AxisError`` is both an ``IndexError`` and a
+``ValueError``): ``except TypeError`` and ``except ValueError`` both catch it. ``bool`` is never
+accepted as a number. Each check returns the value normalised (``float``, ``int``, the tensor), so an
+entry point validates and converts in one line, once, before any work; inner layers trust their callers.
 This module sits at the bottom of the package: it imports only ``torch``.
 """
 
@@ -22,6 +24,7 @@ from collections.abc import Collection
 import torch
 
 __all__ = [
+    "ArgumentTypeError",
     "check_bool",
     "check_choice",
     "check_finite",
@@ -31,6 +34,10 @@ __all__ = [
     "check_probability",
     "check_tensor",
 ]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (e.g. a ``str`` or ``bool`` where a number goes)."""
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -80,7 +87,7 @@ def check_finite(name: str, value: torch.Tensor | None) -> None:
 def check_bool(name: str, value: object) -> bool:
     """Return ``value`` if it is a ``bool``."""
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+        raise ArgumentTypeError(f"`{name}` must be a bool, got {value!r}")
     return value
 
 
@@ -95,13 +102,12 @@ def check_number(
 ) -> float:
     """Return ``value`` as a finite ``float`` in the interval given by ``low``/``high`` (closed unless
     ``low_open``/``high_open``)."""
+    message = f"`{name}` must be a finite number{_interval(low, high, low_open, high_open)}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+        raise ArgumentTypeError(message)
     x = float(value)
     if not math.isfinite(x) or _outside(x, low, high, low_open, high_open):
-        raise ValueError(
-            f"`{name}` must be a finite number{_interval(low, high, low_open, high_open)}, got {value!r}"
-        )
+        raise ValueError(message)
     return x
 
 
@@ -117,10 +123,11 @@ def check_probability(name: str, value: object, *, zero: bool = True, one: bool 
 
 def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` as an ``int`` in ``[low, high]`` (either bound optional)."""
+    message = f"`{name}` must be an int{_interval(low, high, False, False)}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(message)
     if _outside(int(value), low, high, False, False):
-        raise ValueError(f"`{name}` must be an int{_interval(low, high, False, False)}, got {value!r}")
+        raise ValueError(message)
     return int(value)
 
 

@@ -9,16 +9,17 @@ Every alignment loss in tokenlab needs, per completion token ``t``, some of
   *Token-level Direct Preference Optimization*.
 
 :func:`token_stats` computes them from hidden states ``[N, H]`` and the LM-head weight ``[V, H]``.
-``path="chunked"`` processes ``chunk_size`` tokens at a time inside ONE custom autograd function
+``backend="chunked"`` processes ``chunk_size`` tokens at a time inside ONE custom autograd function
 (:class:`_ChunkedTokenStats`) that keeps only the inputs and recomputes each chunk's logits in
 backward, so peak memory is ``O(chunk_size · V)`` instead of ``O(N · V)``. The gradient of every
 requested term with respect to the chunk's logits ``z`` (``p = softmax(z)``, ``e_y`` one-hot):
 
     ∂logp_t/∂z = e_y − p          ∂H_t/∂z = −p ⊙ (log p + H_t)          ∂KL_t/∂z = p − q
 
-``path="naive"`` materialises the logits and lets autograd differentiate the same formulas; it is
-the reference the chunked path is tested against. :func:`causal_lm_head` runs any Hugging Face causal
-LM's body and returns its last hidden states with the LM head, ready for :func:`token_stats`.
+``backend="reference"`` materialises the logits and lets autograd differentiate the same formulas;
+it is the readable specification the chunked path is tested against. :func:`causal_lm_head` runs any
+Hugging Face causal LM's body and returns its last hidden states with the LM head, ready for
+:func:`token_stats`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab._checks import check_finite, check_tensor
+from tokenlab._checks import check_choice, check_finite, check_int, check_tensor
 
-ComputePath = Literal["chunked", "naive"]
+HeadBackend = Literal["chunked", "reference"]
+HEAD_BACKENDS: tuple[str, ...] = ("chunked", "reference")
 IGNORE_INDEX = -100
 
 
@@ -75,7 +77,7 @@ def _distribution_terms(
     logits: Tensor, labels: Tensor, ref_logits: Tensor | None, want_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """``(log p [n, V], logp of labels [n], entropy [n] | None, KL(q‖p) [n] | None)`` — the one home of
-    the formulas, shared by the naive path and by each chunk of the chunked path."""
+    the formulas, shared by the reference path and by each chunk of the chunked path."""
     log_p = torch.log_softmax(logits, dim=-1)
     logp = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1) if want_entropy else None
@@ -202,7 +204,7 @@ def token_stats(
     reference: LinearHead | None = None,
     entropy: bool = False,
     chunk_size: int = 1024,
-    path: ComputePath = "chunked",
+    backend: HeadBackend = "chunked",
 ) -> TokenStats:
     """Per-token log-probabilities of ``labels`` (and on request entropy, KL to ``reference``).
 
@@ -214,16 +216,14 @@ def token_stats(
             ``kl`` holds ``KL(q‖p)`` per token, ``q = softmax`` of the reference logits. No gradient
             flows into the reference.
         entropy: also return the policy entropy per token.
-        chunk_size: tokens per chunk for ``path="chunked"`` (any positive value; need not divide N).
-        path: ``"chunked"`` (custom autograd, ``O(chunk_size·V)`` memory) or ``"naive"`` (materialised
-            logits + ``log_softmax``; the reference implementation).
+        chunk_size: tokens per chunk for ``backend="chunked"`` (any positive value; need not divide N).
+        backend: ``"chunked"`` (custom autograd, ``O(chunk_size·V)`` memory) or ``"reference"``
+            (materialised logits + ``log_softmax``; the readable specification).
 
     Returns:
         :class:`TokenStats` with float32 (float64 for float64 inputs) tensors shaped like ``labels``.
     """
-    check_tensor("labels", labels)
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"`labels` must be an integer tensor, got {labels.dtype}")
+    check_tensor("labels", labels, integer=True)
     lead = tuple(head.hidden.shape[:-1])
     if tuple(labels.shape) != lead:
         raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal hidden's leading shape {lead}")
@@ -237,10 +237,8 @@ def token_stats(
             f"`reference` must cover the same tokens {lead} and vocabulary {V}, got hidden "
             f"{tuple(reference.hidden.shape)} and weight {tuple(reference.weight.shape)}"
         )
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
-    if path not in ("chunked", "naive"):
-        raise ValueError(f"`path` must be 'chunked' or 'naive', got {path!r}")
+    check_int("chunk_size", chunk_size, low=1)
+    check_choice("backend", backend, HEAD_BACKENDS)
     check_finite("head.hidden", head.hidden)
     if reference is not None:
         check_finite("reference.hidden", reference.hidden)
@@ -252,7 +250,7 @@ def token_stats(
         ref = (reference.hidden.reshape(-1, H).detach(), reference.weight.detach(), reference.bias)
         ref = (*ref[:2], None if ref[2] is None else ref[2].detach())
 
-    if path == "naive":
+    if backend == "reference":
         valid = flat_labels != IGNORE_INDEX
         with torch.no_grad():
             ref_logits = _logits(*ref) if ref is not None else None

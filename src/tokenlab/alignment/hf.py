@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenlab._checks import check_tensor
 from tokenlab.alignment.common import TokenLogps
-from tokenlab.alignment.fused_linear import ComputePath, causal_lm_head, shift_for_next_token, token_stats
+from tokenlab.alignment.fused_linear import HeadBackend, causal_lm_head, shift_for_next_token, token_stats
 
 
 def completion_token_logps(
@@ -23,14 +23,14 @@ def completion_token_logps(
     kl: bool = False,
     entropy: bool = False,
     chunk_size: int = 1024,
-    path: ComputePath = "chunked",
+    backend: HeadBackend = "chunked",
 ) -> TokenLogps:
     """Per-token log-probs of the completion tokens of ``input_ids [B, T]`` under ``model`` (with grad) and
     ``reference_model`` (no grad), aligned to next-token prediction: every output is ``[B, T−1]`` and
     position ``t`` scores ``input_ids[:, t+1]``. ``completion_mask [B, T]`` marks completion tokens.
 
     ``kl=True`` adds ``KL(π_ref ‖ π_θ)`` per token (needs ``reference_model``); ``entropy=True`` adds the
-    policy entropy. No ``[B, T, V]`` logits are built on ``path="chunked"``.
+    policy entropy. No ``[B, T, V]`` logits are built on ``backend="chunked"``.
     """
     check_tensor("input_ids", input_ids)
     check_tensor("completion_mask", completion_mask)
@@ -50,10 +50,11 @@ def completion_token_logps(
             ref_head, _ = shift_for_next_token(
                 causal_lm_head(reference_model, input_ids, attention_mask), input_ids, completion_mask
             )
-            ref_logps = token_stats(ref_head, labels, chunk_size=chunk_size, path=path).logps
+            ref_logps = token_stats(ref_head, labels, chunk_size=chunk_size, backend=backend).logps
     stats = token_stats(
-        head, labels, reference=ref_head if kl else None, entropy=entropy, chunk_size=chunk_size, path=path
-    )
+        head, labels, reference=ref_head if kl else None, entropy=entropy, chunk_size=chunk_size,
+        backend=backend,
+    )  # fmt: skip
     mask = completion_mask[:, 1:].to(stats.logps.dtype)
     return TokenLogps(stats.logps, mask, ref_logps=ref_logps, kl=stats.kl, entropy=stats.entropy)
 

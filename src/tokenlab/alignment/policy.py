@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenlab._checks import check_finite, check_positive, check_tensor
+from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_positive, check_tensor
 from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights
 
 
@@ -58,13 +58,12 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     ``"batch"`` (std over the batch) or ``"none"`` (no division). Std is unbiased, as in TRL."""
     check_tensor("rewards", rewards)
     check_finite("rewards", rewards)
-    if not isinstance(group_size, int) or group_size < 2 or rewards.ndim != 1 or rewards.numel() % group_size:
+    check_int("group_size", group_size, low=2)
+    check_choice("scale", scale, ("group", "batch", "none"))
+    if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(
-            f"`rewards` [B] must split into groups of `group_size` ≥ 2, got {tuple(rewards.shape)}, "
-            f"{group_size!r}"
+            f"`rewards` [B] must split into groups of `group_size`, got {tuple(rewards.shape)}, {group_size}"
         )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"`scale` must be 'group', 'batch' or 'none', got {scale!r}")
     grouped = rewards.view(-1, group_size)
     advantages = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
     if scale == "group":
@@ -77,8 +76,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
 def _check_policy_inputs(
     tokens: TokenLogps, advantages: Tensor, normalization: str, **others: Tensor | None
 ) -> Tensor:
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    check_choice("normalization", normalization, sorted(NORMALIZATIONS))
     check_tensor("advantages", advantages)
     check_finite("advantages", advantages)
     B = tokens.logps.shape[0]
@@ -137,8 +135,7 @@ def grpo_loss(
         beta: KL weight ≥ 0 (0: no reference needed).
         normalization: a key of :data:`NORMALIZATIONS`; ``max_completion_length`` is dr_grpo's constant.
     """
-    if not isinstance(beta, (int, float)) or not beta >= 0:
-        raise ValueError(f"`beta` must be a number ≥ 0 for GRPO, got {beta!r}")
+    check_number("beta", beta, low=0.0)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     old = tokens.logps.detach() if old_logps is None else old_logps
@@ -161,8 +158,7 @@ def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tenso
     check_tensor("completion_ids", completion_ids)
     check_tensor("mask", mask)
     check_tensor("advantages", advantages)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"`group_size` must be an int >= 1, got {group_size!r}")
+    check_int("group_size", group_size, low=1)
     if completion_ids.ndim != 2:
         raise ValueError(f"`completion_ids` must be [B, T], got shape {tuple(completion_ids.shape)}")
     B, T = completion_ids.shape

@@ -45,6 +45,7 @@ from tokenizers import Tokenizer, decoders, models
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from tokenlab._checks import check_int
 from tokenlab.tokenization.pretokenize import PreTokenizer, make_pre_tokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -187,11 +188,7 @@ def _check_training_args(
     if not all(isinstance(s, str) and s for s in specials) or len(set(specials)) != len(specials):
         raise ValueError(f"`special_tokens` must be distinct non-empty strings, got {specials!r}")
     minimum = 256 + len(specials)
-    if not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(
-            f"`vocab_size` must be an int ≥ {minimum} (the 256-byte alphabet + {len(specials)} special "
-            f"tokens), got {vocab_size!r}"
-        )
+    check_int("vocab_size", vocab_size, low=minimum)  # the 256-byte alphabet + the special tokens
     for text in texts:
         try:
             text.encode("utf-8")
@@ -256,15 +253,7 @@ def train_superword_bpe(
     specials = _check_training_args(texts, vocab_size, special_tokens)
     _check_pre_tokenizer("pre_tokenizer", pre_tokenizer)
     _check_pre_tokenizer("superword_pre_tokenizer", superword_pre_tokenizer)
-    if not isinstance(transition_vocab_size, int) or not 256 + len(specials) <= transition_vocab_size:
-        raise ValueError(
-            f"`transition_vocab_size` must be an int ≥ {256 + len(specials)}, got {transition_vocab_size!r}"
-        )
-    if transition_vocab_size >= vocab_size:
-        raise ValueError(
-            f"`transition_vocab_size` ({transition_vocab_size}) must be smaller than "
-            f"`vocab_size` ({vocab_size})"
-        )
+    check_int("transition_vocab_size", transition_vocab_size, low=256 + len(specials), high=vocab_size - 1)
     pre_tokenizer = pre_tokenizer or make_pre_tokenizer("gpt2")
     superword_pre_tokenizer = superword_pre_tokenizer or make_pre_tokenizer("lines")
     vocab = _Vocabulary()

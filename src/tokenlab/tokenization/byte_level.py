@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from tokenlab._checks import check_int, check_positive
 from tokenlab.tokenization.bpe import bytes_to_unicode
 
 EOS_BYTE = 256
@@ -259,8 +259,7 @@ class ByteLevelLM:
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if self.eos_token_id is None:
             raise ValueError("`eos_token_id` is required when the tokenizer has no EOS token")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be ≥ 1, got {batch_size}")
+        check_int("batch_size", batch_size, low=1)
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         self.cost = ByteLevelCost()
@@ -393,8 +392,7 @@ class ByteLevelLM:
         token and require the first generated token to start with its bytes. Returns the bytes
         generated after ``prompt`` (stops at EOS)."""
         data = _as_bytes(prompt, "prompt")
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be ≥ 1, got {max_new_tokens}")
+        check_int("max_new_tokens", max_new_tokens, low=1)
         ids = self.bpe.encode(data)
         removed = self.bpe.decode(ids[-1:])
         ids = self.context_ids + ids[:-1]
@@ -456,14 +454,8 @@ def generate_bytes(
     Sampling draws from ``law^(1/temperature)`` renormalised.
     """
     data = _as_bytes(prompt, "prompt")
-    if isinstance(max_new_bytes, bool) or not isinstance(max_new_bytes, int) or max_new_bytes < 0:
-        raise ValueError(f"`max_new_bytes` must be an int ≥ 0, got {max_new_bytes!r}")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not 0 < temperature < math.inf
-    ):
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}")
+    check_int("max_new_bytes", max_new_bytes, low=0)
+    check_positive("temperature", temperature)
     new = bytearray()
     for _ in range(max_new_bytes):
         law = lm.next_byte_distribution(data + bytes(new))

@@ -33,6 +33,8 @@ from functools import cached_property
 import regex
 from tokenizers import Regex, pre_tokenizers
 
+from tokenlab._checks import check_choice
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -102,9 +104,7 @@ def make_pre_tokenizer(split: str | None = "gpt2", digits: str | None = None) ->
         split: a key of :data:`SPLITS` (``"gpt2"``, ``"whitespace"``, ``"lines"``) or ``None``.
         digits: a key of :data:`DIGIT_SPLITS` (``"single"``, ``"l2r3"``, ``"r2l3"``) or ``None``.
     """
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"`split` must be one of {sorted(SPLITS)} or None, got {split!r}")
-    if digits is not None and digits not in DIGIT_SPLITS:
-        raise ValueError(f"`digits` must be one of {sorted(DIGIT_SPLITS)} or None, got {digits!r}")
+    check_choice("split", split, [*sorted(SPLITS), None])
+    check_choice("digits", digits, [*sorted(DIGIT_SPLITS), None])
     stages = ([DIGIT_SPLITS[digits]] if digits else []) + ([SPLITS[split]] if split else [])
     return PreTokenizer(tuple(stages))

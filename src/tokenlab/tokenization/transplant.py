@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokenlab._checks import check_choice, check_int, check_positive, check_probability
 from tokenlab.tokenization.byte_level import ByteLevelBPE
 
 
@@ -177,19 +178,13 @@ def transplant_tokenizer(
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if method not in TRANSPLANT_METHODS:
-        raise ValueError(f"`method` must be one of {sorted(TRANSPLANT_METHODS)}, got {method!r}")
+    check_choice("method", method, sorted(TRANSPLANT_METHODS))
     if method == "omp" and donor is None:
         raise ValueError("method 'omp' needs a `donor` model that uses the new tokenizer")
     for name, value in (("omp_atoms", omp_atoms), ("top_k", top_k), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"`{name}` must be ≥ 1, got {value}")
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}")
-    if not 0 <= global_weight <= 1:
-        raise ValueError(f"`global_weight` must be in [0, 1], got {global_weight}")
+        check_int(name, value, low=1)
+    check_positive("temperature", temperature)
+    check_probability("global_weight", global_weight)
     old_bpe, new_bpe = ByteLevelBPE(tokenizer), ByteLevelBPE(new_tokenizer)
     old_vocab, new_vocab = tokenizer.get_vocab(), new_tokenizer.get_vocab()
     new_size = len(new_tokenizer)

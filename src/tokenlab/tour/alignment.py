@@ -46,15 +46,15 @@ def tour_section(world: ToyWorld) -> list[str]:
     V = target.get_output_embeddings().weight.shape[0]
     n_tokens = 2 * mask.numel()
 
-    def loss(path: str) -> torch.Tensor:
-        chosen, rejected = (token_stats(h, y, chunk_size=128, path=path).logps for h, y in heads)
+    def loss(backend: str) -> torch.Tensor:
+        chosen, rejected = (token_stats(h, y, chunk_size=128, backend=backend).logps for h, y in heads)
         ref = [t.detach() for t in (chosen, rejected)]
         return dpo_loss(
             TokenLogps(chosen, mask, ref_logps=ref[0]), TokenLogps(rejected, mask, ref_logps=ref[1]), beta=0.1
         ).loss
 
     inputs = [t for h, _ in heads for t in (h.hidden, h.weight)]
-    naive = saved_for_backward_bytes(lambda: loss("naive"), *inputs)
+    naive = saved_for_backward_bytes(lambda: loss("reference"), *inputs)
     chunked = saved_for_backward_bytes(lambda: loss("chunked"), *inputs)
     lines = [
         f"DPO on {n_tokens} tokens, V={V} (CPU, activation memory kept for backward): "
