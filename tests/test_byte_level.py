@@ -1,4 +1,4 @@
-"""Exact byte-level probabilities (catalogue T2) against brute-force enumeration.
+"""Exact byte-level probabilities against brute-force enumeration.
 
 Oracle: a 31-token byte-level BPE tokenizer over {a, b, c} (27 byte tokens from explicit merges,
 BOS/EOS, 3 FIM sentinels) and a random tiny Llama whose next-token distribution is masked to

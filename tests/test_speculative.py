@@ -1,4 +1,4 @@
-"""Speculative decoding (catalogue D1, D2) against its oracles.
+"""Speculative decoding against its oracles.
 
 * warping equals HF's Temperature/TopK/TopP warpers;
 * the Triton verification kernel (interpreter) equals the reference token for token;

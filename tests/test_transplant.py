@@ -1,4 +1,4 @@
-"""Tokenizer transplant (catalogue T3): exact shared rows, identity on identical tokenizers, OMP
+"""Tokenizer transplant: exact shared rows, identity on identical tokenizers, OMP
 recovering planted sparse combinations, tied/untied embeddings, save/reload, bad input."""
 
 from __future__ import annotations

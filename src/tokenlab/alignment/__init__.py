@@ -1,6 +1,5 @@
 """Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO/IcePop) as small
-formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits
-(catalogue section L).
+formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits.
 
 Pipeline: :func:`completion_token_logps` (or :func:`causal_lm_head` + :func:`token_stats`) turns a model
 and a batch into a :class:`TokenLogps` record; a loss from :data:`LOSSES` turns records into a

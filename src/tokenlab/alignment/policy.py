@@ -1,4 +1,4 @@
-"""Policy-gradient losses on sampled groups (catalogue L3): GRPO, GTPO, IcePop.
+"""Policy-gradient losses on sampled groups: GRPO, GTPO, IcePop.
 
 All three share the PPO clipped surrogate on the token ratio ``ρ_t = π_θ(y_t) / π_old(y_t)``::
 

@@ -1,4 +1,4 @@
-"""Paired preference losses (catalogue L1): DPO, IPO, token-weighted DPO and the token-level family.
+"""Paired preference losses: DPO, IPO, token-weighted DPO and the token-level family.
 
 All losses take a ``chosen`` and a ``rejected`` :class:`~tokenlab.alignment.common.TokenLogps` (``[B, T]``
 per-token log-probs of policy and reference, completion mask, optionally per-token KL) and return a

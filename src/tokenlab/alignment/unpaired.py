@@ -1,4 +1,4 @@
-"""Unpaired losses (catalogue L2): each completion is labelled desirable or undesirable on its own.
+"""Unpaired losses: each completion is labelled desirable or undesirable on its own.
 
 * KTO (*KTO: Model Alignment as Prospect Theoretic Optimization*, Eq. 7): with ``r = log π_θ/π_ref``
   of a completion and the reference point ``z₀ = max(0, mean KL estimate)`` (no gradient)::

@@ -1,5 +1,6 @@
-"""Tokenization: BPE and superword training, exact byte-level probabilities, tokenizer transplant,
-dynamic tokenization, learned chunking modules and tokenizer metrics (catalogue section T)."""
+"""Tokenization: BPE and superword (SuperBPE) training with digit pre-tokenisers and HF export, exact
+byte-level probabilities of token-level LMs (cover encodings, next-byte laws, fill-in-the-middle,
+byte-level ensembles), and tokenizer transplant (OMP, TokenAdapt and baselines)."""
 
 from tokenlab.tokenization.bpe import BPETokenizer, bytes_to_unicode, train_bpe, train_superword_bpe
 from tokenlab.tokenization.byte_level import (
