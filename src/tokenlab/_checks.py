@@ -32,6 +32,7 @@ __all__ = [
     "check_number",
     "check_positive",
     "check_probability",
+    "check_shape",
     "check_tensor",
 ]
 
@@ -75,6 +76,13 @@ def check_tensor(
         raise TypeError(f"`{name}` must be an integer tensor, got {value.dtype}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"`{name}` must be {ndim}-D, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_shape(name: str, value: torch.Tensor, shape: tuple[int, ...], of: str) -> torch.Tensor:
+    """Return ``value`` if its shape is ``shape`` (``of`` says whose shape that is, e.g. ```logps```)."""
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"`{name}` shape {tuple(value.shape)} must equal {of} {tuple(shape)}")
     return value
 
 

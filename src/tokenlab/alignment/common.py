@@ -8,16 +8,14 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab._checks import check_finite, check_tensor
+from tokenlab._checks import check_finite, check_shape, check_tensor
 
 
 def check_shape_like_logps(name: str, value: Tensor | None, logps: Tensor) -> None:
     """Raise unless ``value`` (when given) is a tensor of the same ``[B, T]`` shape as ``logps``."""
     if value is None:
         return
-    check_tensor(name, value)
-    if value.shape != logps.shape:
-        raise ValueError(f"`{name}` shape {tuple(value.shape)} must equal `logps` {tuple(logps.shape)}")
+    check_shape(name, check_tensor(name, value), logps.shape, of="`logps`")
 
 
 @dataclass

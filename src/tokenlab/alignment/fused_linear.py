@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenlab._checks import check_choice, check_finite, check_int, check_tensor
+from tokenlab._checks import check_choice, check_finite, check_int, check_shape, check_tensor
 
 HeadBackend = Literal["chunked", "reference"]
 HEAD_BACKENDS: tuple[str, ...] = ("chunked", "reference")
@@ -225,8 +225,7 @@ def token_stats(
     """
     check_tensor("labels", labels, integer=True)
     lead = tuple(head.hidden.shape[:-1])
-    if tuple(labels.shape) != lead:
-        raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal hidden's leading shape {lead}")
+    check_shape("labels", labels, lead, of="the leading shape of `head.hidden`")
     V = head.weight.shape[0]
     if ((labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))).any():
         raise ValueError(f"`labels` must lie in [0, {V}) or be {IGNORE_INDEX}")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tokenlab._checks import check_tensor
+from tokenlab._checks import check_shape, check_tensor
 from tokenlab.alignment.common import TokenLogps
 from tokenlab.alignment.fused_linear import HeadBackend, causal_lm_head, shift_for_next_token, token_stats
 
@@ -34,11 +34,7 @@ def completion_token_logps(
     """
     check_tensor("input_ids", input_ids)
     check_tensor("completion_mask", completion_mask)
-    if completion_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"`completion_mask` shape {tuple(completion_mask.shape)} must equal `input_ids` "
-            f"{tuple(input_ids.shape)}"
-        )
+    check_shape("completion_mask", completion_mask, input_ids.shape, of="`input_ids`")
     if kl and reference_model is None:
         raise ValueError("`kl=True` needs a `reference_model`")
     head, labels = shift_for_next_token(

@@ -286,18 +286,8 @@ def _model_vocab(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_inputs(
-    target,
-    draft,
-    input_ids,
-    attention_mask,
-    max_new_tokens,
-    num_draft_tokens,
-    eos_token_id,
-    generator,
-    strategy,
-    group_size,
-) -> list[int]:
+def _check_models(target, draft) -> torch.device:
+    """Both HF causal LMs, one vocabulary, one device; returns the device."""
     for name, model in (("target", target), ("draft", draft)):
         if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
             raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
@@ -309,6 +299,11 @@ def _check_inputs(
         raise ValueError(
             f"`target` and `draft` must be on one device, got {device} and {next(draft.parameters()).device}"
         )
+    return device
+
+
+def _check_prompts(input_ids, attention_mask, device: torch.device) -> None:
+    """``[B, T]`` int64 prompts on ``device``, with an optional left-padding 0/1 mask."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("`input_ids` must be a [B, T] int64 tensor")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -323,18 +318,12 @@ def _check_inputs(
         m = attention_mask.long()
         if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
             raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
-    check_int("max_new_tokens", max_new_tokens, low=1)
-    check_int("num_draft_tokens", num_draft_tokens, low=1)
+
+
+def _eos_ids(eos_token_id) -> list[int]:
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
         raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
-    if generator is not None and (
-        not isinstance(generator, torch.Generator) or generator.device.type != device.type
-    ):
-        raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
-    check_choice("strategy", strategy, STRATEGIES)
-    if group_size is not None:
-        check_int("group_size", group_size, low=1)
     return eos
 
 
@@ -382,20 +371,18 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
-    if eos_token_id is None and isinstance(target, PreTrainedModel):  # else _check_inputs names `target`
-        eos_token_id = target.generation_config.eos_token_id
-    eos = _check_inputs(
-        target,
-        draft,
-        input_ids,
-        attention_mask,
-        max_new_tokens,
-        num_draft_tokens,
-        eos_token_id,
-        generator,
-        strategy,
-        group_size,
-    )
+    device = _check_models(target, draft)
+    _check_prompts(input_ids, attention_mask, device)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_int("num_draft_tokens", num_draft_tokens, low=1)
+    eos = _eos_ids(target.generation_config.eos_token_id if eos_token_id is None else eos_token_id)
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != device.type
+    ):
+        raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
+    check_choice("strategy", strategy, STRATEGIES)
+    if group_size is not None:
+        check_int("group_size", group_size, low=1)
     warping = Warping(do_sample, temperature, top_k, top_p)
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id
@@ -403,7 +390,6 @@ def speculative_generate(
     vocab = _model_vocab(target)
     check_int("pad_token_id", pad_token_id, low=0, high=vocab - 1)
     sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids))
-    device = input_ids.device
     B = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     stats = SpeculativeStats()
