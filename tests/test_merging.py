@@ -261,13 +261,14 @@ def test_probe_loss_bad_input():
     with pytest.raises(ValueError, match="`probe` must be a non-empty"):
         probe_loss(base, [a, b], [0.5, 0.5], [])
     # a negative λ rewards large coefficients, momentum ≥ 1 diverges: rejected before any step
-    for kwargs, name in (
-        ({"regularization": -0.1}, "regularization"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"lr": float("nan")}, "lr"),
-        ({"steps": True}, "steps"),
+    # (a bool where an int goes is the wrong kind of value: TypeError, as everywhere in tokenlab._checks)
+    for kwargs, name, error in (
+        ({"regularization": -0.1}, "regularization", ValueError),
+        ({"momentum": 1.0}, "momentum", ValueError),
+        ({"lr": float("nan")}, "lr", ValueError),
+        ({"steps": True}, "steps", TypeError),
     ):
-        with pytest.raises(ValueError, match=f"`{name}`"):
+        with pytest.raises(error, match=f"`{name}`"):
             self_positioning(base, [a, b], probe, **kwargs)
     assert math.isfinite(probe_loss(base, [a, b], [0.5, 0.5], probe))
 
