@@ -17,17 +17,24 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tokenlab._checks import check_number
 from tokenlab.merging import (
     MERGE_METHODS,
     MergeInputs,
+    Param,
+    load_recipe,
     merge_checkpoints,
     merge_from_recipe,
     merge_state_dicts,
     merge_tensors,
     probe_loss,
+    register_merge_method,
     self_positioning,
+    weight_,
 )
-from tokenlab.merging.config import main as cli_main
+from tokenlab.merging.cli import main as cli_main
+from tokenlab.merging.methods import DENSITY
+from tokenlab.merging.registry import check_with
 from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
@@ -165,7 +172,7 @@ def test_merge_tensors_bad_input():
     with pytest.raises(ValueError, match="unknown merge `method`"):
         merge_tensors("average_of_vibes", base, finetuned)
     for density in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="`density` must be in"):
+        with pytest.raises(ValueError, match=r"`density` must be a finite number in \(0, 1\]"):
             merge_tensors("ties", base, finetuned, density=density)
     with pytest.raises(ValueError, match=r"shape mismatch for 'layer\.w'"):
         merge_tensors("task_arithmetic", base, [finetuned[0], torch.zeros(4, 5)], name="layer.w")
@@ -183,6 +190,48 @@ def test_merge_tensors_bad_input():
         merge_tensors("slerp", base, finetuned, t=0.5)
     with pytest.raises(ValueError, match="`masks`"):
         merge_tensors("dare_linear", base, finetuned, density=0.5, masks=torch.ones(3, 4, 4))
+
+
+@pytest.fixture
+def scaled_sum():
+    """A throwaway method registered as a new one is: a function and its declaration, nothing else."""
+
+    @register_merge_method(
+        "test_scaled_sum",
+        paper="(test)",
+        params=(Param("scale", check_with(check_number, low=0.0), "factor", default=1.0, per_model=True),),
+        min_models=2,
+    )
+    def scaled_sum(inputs, weights, *, scale):
+        factors = weights * torch.tensor(scale, dtype=torch.float64)
+        for a, b in inputs.blocks():
+            yield weight_(inputs.task_vectors(a, b), factors).sum(0).add_(inputs.base_rows(a, b))
+
+    yield "test_scaled_sum"
+    del MERGE_METHODS["test_scaled_sum"]
+
+
+def test_declared_parameters_are_resolved_generically(scaled_sum):
+    base, finetuned = _models((5, 3), 2, torch.float64)
+    ta = merge_tensors("task_arithmetic", base, finetuned, [0.5, 2.0])
+    torch.testing.assert_close(merge_tensors(scaled_sum, base, finetuned, scale=[0.5, 2.0]), ta)
+    torch.testing.assert_close(merge_tensors(scaled_sum, base, finetuned, [0.5, 2.0]), ta)  # default 1 each
+    with pytest.raises(ValueError, match=r"`scale\[1\]` must be a finite number >= 0"):
+        merge_tensors(scaled_sum, base, finetuned, scale=[1.0, -1.0])
+    with pytest.raises(ValueError, match=r"`scale` must be one value or one per fine-tuned model \(2\)"):
+        merge_tensors(scaled_sum, base, finetuned, scale=[1.0])
+    with pytest.raises(ValueError, match="takes at least two fine-tuned model"):
+        merge_tensors(scaled_sum, base, finetuned[:1])
+    # a recipe's model entries may carry the method's per-model parameters
+    recipe = load_recipe({"method": scaled_sum, "base": "b", "models": [{"path": "x", "scale": 0.5}, "y"]})
+    assert recipe["parameters"] == {"scale": [0.5, 1.0]}
+    # whole-model merges set tensor-only parameters (DARE's generator) themselves
+    with pytest.raises(TypeError, match="per tensor"):
+        merge_state_dicts("dare_linear", {"w": base}, [{"w": t} for t in finetuned], density=0.5, masks=None)
+    # the declaration must name exactly the function's keyword-only parameters
+    with pytest.raises(TypeError, match="do not match the keyword-only parameters"):
+        register_merge_method("test_mismatch", paper="(test)", params=(DENSITY,))(lambda inputs, w: None)
+    assert "test_mismatch" not in MERGE_METHODS
 
 
 # ----------------------------------------------------------------------------- Self-Positioning
@@ -261,13 +310,14 @@ def test_probe_loss_bad_input():
     with pytest.raises(ValueError, match="`probe` must be a non-empty"):
         probe_loss(base, [a, b], [0.5, 0.5], [])
     # a negative λ rewards large coefficients, momentum ≥ 1 diverges: rejected before any step
-    for kwargs, name in (
-        ({"regularization": -0.1}, "regularization"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"lr": float("nan")}, "lr"),
-        ({"steps": True}, "steps"),
+    # (a bool where an int goes is the wrong kind of value: TypeError, as everywhere in tokenlab._checks)
+    for kwargs, name, error in (
+        ({"regularization": -0.1}, "regularization", ValueError),
+        ({"momentum": 1.0}, "momentum", ValueError),
+        ({"lr": float("nan")}, "lr", ValueError),
+        ({"steps": True}, "steps", TypeError),
     ):
-        with pytest.raises(ValueError, match=f"`{name}`"):
+        with pytest.raises(error, match=f"`{name}`"):
             self_positioning(base, [a, b], probe, **kwargs)
     assert math.isfinite(probe_loss(base, [a, b], [0.5, 0.5], probe))
 
@@ -438,8 +488,8 @@ def test_checkpoint_bad_input(checkpoints, tmp_path):
         ([bad_dtype], {}, ValueError, r"dtype mismatch for '"),
         ([missing], {}, ValueError, r"missing \['lm_head.weight'\]"),
         ([other_arch], {}, ValueError, r"architecture: hidden_act: 'silu' vs 'gelu'"),
-        ([ft0, ft1], {"density": 0.0}, ValueError, r"`density` must be in \(0, 1\]"),
-        ([ft0, ft1], {"density": 1.2}, ValueError, r"`density` must be in \(0, 1\]"),
+        ([ft0, ft1], {"density": 0.0}, ValueError, r"`density` must be a finite number in \(0, 1\]"),
+        ([ft0, ft1], {"density": 1.2}, ValueError, r"`density` must be a finite number in \(0, 1\]"),
         ([tmp_path / "nope"], {}, FileNotFoundError, r"is not a directory"),
     ]
     for models, params, error, match in cases:
@@ -468,10 +518,10 @@ def test_public_merging_functions_are_typed_and_documented():
     """Every public function of the merging family states its types and has a docstring."""
     import inspect
 
-    from tokenlab.merging import checkpoint, config, methods, self_positioning
+    from tokenlab.merging import checkpoint, cli, methods, recipe, registry, self_positioning
 
     missing = []
-    for module in (methods, self_positioning, checkpoint, config):
+    for module in (registry, methods, self_positioning, checkpoint, recipe, cli):
         for name, fn in vars(module).items():
             if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module.__name__:
                 continue

@@ -1,17 +1,18 @@
-"""Merging: task arithmetic, TIES, DARE, SLERP, magnitude pruning and Self-Positioning behind one
-registry, and streaming merges of Hugging Face checkpoints (catalogue section M).
+"""Merging: task arithmetic, magnitude pruning, TIES, DARE (linear and TIES) and SLERP behind one
+registry, streaming merges of Hugging Face checkpoints, and Self-Positioning.
 
-* :func:`merge_tensors` — one tensor, any method of :data:`MERGE_METHODS`;
+* :func:`merge_tensors` — one tensor, any method of :data:`MERGE_METHODS` (:mod:`.methods`; each
+  method declares its parameters with :class:`Param` in :func:`register_merge_method`, :mod:`.registry`);
 * :func:`merge_state_dicts` — whole state dicts in memory;
-* :func:`merge_checkpoints` — safetensors directories, one tensor at a time, atomic output;
-  :func:`merge_from_recipe` / ``python -m tokenlab.merging recipe.yaml`` — the same from a YAML/JSON recipe;
-* :func:`self_positioning` — task-vector coefficients learned by SGD on a probe set.
+* :func:`merge_checkpoints` — safetensors directories, one tensor at a time, atomic output
+  (:mod:`.checkpoint`); :func:`merge_from_recipe` — the same from a YAML/JSON recipe (:mod:`.recipe`);
+  ``python -m tokenlab.merging`` — the command line (:mod:`.cli`);
+* :func:`self_positioning` — task-vector coefficients learned by SGD on a probe set
+  (:mod:`.self_positioning`).
 """
 
 from tokenlab.merging.checkpoint import Checkpoint, merge_checkpoints
-from tokenlab.merging.config import load_recipe, merge_from_recipe
 from tokenlab.merging.methods import (
-    MERGE_METHODS,
     MergeInputs,
     dare_linear,
     dare_masks,
@@ -23,7 +24,6 @@ from tokenlab.merging.methods import (
     magnitude_thresholds,
     merge_state_dicts,
     merge_tensors,
-    register_merge_method,
     slerp,
     task_arithmetic,
     tensor_generator,
@@ -31,12 +31,15 @@ from tokenlab.merging.methods import (
     trim_,
     weight_,
 )
+from tokenlab.merging.recipe import load_recipe, merge_from_recipe
+from tokenlab.merging.registry import MERGE_METHODS, Param, register_merge_method
 from tokenlab.merging.self_positioning import SelfPositioningResult, probe_loss, self_positioning
 
 __all__ = [
     "MERGE_METHODS",
     "Checkpoint",
     "MergeInputs",
+    "Param",
     "SelfPositioningResult",
     "dare_linear",
     "dare_masks",

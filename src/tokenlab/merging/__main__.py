@@ -1,3 +1,3 @@
-from tokenlab.merging.config import main
+from tokenlab.merging.cli import main
 
 main()

@@ -32,14 +32,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from tokenlab.merging.methods import (
-    MergeInputs,
-    ReadRows,
-    check_param_values,
-    resolve_params,
-    resolve_weights,
-    tensor_generator,
-)
+from tokenlab._checks import check_bool, check_int
+from tokenlab.merging.methods import MergeInputs, ReadRows
+from tokenlab.merging.registry import Target, merge_method
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -186,21 +181,15 @@ def _check_out_dir(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> No
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"``, ``"1.5GiB"``."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
+    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"``, ``"1.5GiB"`` (at least 1)."""
+    if isinstance(size, str):
         m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
         if not m:
             raise ValueError(f"`max_shard_size` must be bytes or like '2GB', got {size!r}")
         unit = (m.group(2) or "B").upper()
         base = 1024 if "I" in unit else 1000
-        value = int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
-    else:
-        raise TypeError(f"`max_shard_size` must be an int or str, got {type(size).__name__}")
-    if value <= 0:
-        raise ValueError(f"`max_shard_size` must be positive, got {size!r}")
-    return value
+        size = int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+    return check_int("max_shard_size", size, low=1)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -275,22 +264,23 @@ def merge_checkpoints(
         max_shard_size: shard size (bytes or ``"2GB"``); one ``model.safetensors`` when it all fits.
         overwrite: replace a non-empty ``out_dir`` (never an input).
         progress: tqdm bar over tensors.
-        **params: the method's parameters (``density``, ``majority_sign``, ``t``).
+        **params: the method's declared parameters (``density``, ``majority_sign``, ``t``; not the
+            tensor-only ``generator``/``masks``).
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`; ``from_pretrained(out_dir)`` loads the merge.
 
     The result equals :func:`~tokenlab.merging.merge_state_dicts` on the loaded state dicts.
     """
-    entry, full = resolve_params(method, params)
-    if "masks" in params or "generator" in params:
-        raise TypeError("checkpoint merges draw DARE masks from `seed`; pass `seed`, not masks/generator")
+    entry = merge_method(method)
     if isinstance(finetuned_dirs, (str, os.PathLike)) or not finetuned_dirs:
         raise TypeError("`finetuned_dirs` must be a non-empty list of directories")
     n = len(finetuned_dirs)
-    check_param_values(entry, full, n, torch.Size(), "checkpoints")
-    w = resolve_weights(entry, weights, n)
+    full = entry.resolve(params, Target(n, where="checkpoint"))
+    w = entry.resolve_weights(weights, n)
+    seed = check_int("seed", seed)
     shard_bytes = parse_size(max_shard_size)
+    overwrite, progress = check_bool("overwrite", overwrite), check_bool("progress", progress)
     out_dir = Path(out_dir)
     base = Checkpoint.open(base_dir, "`base_dir`")
     models = [Checkpoint.open(d, f"`finetuned_dirs[{i}]`") for i, d in enumerate(finetuned_dirs)]
@@ -306,8 +296,7 @@ def merge_checkpoints(
         inputs = MergeInputs(
             name, info.shape, dtype, base.read_rows(name), tuple(m.read_rows(name) for m in models)
         )
-        extra = {"generator": tensor_generator(seed, name)} if entry.random else {}
-        for block in entry.fn(inputs, w, **(full | extra)):
+        for block in entry.fn(inputs, w, **(full | entry.seeded(seed, name))):
             yield block.to(dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +325,7 @@ def merge_checkpoints(
             "base": str(base.path.resolve()),
             "models": [str(m.path.resolve()) for m in models],
             "weights": w.tolist() if entry.weighted else None,
-            "parameters": {k: v for k, v in full.items() if k not in ("generator", "masks")},
+            "parameters": entry.recorded(full),
             "seed": seed,
         }
         (tmp / "tokenlab_merge.json").write_text(json.dumps(recipe, indent=2))

@@ -19,8 +19,10 @@ quantities (trim thresholds, DARE masks, SLERP's angle) are computed first, bloc
 else is elementwise. So a checkpoint merge never holds more than one block of the ``n`` task
 vectors, plus one float32 copy of the tensor (trim threshold) or ``n`` boolean masks (DARE), and
 the result does not depend on the block size. A new method is one generator function
-``fn(inputs, weights, **params)`` decorated with :func:`register_merge_method`;
-:func:`merge_tensors` dispatches by name, validates input and concatenates the blocks.
+``fn(inputs, weights, *, **params)`` registered with :func:`register_merge_method`, which declares its
+parameters (:class:`~tokenlab.merging.registry.Param`, shared ones such as :data:`DENSITY` declared
+once below) and how many models it takes; :func:`merge_tensors` dispatches by name, validates input
+against the declarations and concatenates the blocks.
 
 Conventions follow ``peft.utils.merge_utils`` (the tests' oracle): trimming is per tensor with
 ``k = int(density · numel)`` (entries tied with the k-th magnitude are all kept, where ``topk`` picks
@@ -38,44 +40,26 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenlab._checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_probability,
+    check_tensor,
+)
+from tokenlab.merging.registry import (
+    MergeMethod,
+    Param,
+    Target,
+    check_with,
+    merge_method,
+    register_merge_method,
+)
+
 SIGN_METHODS = ("total", "frequency")
 BLOCK_ELEMENTS = 1 << 20  # entries per row block (per model)
 
-MergeFn = Callable[..., Iterator[torch.Tensor]]
 ReadRows = Callable[[int, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered merge method: its function, the keyword parameters it takes and their defaults."""
-
-    name: str
-    fn: MergeFn
-    defaults: dict
-    paper: str
-    random: bool = False  # draws random masks (takes ``generator`` / ``masks``)
-    weighted: bool = True  # takes per-model ``weights``
-
-
-MERGE_METHODS: dict[str, MergeMethod] = {}
-
-
-def register_merge_method(
-    name: str, *, paper: str, random: bool = False, weighted: bool = True, **defaults
-) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: register ``fn(inputs, weights, **params) -> Iterator[Tensor]`` under ``name``.
-
-    ``defaults`` lists every keyword parameter the method accepts with its default value (``None``
-    for required ones); :func:`merge_tensors` rejects any other keyword.
-    """
-
-    def register(fn: MergeFn) -> MergeFn:
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        MERGE_METHODS[name] = MergeMethod(name, fn, defaults, paper, random, weighted)
-        return fn
-
-    return register
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -226,12 +210,67 @@ def weight_(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return tau.mul_(weights.to(tau.dtype).view(-1, *([1] * (tau.dim() - 1))))
 
 
-def _masks_for(inputs, density, generator, masks) -> torch.Tensor:
-    return (
-        dare_masks(inputs, density, generator)
-        if masks is None
-        else masks.reshape(inputs.n, -1, *inputs.shape[1:])
-    )
+def _dare_blocks(
+    inputs: MergeInputs, density: float, generator: torch.Generator | None, masks: torch.Tensor | None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(a, b, τ̃)``: rows ``a:b`` of the dropped-and-rescaled task vectors, block by block, with the
+    given ``masks`` or masks drawn from ``generator``."""
+    if masks is None:
+        masks = dare_masks(inputs, density, generator)
+    masks = masks.reshape(inputs.n, -1, *inputs.shape[1:])
+    for a, b in inputs.blocks():
+        yield a, b, drop_and_rescale_(inputs.task_vectors(a, b), density, masks[:, a:b])
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """The generator that draws the DARE masks of tensor ``name`` in a merge seeded with ``seed``
+    (independent of the order tensors are visited in, so streaming and in-memory merges agree)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+# ------------------------------------------------------------------------- shared parameters
+def _check_generator(name: str, value: object, target: Target) -> torch.Generator:
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"`{name}` must be a torch.Generator, got {type(value).__name__}")
+    return value
+
+
+def _check_masks(name: str, value: object, target: Target) -> torch.Tensor:
+    masks = check_tensor(name, value)
+    expected = (target.n, *(target.shape or ()))
+    if masks.shape != expected:
+        raise ValueError(
+            f"`{name}` for {target.where} must be a tensor of shape {expected}, got {tuple(masks.shape)}"
+        )
+    return masks
+
+
+DENSITY = Param(
+    "density", check_with(check_probability, zero=False), "fraction of each task vector kept, in (0, 1]"
+)
+MAJORITY_SIGN = Param(
+    "majority_sign",
+    check_with(check_choice, choices=SIGN_METHODS),
+    "elected sign: 'total' (of Σ τ_i) or 'frequency' (of Σ sign τ_i)",
+    default="total",
+)
+DARE_MASKS = (
+    Param(
+        "generator",
+        _check_generator,
+        "draws the DARE masks (default: the global RNG; whole-model merges: from `seed`)",
+        default=None,
+        tensor_only=True,
+        from_seed=tensor_generator,
+    ),
+    Param(
+        "masks",
+        _check_masks,
+        "DARE keep-masks of shape (n, *shape), instead of drawing them",
+        default=None,
+        tensor_only=True,
+    ),
+)
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -242,7 +281,11 @@ def task_arithmetic(inputs: MergeInputs, weights: torch.Tensor) -> Iterator[torc
         yield weight_(inputs.task_vectors(a, b), weights).sum(0).add_(inputs.base_rows(a, b))
 
 
-@register_merge_method("magnitude_prune", paper="TIES-Merging (trim step only)", density=None)
+@register_merge_method(
+    "magnitude_prune",
+    paper="TIES-Merging: Resolving Interference When Merging Models (trim step only)",
+    params=(DENSITY,),
+)
 def magnitude_prune(inputs: MergeInputs, weights: torch.Tensor, *, density: float) -> Iterator[torch.Tensor]:
     """``θ = θ_base + Σ_i w_i trim(τ_i, density)`` (PEFT's ``magnitude_prune``)."""
     thresholds = magnitude_thresholds(inputs, density)
@@ -252,10 +295,7 @@ def magnitude_prune(inputs: MergeInputs, weights: torch.Tensor, *, density: floa
 
 
 @register_merge_method(
-    "ties",
-    paper="TIES-Merging: Resolving Interference When Merging Models",
-    density=None,
-    majority_sign="total",
+    "ties", paper="TIES-Merging: Resolving Interference When Merging Models", params=(DENSITY, MAJORITY_SIGN)
 )
 def ties(
     inputs: MergeInputs, weights: torch.Tensor, *, density: float, majority_sign: str
@@ -272,10 +312,7 @@ def ties(
 @register_merge_method(
     "dare_linear",
     paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
-    random=True,
-    density=None,
-    generator=None,
-    masks=None,
+    params=(DENSITY, *DARE_MASKS),
 )
 def dare_linear(
     inputs: MergeInputs,
@@ -286,20 +323,14 @@ def dare_linear(
     masks: torch.Tensor | None,
 ) -> Iterator[torch.Tensor]:
     """DARE then task arithmetic: ``θ = θ_base + Σ_i w_i m_i ⊙ τ_i / density``."""
-    masks = _masks_for(inputs, density, generator, masks)
-    for a, b in inputs.blocks():
-        tau = drop_and_rescale_(inputs.task_vectors(a, b), density, masks[:, a:b])
+    for a, b, tau in _dare_blocks(inputs, density, generator, masks):
         yield weight_(tau, weights).sum(0).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
     "dare_ties",
     paper="Language Models are Super Mario (DARE) with TIES-Merging's sign election",
-    random=True,
-    density=None,
-    majority_sign="total",
-    generator=None,
-    masks=None,
+    params=(DENSITY, MAJORITY_SIGN, *DARE_MASKS),
 )
 def dare_ties(
     inputs: MergeInputs,
@@ -311,15 +342,25 @@ def dare_ties(
     masks: torch.Tensor | None,
 ) -> Iterator[torch.Tensor]:
     """DARE's drop-and-rescale in place of TIES' trim, then elect sign and disjoint mean."""
-    masks = _masks_for(inputs, density, generator, masks)
-    for a, b in inputs.blocks():
-        tau = drop_and_rescale_(inputs.task_vectors(a, b), density, masks[:, a:b])
+    for a, b, tau in _dare_blocks(inputs, density, generator, masks):
         agree = elect_sign(tau, majority_sign)
         yield disjoint_mean_(weight_(tau, weights), agree).add_(inputs.base_rows(a, b))
 
 
 @register_merge_method(
-    "slerp", paper="Animating Rotation with Quaternion Curves (SLERP)", weighted=False, t=None, eps=1e-8
+    "slerp",
+    paper="Animating Rotation with Quaternion Curves (SLERP)",
+    params=(
+        Param(
+            "t", check_with(check_probability), "position in [0, 1]: 0 = the base, 1 = the fine-tuned model"
+        ),
+        Param(
+            "eps", check_with(check_number, low=0.0), "norm or sin Ω below which it is linear", default=1e-8
+        ),
+    ),
+    weighted=False,
+    min_models=1,
+    max_models=1,
 )
 def slerp(inputs: MergeInputs, weights: torch.Tensor, *, t: float, eps: float) -> Iterator[torch.Tensor]:
     """Spherical linear interpolation from the base (t = 0) to the one fine-tuned tensor (t = 1).
@@ -345,73 +386,14 @@ def slerp(inputs: MergeInputs, weights: torch.Tensor, *, t: float, eps: float) -
         yield inputs.base_rows(a, b).mul_(c0).add_(read_other(a, b).to(inputs.compute_dtype), alpha=c1)
 
 
-# ----------------------------------------------------------------------------------- entry point
-def check_param_values(method: MergeMethod, params: dict, n: int, shape: torch.Size, where: str) -> None:
-    """Validate a method's resolved ``params`` for ``n`` models and tensors of ``shape`` (``masks``:
-    ``(n, *shape)``); errors name the parameter, and ``where`` (the tensor or checkpoints) for masks."""
-    if "density" in method.defaults:
-        d = params["density"]
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
-            raise ValueError(f"`density` must be in (0, 1], got {d!r}")
-    if "majority_sign" in method.defaults and params["majority_sign"] not in SIGN_METHODS:
-        raise ValueError(f"`majority_sign` must be one of {SIGN_METHODS}, got {params['majority_sign']!r}")
-    if "t" in method.defaults:
-        t = params["t"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t <= 1):
-            raise ValueError(f"`t` must be in [0, 1], got {t!r}")
-    if method.name == "slerp" and n != 1:
-        raise ValueError(f"slerp interpolates the base with exactly one fine-tuned model, got {n}")
-    masks = params.get("masks")
-    if masks is not None and (not isinstance(masks, torch.Tensor) or masks.shape != (n, *shape)):
-        got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise ValueError(f"`masks` for {where} must be a tensor of shape {(n, *shape)}, got {got}")
-    gen = params.get("generator")
-    if gen is not None and not isinstance(gen, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator, got {type(gen).__name__}")
-
-
-def resolve_params(method: str, params: dict) -> tuple[MergeMethod, dict]:
-    """Look ``method`` up and fill in its defaults; unknown or missing parameters raise."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge `method` {method!r}; available: {sorted(MERGE_METHODS)}")
-    entry = MERGE_METHODS[method]
-    unknown = sorted(set(params) - set(entry.defaults))
-    if unknown:
-        raise TypeError(
-            f"merge method {method!r} takes no parameter(s) {unknown}; it takes {sorted(entry.defaults)}"
-        )
-    full = {**entry.defaults, **params}
-    missing = [k for k, v in full.items() if v is None and k not in ("generator", "masks")]
-    if missing:
-        raise TypeError(f"merge method {method!r} needs parameter(s) {missing}")
-    return entry, full
-
-
-def resolve_weights(
-    entry: MergeMethod, weights: Sequence[float] | torch.Tensor | None, n: int
-) -> torch.Tensor:
-    """Per-model weights as a float64 tensor of length ``n`` (default: all ones)."""
-    if weights is None:
-        return torch.ones(n, dtype=torch.float64)
-    if not entry.weighted:
-        raise ValueError(f"merge method {entry.name!r} takes no `weights`")
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    if w.numel() != n:
-        raise ValueError(f"`weights` must have one entry per fine-tuned model ({n}), got {w.numel()}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"`weights` must be finite, got {w.tolist()}")
-    return w
-
-
+# ---------------------------------------------------------------------------------- entry points
 def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "tensor") -> None:
     """Same shape and dtype across ``base`` and every fine-tuned tensor; errors name ``name``."""
-    if not isinstance(base, torch.Tensor):
-        raise TypeError(f"`base` must be a torch.Tensor, got {type(base).__name__}")
+    check_tensor("base", base)
     if isinstance(finetuned, torch.Tensor) or not isinstance(finetuned, Sequence) or not finetuned:
         raise TypeError("`finetuned` must be a non-empty sequence of tensors")
     for i, t in enumerate(finetuned):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"`finetuned[{i}]` must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(f"finetuned[{i}]", t)
         if t.shape != base.shape:
             raise ValueError(
                 f"shape mismatch for {name!r}: base {tuple(base.shape)} vs model {i} {tuple(t.shape)}"
@@ -420,6 +402,19 @@ def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: s
             raise ValueError(f"dtype mismatch for {name!r}: base {base.dtype} vs model {i} {t.dtype}")
     if not base.is_floating_point():
         raise TypeError(f"{name!r} has dtype {base.dtype}: only floating-point tensors can be merged")
+
+
+def _merge(
+    entry: MergeMethod,
+    base: torch.Tensor,
+    finetuned: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    params: dict,
+    name: str,
+) -> torch.Tensor:
+    """Run a checked merge of one tensor and concatenate its blocks."""
+    blocks = entry.fn(MergeInputs.from_tensors(base, finetuned, name), weights, **params)
+    return torch.cat([blk.to(base.dtype) for blk in blocks]).reshape(base.shape)
 
 
 def merge_tensors(
@@ -440,26 +435,18 @@ def merge_tensors(
         finetuned: ``n`` tensors of the same shape and dtype.
         weights: per-model weights ``w_i`` (default 1 each; not for ``slerp``).
         name: the tensor's name, used in error messages.
-        **params: the method's parameters — ``density`` ∈ (0, 1] (fraction kept), ``majority_sign``
-            (``"total"`` | ``"frequency"``), ``t`` ∈ [0, 1] (slerp), ``generator`` or ``masks`` of shape
-            ``(n, *base.shape)`` (DARE).
+        **params: the method's declared parameters (``MERGE_METHODS[method].params``) — ``density``
+            ∈ (0, 1] (fraction kept), ``majority_sign`` (``"total"`` | ``"frequency"``), ``t`` ∈ [0, 1]
+            (slerp), ``generator`` or ``masks`` of shape ``(n, *base.shape)`` (DARE).
 
     Returns:
         the merged tensor, shape and dtype of ``base``.
     """
-    entry, full = resolve_params(method, params)
+    entry = merge_method(method)
     check_tensors(base, finetuned, name)
     n = len(finetuned)
-    check_param_values(entry, full, n, base.shape, repr(name))
-    w = resolve_weights(entry, weights, n)
-    blocks = entry.fn(MergeInputs.from_tensors(base, finetuned, name), w, **full)
-    return torch.cat([blk.to(base.dtype) for blk in blocks]).reshape(base.shape)
-
-
-def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """The generator that draws the DARE masks of tensor ``name`` in a merge seeded with ``seed``
-    (independent of the order tensors are visited in, so streaming and in-memory merges agree)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    full = entry.resolve(params, Target(n, tuple(base.shape), repr(name)))
+    return _merge(entry, base, finetuned, entry.resolve_weights(weights, n), full, name)
 
 
 def merge_state_dicts(
@@ -473,6 +460,7 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge whole state dicts tensor by tensor (in memory). Non-floating tensors are copied from the
     base; DARE draws each tensor's masks from :func:`tensor_generator` ``(seed, name)``."""
+    entry = merge_method(method)
     if not isinstance(base, Mapping):
         raise TypeError(f"`base` must be a state dict (mapping name -> tensor), got {type(base).__name__}")
     if isinstance(finetuned, Mapping) or not isinstance(finetuned, Sequence) or not finetuned:
@@ -483,16 +471,15 @@ def merge_state_dicts(
         if set(sd) != set(base):
             diff = sorted(set(base) ^ set(sd))
             raise ValueError(f"model {i} and the base have different tensors, e.g. {diff[:3]}")
-    if "masks" in params or "generator" in params:
-        raise TypeError("merge_state_dicts draws DARE masks from `seed`; pass `seed`, not masks/generator")
-    random = resolve_params(method, params)[0].random
+    full = entry.resolve(params, Target(len(finetuned), where="state-dict"))
+    w = entry.resolve_weights(weights, len(finetuned))
+    seed = check_int("seed", seed)
     out = {}
     for key, b in base.items():
         if not b.is_floating_point():
             out[key] = b.clone()
             continue
-        extra = {"generator": tensor_generator(seed, key)} if random else {}
-        out[key] = merge_tensors(
-            method, b, [sd[key] for sd in finetuned], weights, name=key, **params, **extra
-        )
+        tensors = [sd[key] for sd in finetuned]
+        check_tensors(b, tensors, key)
+        out[key] = _merge(entry, b, tensors, w, full | entry.seeded(seed, key), key)
     return out

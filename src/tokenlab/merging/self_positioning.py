@@ -16,7 +16,6 @@ are the ``weights`` of a task-arithmetic merge (:func:`~tokenlab.merging.merge_s
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
+
+from tokenlab._checks import check_bool, check_int, check_number, check_positive
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[object, Batch], torch.Tensor]
@@ -107,18 +108,11 @@ def self_positioning(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(finetuned, (nn.Module, Mapping)) or not finetuned:
         raise TypeError("`finetuned` must be a non-empty sequence of models or state dicts")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-
-    def finite(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if not finite(lr) or lr <= 0:
-        raise ValueError(f"`lr` must be a finite number > 0, got {lr!r}")
-    if not finite(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"`momentum` must be a number in [0, 1), got {momentum!r}")
-    if not finite(regularization) or regularization < 0:
-        raise ValueError(f"`regularization` (λ of λ‖α‖²) must be a finite number ≥ 0, got {regularization!r}")
+    steps = check_int("steps", steps, low=1)
+    lr = check_positive("lr", lr)
+    momentum = check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    regularization = check_number("regularization", regularization, low=0.0)  # λ of λ‖α‖²
+    progress = check_bool("progress", progress)
     probe = list(probe)
     if not probe or not all(isinstance(b, Mapping) for b in probe):
         raise ValueError("`probe` must be a non-empty collection of keyword-argument batches (mappings)")
