@@ -8,10 +8,10 @@ import itertools
 
 import torch
 
+from tokenlab.attention.flash import flash_attention
 from tokenlab.attention.rope import ContextAwareRotaryEmbedding, apply_rope
 from tokenlab.attention.set_based_prompting import set_based_generate, set_based_inputs
 from tokenlab.backend import triton_interpreter_enabled
-from tokenlab.kernels.attention import flash_attention
 from tokenlab.testing import relative_error
 from tokenlab.tour.toy import ToyWorld
 
