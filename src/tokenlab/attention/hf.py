@@ -24,6 +24,12 @@ and read on every call: ``tokenlab_<flag>`` for a field of
 learnable; ``tokenlab_softcap``; ``tokenlab_initial_token_scale``, a buffer ``[Hq]``) and
 ``tokenlab_backend``. A set attribute overrides what the model passes (``s_aux`` as sinks,
 ``softcap``, ``scaling``, ``sliding_window``, ``is_causal``); an unset (``None``) one leaves it.
+
+A flag can also be given for one call, as the keyword ``tokenlab_<flag>`` of the model's forward
+(transformers hands unknown keywords down to the attention function); it overrides the attribute.
+Per-call data goes this way, e.g. a draft tree's ancestor bitmasks
+``model(input_ids, ..., tokenlab_tree=bits)`` (see ``AttentionVariant.tree``), so that tree
+verification runs on the fused kernel with the 2-D padding mask instead of a dense 4-D mask.
 """
 
 from __future__ import annotations
@@ -107,8 +113,11 @@ def tokenlab_attention_forward(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     flags = {"causal": causal, "window": sliding_window, "scale": scaling, "sinks": s_aux, "softcap": softcap}
-    for name in FLAGS:  # the layer's configured flags override the model's
-        if (configured := getattr(module, ATTR_PREFIX + name, None)) is not None:
+    for name in FLAGS:  # a flag passed to this call, else the layer's configured one, overrides the model's
+        configured = kwargs.get(ATTR_PREFIX + name)
+        if configured is None:
+            configured = getattr(module, ATTR_PREFIX + name, None)
+        if configured is not None:
             flags[name] = configured
     backend: Backend = getattr(module, BACKEND_ATTR, "auto")
 
