@@ -1,0 +1,153 @@
+"""Reference: verification of a draft token tree, the specification of the kernel.
+
+A tree holds ``N + 1`` nodes per sequence: node 0 is the root (the last committed token), every
+other node a draft token whose parent has a smaller index; siblings are ordered by index, which is
+the order the draft drew them in. Walking from the root, each node either accepts one of its
+children (and the walk continues there) or emits a token and the step ends; the step emits the
+accepted tokens and that one more token.
+
+* **greedy** — the child whose token equals ``argmax`` of the target's logits at the node is
+  accepted; otherwise that argmax is emitted. The result is the longest root path on which every
+  token is the target's greedy choice, then the target's next greedy token.
+* **sampling** — *multi-candidate* rejection sampling over the siblings ``x_1, x_2, …`` in order,
+  with the warped target distribution ``r_1 = p`` at the node and the draft's ``q``:
+
+      accept x_i  when  u_i < r_i(x_i) / q_i(x_i);
+      else        r_{i+1} = norm(max(0, r_i − q_i))            (r_i itself if that is all zero)
+
+  and, when every child is rejected (or the node is a leaf), the token is drawn from the last
+  ``r``. With ``replacement=True`` the siblings were drawn i.i.d. from ``q`` and ``q_i = q`` —
+  the multi-step speculative sampling of *SpecInfer: Accelerating Large Language Model Serving
+  with Tree-based Speculative Inference and Verification*. With ``replacement=False`` they were
+  drawn *without* replacement and ``q_i`` is ``q`` with ``x_1..x_{i−1}`` removed and renormalised,
+  ``q_i = q·1[v ∉ {x_<i}] / (1 − Σ_{j<i} q(x_j))`` — the recursive rejection sampling of
+  *Recursive Speculative Decoding: Accelerating LLM Inference via Sampling Without Replacement*.
+  Either way the emitted token at a node has law ``p`` exactly (by induction over the siblings:
+  ``P(x_i accepted) = min(q_i, r_i)`` pointwise, and ``r_{i+1}`` is the law of the rest), whatever
+  the number of siblings, provided the tree's shape depends on the draft's draws only.
+
+Draws use the caller's random numbers: ``uniforms[b, i]`` for the test of node ``i`` and one Exp(1)
+row ``exponentials[b]`` per sequence for the one token drawn (the exponential race
+``argmax_v r_v / E_v``), so the kernel reproduces the reference token for token.
+
+Two facts keep the kernel small: a rejected ``x_i`` has ``r_i(x_i) < q_i(x_i)``, so ``r_{i+1}(x_i) = 0``
+and removing ``x_i`` from ``q`` changes no later residual; only the scalar mass ``Σ q(x_j)`` of the
+removed tokens is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tokenlab.kernels.speculative_verify.reference import exponential_race
+from tokenlab.kernels.warping import apply_cutoff
+
+
+def child_links(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Children lists as links: ``first_child [B, N+1]`` and ``next_sibling [B, N+1]`` (``-1``: none).
+
+    ``parents [B, N+1]`` (``-1`` for the root and for invalid nodes), ``valid [B, N+1]`` bool; the
+    children of a node are its valid nodes of that parent, in index order.
+    """
+    n = parents.shape[-1]
+    index = torch.arange(n, device=parents.device)
+    # same[b, i, j]: j is a valid later sibling of i; is_child[b, p, j]: j is a valid child of p.
+    sibling = (parents[:, :, None] == parents[:, None, :]) & valid[:, None, :] & (index[None, :] > index[:, None])
+    is_child = (parents[:, None, :] == index[None, :, None]) & valid[:, None, :]
+    none = torch.full_like(parents, n)
+
+    def first(hit: torch.Tensor) -> torch.Tensor:
+        found = torch.where(hit, index, n).amin(dim=-1) if n else none
+        return torch.where(found == n, -1, found)
+
+    return first(is_child), torch.where(valid & (parents >= 0), first(sibling), -1)
+
+
+def children(first_child: torch.Tensor, next_sibling: torch.Tensor, node: int) -> list[int]:
+    """The children of ``node`` in order, for one sequence's links (``[N+1]`` each)."""
+    out, child = [], int(first_child[node])
+    while child >= 0:
+        out.append(child)
+        child = int(next_sibling[child])
+    return out
+
+
+def rejection_steps(
+    p: torch.Tensor, q: torch.Tensor, tokens: list[int], *, replacement: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Multi-candidate rejection sampling at one node, one sibling at a time.
+
+    For ``p, q [V]`` (target and draft distributions at the node) and the siblings' ``tokens`` in
+    draft order, yields for sibling ``i``: its acceptance probability ``min(1, r_i(x_i) / q_i(x_i))``
+    (a 0-d tensor) and ``r_{i+1}``, the distribution to continue with if it is rejected.
+    """
+    r = p
+    removed = torch.zeros((), dtype=p.dtype, device=p.device)
+    tried = torch.zeros_like(p, dtype=torch.bool)
+    for x in tokens:
+        q_i = q.masked_fill(tried, 0.0) / (1 - removed)
+        alpha = (r[x] / q_i[x]).clamp(max=1.0)
+        residual = (r - q_i).clamp(min=0)
+        total = residual.sum()
+        r = residual / total if total > 0 else r
+        if not replacement:
+            tried[x] = True
+            removed = removed + q[x]
+        yield alpha, r
+
+
+def tree_verify_reference(
+    target_logits: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    tokens: torch.Tensor,
+    first_child: torch.Tensor,
+    next_sibling: torch.Tensor,
+    *,
+    do_sample: bool,
+    replacement: bool,
+    temperature: float,
+    cutoff: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
+    exponentials: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes: ``target_logits [B, N+1, V]`` (at the root and every node), ``draft_probs [B, N+1, V]``
+    (the draft's warped distribution at every node that has children), ``tokens``, ``first_child``,
+    ``next_sibling``, ``cutoff``, ``uniforms`` ``[B, N+1]``, ``exponentials [B, V]`` →
+    ``(num_accepted [B], path [B, N], next_tokens [B, N+1])``: the accepted nodes (``-1`` after),
+    and their tokens followed by the emitted token (``-1`` after)."""
+    B, n1, _V = target_logits.shape
+    acc = torch.promote_types(target_logits.dtype, torch.float32)
+    path = torch.full((B, n1 - 1), -1, dtype=torch.long, device=tokens.device)
+    next_tokens = torch.full((B, n1), -1, dtype=torch.long, device=tokens.device)
+    num_accepted = torch.zeros(B, dtype=torch.long, device=tokens.device)
+    for b in range(B):
+        node, depth = 0, 0
+        while True:
+            logits = target_logits[b, node].to(acc)
+            kids = children(first_child[b], next_sibling[b], node)
+            if not do_sample:
+                best = int(logits.argmax())
+                chosen = next((c for c in kids if int(tokens[b, c]) == best), None)
+                emitted = best
+            else:
+                p = torch.softmax(apply_cutoff(logits, cutoff[b, node].to(acc), temperature), dim=-1)
+                r, chosen = p, None
+                if kids:
+                    q = draft_probs[b, node].to(acc)
+                    steps = rejection_steps(p, q, [int(tokens[b, c]) for c in kids], replacement=replacement)
+                    for child, (alpha, r_next) in zip(kids, steps):
+                        if uniforms[b, child].to(acc) < alpha:
+                            chosen = child
+                            break
+                        r = r_next
+                emitted = int(exponential_race(r, exponentials[b].to(acc)))
+            if chosen is None:
+                next_tokens[b, depth] = emitted
+                break
+            path[b, depth] = chosen
+            next_tokens[b, depth] = tokens[b, chosen]
+            node, depth = chosen, depth + 1
+        num_accepted[b] = depth
+    return num_accepted, path, next_tokens
