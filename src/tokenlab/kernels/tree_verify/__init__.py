@@ -80,15 +80,21 @@ def tree_verify(
         backend, target_logits=target_logits, tokens=tokens, parents=parents, valid=valid, **sample_inputs
     )
     if target_logits.dim() != 3 or not target_logits.is_floating_point():
-        raise ValueError(f"`target_logits` must be a floating-point [B, N+1, V] tensor, got {target_logits.shape}")
+        raise ValueError(
+            f"`target_logits` must be a floating-point [B, N+1, V] tensor, got {target_logits.shape}"
+        )
     B, n1, V = target_logits.shape
     for name, value in (("tokens", tokens), ("parents", parents)):
         if value.shape != (B, n1) or value.is_floating_point() or value.is_complex():
-            raise ValueError(f"`{name}` must be an integer tensor of shape {(B, n1)}, got {tuple(value.shape)}")
+            raise ValueError(
+                f"`{name}` must be an integer tensor of shape {(B, n1)}, got {tuple(value.shape)}"
+            )
     if valid is None:
         valid = torch.ones(B, n1, dtype=torch.bool, device=tokens.device)
     elif valid.shape != (B, n1) or valid.dtype != torch.bool or (B and not bool(valid[:, 0].all())):
-        raise ValueError(f"`valid` must be a bool tensor of shape {(B, n1)} whose column 0 (the root) is True")
+        raise ValueError(
+            f"`valid` must be a bool tensor of shape {(B, n1)} whose column 0 (the root) is True"
+        )
     index = torch.arange(n1, device=parents.device)
     real = valid & (index > 0)
     if not bool(((parents >= 0) & (parents < index) | ~real).all()) or bool((parents[:, 0] != -1).any()):

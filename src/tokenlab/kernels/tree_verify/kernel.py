@@ -112,7 +112,10 @@ def _tree_verify_kernel(
                         if resid == 0:
                             r = _target_block(row, start, offs, V, cut, m, s, temperature, ACC_DTYPE)
                         else:
-                            r = tl.load(scratch + cur * V + start + offs, mask=mask, other=0.0).to(ACC_DTYPE) / z
+                            r = (
+                                tl.load(scratch + cur * V + start + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                                / z
+                            )
                         q = tl.load(q_row + start + offs, mask=mask, other=0.0).to(ACC_DTYPE) / (1 - removed)
                         w = tl.where(mask, tl.maximum(r - q, 0.0), 0.0)
                         tl.store(scratch + (1 - cur) * V + start + offs, w, mask=mask)

@@ -54,7 +54,9 @@ def child_links(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
     n = parents.shape[-1]
     index = torch.arange(n, device=parents.device)
     # same[b, i, j]: j is a valid later sibling of i; is_child[b, p, j]: j is a valid child of p.
-    sibling = (parents[:, :, None] == parents[:, None, :]) & valid[:, None, :] & (index[None, :] > index[:, None])
+    sibling = (
+        (parents[:, :, None] == parents[:, None, :]) & valid[:, None, :] & (index[None, :] > index[:, None])
+    )
     is_child = (parents[:, None, :] == index[None, :, None]) & valid[:, None, :]
     none = torch.full_like(parents, n)
 
