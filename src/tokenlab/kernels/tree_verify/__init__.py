@@ -18,10 +18,10 @@ import torch
 
 from tokenlab._checks import check_bool, check_tensor
 from tokenlab.backend import Backend, resolve_backend
-from tokenlab.kernels.tree_verify.reference import child_links, rejection_steps, tree_verify_reference
+from tokenlab.kernels.tree_verify.reference import SiblingRejection, child_links, tree_verify_reference
 from tokenlab.kernels.warping import Warping
 
-__all__ = ["child_links", "rejection_steps", "tree_verify", "verify_tree_block"]
+__all__ = ["SiblingRejection", "child_links", "tree_verify", "verify_tree_block"]
 
 
 def tree_verify(

@@ -37,8 +37,6 @@ removed tokens is needed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from tokenlab.kernels.speculative_verify.reference import exponential_race
@@ -67,37 +65,37 @@ def child_links(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
     return first(is_child), torch.where(valid & (parents >= 0), first(sibling), -1)
 
 
-def children(first_child: torch.Tensor, next_sibling: torch.Tensor, node: int) -> list[int]:
-    """The children of ``node`` in order, for one sequence's links (``[N+1]`` each)."""
-    out, child = [], int(first_child[node])
-    while child >= 0:
-        out.append(child)
-        child = int(next_sibling[child])
-    return out
-
-
-def rejection_steps(
-    p: torch.Tensor, q: torch.Tensor, tokens: list[int], *, replacement: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+class SiblingRejection:
     """Multi-candidate rejection sampling at one node, one sibling at a time.
 
-    For ``p, q [V]`` (target and draft distributions at the node) and the siblings' ``tokens`` in
-    draft order, yields for sibling ``i``: its acceptance probability ``min(1, r_i(x_i) / q_i(x_i))``
-    (a 0-d tensor) and ``r_{i+1}``, the distribution to continue with if it is rejected.
+    Built from the target's ``p [V]`` and the draft's ``q [V]`` at the node; ``r`` is the current
+    target-side distribution (``p`` at first). For each sibling ``x`` in draft order,
+    :meth:`acceptance` gives ``min(1, r(x) / q_i(x))``; after a rejection, :meth:`reject` moves to
+    ``r ← norm(max(0, r − q_i))`` (kept when that is all zero) and, without replacement, removes
+    ``x`` from ``q``. When every sibling is rejected, the emitted token is drawn from ``r``.
     """
-    r = p
-    removed = torch.zeros((), dtype=p.dtype, device=p.device)
-    tried = torch.zeros_like(p, dtype=torch.bool)
-    for x in tokens:
-        q_i = q.masked_fill(tried, 0.0) / (1 - removed)
-        alpha = (r[x] / q_i[x]).clamp(max=1.0)
-        residual = (r - q_i).clamp(min=0)
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, *, replacement: bool) -> None:
+        self.r, self.q, self.replacement = p, q, replacement
+        self.removed = torch.zeros((), dtype=q.dtype, device=q.device)  # Σ q over removed tokens
+        self.tried = torch.zeros_like(q, dtype=torch.bool)
+
+    def q_i(self) -> torch.Tensor:
+        """The draft's distribution of the next sibling: ``q``, less the removed tokens, renormalised."""
+        return self.q.masked_fill(self.tried, 0.0) / (1 - self.removed)
+
+    def acceptance(self, x: int) -> torch.Tensor:
+        """``min(1, r(x) / q_i(x))`` (0-d)."""
+        return (self.r[x] / self.q_i()[x]).clamp(max=1.0)
+
+    def reject(self, x: int) -> None:
+        residual = (self.r - self.q_i()).clamp(min=0)
         total = residual.sum()
-        r = residual / total if total > 0 else r
-        if not replacement:
-            tried[x] = True
-            removed = removed + q[x]
-        yield alpha, r
+        if total > 0:
+            self.r = residual / total
+        if not self.replacement:
+            self.tried[x] = True
+            self.removed = self.removed + self.q[x]
 
 
 def tree_verify_reference(
@@ -124,32 +122,34 @@ def tree_verify_reference(
     path = torch.full((B, n1 - 1), -1, dtype=torch.long, device=tokens.device)
     next_tokens = torch.full((B, n1), -1, dtype=torch.long, device=tokens.device)
     num_accepted = torch.zeros(B, dtype=torch.long, device=tokens.device)
+    first, following, drafted = first_child.tolist(), next_sibling.tolist(), tokens.tolist()
     for b in range(B):
         node, depth = 0, 0
         while True:
             logits = target_logits[b, node].to(acc)
-            kids = children(first_child[b], next_sibling[b], node)
+            kids, child = [], first[b][node]
+            while child >= 0:
+                kids.append(child)
+                child = following[b][child]
             if not do_sample:
                 best = int(logits.argmax())
-                chosen = next((c for c in kids if int(tokens[b, c]) == best), None)
+                chosen = next((c for c in kids if drafted[b][c] == best), None)
                 emitted = best
             else:
                 p = torch.softmax(apply_cutoff(logits, cutoff[b, node].to(acc), temperature), dim=-1)
-                r, chosen = p, None
-                if kids:
-                    q = draft_probs[b, node].to(acc)
-                    steps = rejection_steps(p, q, [int(tokens[b, c]) for c in kids], replacement=replacement)
-                    for child, (alpha, r_next) in zip(kids, steps):
-                        if uniforms[b, child].to(acc) < alpha:
-                            chosen = child
-                            break
-                        r = r_next
-                emitted = int(exponential_race(r, exponentials[b].to(acc)))
+                rejection = SiblingRejection(p, draft_probs[b, node].to(acc), replacement=replacement)
+                chosen = None
+                for child in kids:
+                    if uniforms[b, child].to(acc) < rejection.acceptance(drafted[b][child]):
+                        chosen = child
+                        break
+                    rejection.reject(drafted[b][child])
+                emitted = int(exponential_race(rejection.r, exponentials[b].to(acc)))
             if chosen is None:
                 next_tokens[b, depth] = emitted
                 break
             path[b, depth] = chosen
-            next_tokens[b, depth] = tokens[b, chosen]
+            next_tokens[b, depth] = drafted[b][chosen]
             node, depth = chosen, depth + 1
         num_accepted[b] = depth
     return num_accepted, path, next_tokens
