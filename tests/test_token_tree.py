@@ -28,7 +28,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import tokenlab.attention.hf  # noqa: F401  (registers attn_implementation="tokenlab")
+import tokenlab.attention.hf
 from tokenlab.attention import AttentionVariant, flash_attention
 from tokenlab.decoding import speculative_generate, token_tree
 from tokenlab.decoding.speculative import _Clock, _commit, _Group, _Sampling, _tree_step
@@ -303,8 +303,8 @@ def test_tree_verify_accepts_exactly_when_u_is_below_alpha():
         rejection = SiblingRejection(p, q[0, 0], replacement=replacement)
         alphas = []
         for x in kids:
-            alphas.append(float(rejection.acceptance(x)))
-            rejection.reject(x)
+            alphas.append(float(rejection.acceptance(torch.tensor(x))))
+            rejection.reject(torch.tensor(x))
         for first in range(3):  # reject the children before `first`, test `first` at its threshold
             alpha = alphas[first]
             for u, accepted in [
@@ -316,9 +316,10 @@ def test_tree_verify_accepts_exactly_when_u_is_below_alpha():
                 uniforms[0, first + 1] = u
                 prior = all(a < 1 - 1e-16 for a in alphas[:first])
                 for backend in ("reference", "triton"):
-                    n, path, _ = tree_verify(
+                    _n, path, _ = tree_verify(
                         logits, q, tokens, parents, do_sample=True, replacement=replacement,
-                        uniforms=uniforms, exponentials=torch.ones(1, V, dtype=torch.float64), backend=backend,
+                        uniforms=uniforms, exponentials=torch.ones(1, V, dtype=torch.float64),
+                        backend=backend,
                     )  # fmt: skip
                     if prior:
                         assert (int(path[0, 0]) == first + 1) == accepted, (replacement, first, u, backend)
@@ -432,21 +433,21 @@ def _emitted_law(tree, target, context, warping, node=0, tokens=2):
     rejection = SiblingRejection(p, tree.draft_probs[0, node], replacement=tree.replacement)
     for child in kids:
         token = int(tree.tokens[0, child])
-        alpha = float(rejection.acceptance(token))
+        alpha = float(rejection.acceptance(torch.tensor(token)))
         rest = (
-            _emitted_law(tree, target, context + [token], warping, child, tokens - 1)
+            _emitted_law(tree, target, [*context, token], warping, child, tokens - 1)
             if tokens > 1
             else {(): 1.0}
         )
         for seq, w in rest.items():
             law[(token, *seq)] += reach * alpha * w
         reach *= 1 - alpha
-        rejection.reject(token)
+        rejection.reject(torch.tensor(token))
     r = rejection.r
     for token in range(p.numel()):
         if r[token] > 0:
             after = (
-                warping.probs(target.logits(context + [token]), backend="reference") if tokens > 1 else None
+                warping.probs(target.logits([*context, token]), backend="reference") if tokens > 1 else None
             )
             for nxt in range(p.numel()) if tokens > 1 else [None]:
                 key = (token,) if nxt is None else (token, nxt)
@@ -490,7 +491,7 @@ def test_exact_law_of_the_first_two_tokens_by_enumeration(mode, V, shape, warpin
     for (a, b), w in joint.items():
         got[a, b] += w
     for a in range(V):
-        expected[a] = p1[a] * warping.probs(target.logits(context + [a]), backend="reference")
+        expected[a] = p1[a] * warping.probs(target.logits([*context, a]), backend="reference")
     first = got.sum(1)
     torch.testing.assert_close(first, p1, rtol=0, atol=1e-12)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
@@ -518,7 +519,7 @@ def test_generate_two_token_law_chi_square(mode):
     pairs_ = out.sequences[:, 3] * V + out.sequences[:, 4]
     counts = torch.bincount(pairs_, minlength=V * V).double()
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
-    assert 1 < out.stats.tokens_per_target_call
+    assert out.stats.tokens_per_target_call > 1
 
 
 # ------------------------------------------------------------------------------------ greedy
@@ -554,6 +555,34 @@ def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
         spec = tree_spec(tree, kw.get("tree_budget"), kw.get("tree_widths"), 4)
         assert 1 <= stats.mean_tree_size <= spec.budget
         assert set(stats.phase_seconds) == {"draft", "tree", "target", "verify", "commit"}
+
+
+def test_tokenlab_attention_models_verify_trees_through_the_tree_flag(pairs, monkeypatch):
+    """Target and draft on ``attn_implementation="tokenlab"``: every tree forward reaches the
+    attention with the packed ``tree`` flag and a 2-D mask, and greedy output equals generate."""
+    target = _tiny(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0, attn="tokenlab")
+    draft = _noisy_copy(target, 0.15, seed=2)
+    seen = []
+    original = tokenlab.attention.hf.tokenlab_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((None if attention_mask is None else attention_mask.dim(), "tokenlab_tree" in kwargs))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "tokenlab", spy)
+    ids, mask = _prompts(2, 7, 64, seed=14)
+    out = speculative_generate(
+        target, draft, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0,
+        tree="dyspec", tree_budget=6,
+    )  # fmt: skip
+    assert any(has_tree for _, has_tree in seen) and all(dim != 4 for dim, _ in seen)
+    monkeypatch.undo()
+    for row in range(2):
+        prompt = ids[row : row + 1, mask[row].bool()]
+        ref = target.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=[])
+        assert torch.equal(out.sequences[row, 7:], ref[0, prompt.shape[1] :])
 
 
 # ------------------------------------------------------------------------------------ caches

@@ -335,14 +335,17 @@ def _commit(v: _Verified, keep: torch.Tensor, pad_token_id: int) -> _Group:
     target_source = torch.cat([committed, v.target_columns[keep]], dim=1)
     draft_columns = v.draft_columns[keep]
     draft_source = torch.cat([committed, draft_columns], dim=1)
-    held = ((draft_columns >= 0) & (torch.arange(draft_columns.shape[1], device=ext.device) < a[:, None])).sum(1)
+    accepted = torch.arange(draft_columns.shape[1], device=ext.device) < a[:, None]
+    held = ((draft_columns >= 0) & accepted).sum(dim=1)
     draft_len = int(((new_L - new_n) + n + held).min())
+    target_kept = target_source.gather(1, source[:, : new_L - 1])
+    draft_kept = draft_source.gather(1, source[:, :draft_len])
     return _Group(
         rows=v.group.rows[keep],
         ids=ids,
         mask=valid.long(),
-        target_cache=_gather_cache(v.group.target_cache, keep, target_source.gather(1, source[:, : new_L - 1])),
-        draft_cache=_gather_cache(v.group.draft_cache, keep, draft_source.gather(1, source[:, :draft_len])),
+        target_cache=_gather_cache(v.group.target_cache, keep, target_kept),
+        draft_cache=_gather_cache(v.group.draft_cache, keep, draft_kept),
     )
 
 

@@ -154,7 +154,7 @@ class TokenTree:
         """Attention among tree columns: ``[B, R, R]`` bool for ``column_nodes [B, R]`` (the node held by
         each column, ``-1`` for a padding column); column ``a`` sees column ``c`` when ``c`` holds ``a``'s
         node or an ancestor of it. Every column sees itself (padding rows stay finite)."""
-        B, R = column_nodes.shape
+        R = column_nodes.shape[1]
         node = column_nodes.clamp(min=0)
         rows = self.ancestors.gather(1, node[:, :, None].expand(-1, -1, self.ancestors.shape[2]))
         seen = rows.gather(2, node[:, None, :].expand(-1, R, -1))

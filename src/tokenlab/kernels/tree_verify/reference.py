@@ -66,36 +66,41 @@ def child_links(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
 
 
 class SiblingRejection:
-    """Multi-candidate rejection sampling at one node, one sibling at a time.
+    """Multi-candidate rejection sampling at one node per row, one sibling at a time.
 
-    Built from the target's ``p [V]`` and the draft's ``q [V]`` at the node; ``r`` is the current
-    target-side distribution (``p`` at first). For each sibling ``x`` in draft order,
-    :meth:`acceptance` gives ``min(1, r(x) / q_i(x))``; after a rejection, :meth:`reject` moves to
-    ``r ← norm(max(0, r − q_i))`` (kept when that is all zero) and, without replacement, removes
-    ``x`` from ``q``. When every sibling is rejected, the emitted token is drawn from ``r``.
+    Built from the target's ``p [..., V]`` and the draft's ``q [..., V]`` at the node; ``r`` is the
+    current target-side distribution (``p`` at first). For each sibling ``x [...]`` in draft order,
+    :meth:`acceptance` gives ``min(1, r(x) / q_i(x))``; after a rejection, :meth:`reject` moves the
+    rejecting rows to ``r ← norm(max(0, r − q_i))`` (kept when that is all zero) and, without
+    replacement, removes ``x`` from ``q``. When every sibling is rejected, the emitted token is
+    drawn from ``r``.
     """
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor, *, replacement: bool) -> None:
         self.r, self.q, self.replacement = p, q, replacement
-        self.removed = torch.zeros((), dtype=q.dtype, device=q.device)  # Σ q over removed tokens
+        self.removed = torch.zeros_like(q[..., 0])  # Σ q over the removed tokens
         self.tried = torch.zeros_like(q, dtype=torch.bool)
 
     def q_i(self) -> torch.Tensor:
         """The draft's distribution of the next sibling: ``q``, less the removed tokens, renormalised."""
-        return self.q.masked_fill(self.tried, 0.0) / (1 - self.removed)
+        return self.q.masked_fill(self.tried, 0.0) / (1 - self.removed[..., None])
 
-    def acceptance(self, x: int) -> torch.Tensor:
-        """``min(1, r(x) / q_i(x))`` (0-d)."""
-        return (self.r[x] / self.q_i()[x]).clamp(max=1.0)
+    def acceptance(self, x: torch.Tensor) -> torch.Tensor:
+        """``min(1, r(x) / q_i(x))`` for tokens ``x [...]``."""
+        x = x[..., None]
+        return (self.r.gather(-1, x) / self.q_i().gather(-1, x)).squeeze(-1).clamp(max=1.0)
 
-    def reject(self, x: int) -> None:
+    def reject(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Sibling ``x [...]`` is rejected (in the ``rows [...]`` where given, bool)."""
+        rows = torch.ones_like(x, dtype=torch.bool) if rows is None else rows
         residual = (self.r - self.q_i()).clamp(min=0)
-        total = residual.sum()
-        if total > 0:
-            self.r = residual / total
+        total = residual.sum(dim=-1, keepdim=True)
+        moves = rows[..., None] & (total > 0)
+        self.r = torch.where(moves, residual / total.clamp(min=torch.finfo(total.dtype).tiny), self.r)
         if not self.replacement:
-            self.tried[x] = True
-            self.removed = self.removed + self.q[x]
+            removed = torch.zeros_like(self.tried).scatter_(-1, x[..., None], rows[..., None])
+            self.removed = self.removed + torch.where(rows, self.q.gather(-1, x[..., None]).squeeze(-1), 0.0)
+            self.tried |= removed
 
 
 def tree_verify_reference(
@@ -116,40 +121,45 @@ def tree_verify_reference(
     (the draft's warped distribution at every node that has children), ``tokens``, ``first_child``,
     ``next_sibling``, ``cutoff``, ``uniforms`` ``[B, N+1]``, ``exponentials [B, V]`` →
     ``(num_accepted [B], path [B, N], next_tokens [B, N+1])``: the accepted nodes (``-1`` after),
-    and their tokens followed by the emitted token (``-1`` after)."""
+    and their tokens followed by the emitted token (``-1`` after).
+
+    All sequences walk their trees in lockstep: a round visits the current node of every sequence
+    still walking and tests its children in order."""
     B, n1, _V = target_logits.shape
     acc = torch.promote_types(target_logits.dtype, torch.float32)
+    rows = torch.arange(B, device=tokens.device)
     path = torch.full((B, n1 - 1), -1, dtype=torch.long, device=tokens.device)
     next_tokens = torch.full((B, n1), -1, dtype=torch.long, device=tokens.device)
-    num_accepted = torch.zeros(B, dtype=torch.long, device=tokens.device)
-    first, following, drafted = first_child.tolist(), next_sibling.tolist(), tokens.tolist()
-    for b in range(B):
-        node, depth = 0, 0
+    node = torch.zeros(B, dtype=torch.long, device=tokens.device)
+    depth = torch.zeros_like(node)
+    walking = torch.ones(B, dtype=torch.bool, device=tokens.device)
+    while bool(walking.any()):
+        logits = target_logits[rows, node].to(acc)
+        if do_sample:
+            p = torch.softmax(apply_cutoff(logits, cutoff[rows, node].to(acc), temperature), dim=-1)
+            rejection = SiblingRejection(p, draft_probs[rows, node].to(acc), replacement=replacement)
+        else:
+            best = logits.argmax(dim=-1)
+        child = first_child[rows, node]
+        chosen = torch.full_like(node, -1)
         while True:
-            logits = target_logits[b, node].to(acc)
-            kids, child = [], first[b][node]
-            while child >= 0:
-                kids.append(child)
-                child = following[b][child]
-            if not do_sample:
-                best = int(logits.argmax())
-                chosen = next((c for c in kids if drafted[b][c] == best), None)
-                emitted = best
-            else:
-                p = torch.softmax(apply_cutoff(logits, cutoff[b, node].to(acc), temperature), dim=-1)
-                rejection = SiblingRejection(p, draft_probs[b, node].to(acc), replacement=replacement)
-                chosen = None
-                for child in kids:
-                    if uniforms[b, child].to(acc) < rejection.acceptance(drafted[b][child]):
-                        chosen = child
-                        break
-                    rejection.reject(drafted[b][child])
-                emitted = int(exponential_race(rejection.r, exponentials[b].to(acc)))
-            if chosen is None:
-                next_tokens[b, depth] = emitted
+            testing = walking & (child >= 0) & (chosen < 0)
+            if not bool(testing.any()):
                 break
-            path[b, depth] = chosen
-            next_tokens[b, depth] = drafted[b][chosen]
-            node, depth = chosen, depth + 1
-        num_accepted[b] = depth
-    return num_accepted, path, next_tokens
+            x = tokens[rows, child.clamp(min=0)]
+            if do_sample:
+                accept = uniforms[rows, child.clamp(min=0)].to(acc) < rejection.acceptance(x)
+                rejection.reject(x, testing & ~accept)
+            else:
+                accept = x == best
+            chosen = torch.where(testing & accept, child, chosen)
+            child = torch.where(testing & ~accept, next_sibling[rows, child.clamp(min=0)], child)
+        emitted = exponential_race(rejection.r, exponentials.to(acc)) if do_sample else best
+        moving, ending = walking & (chosen >= 0), walking & (chosen < 0)
+        path[moving, depth[moving]] = chosen[moving]
+        next_tokens[moving, depth[moving]] = tokens[moving, chosen[moving]]
+        next_tokens[ending, depth[ending]] = emitted[ending]
+        node = torch.where(moving, chosen, node)
+        depth = depth + moving.long()
+        walking = moving
+    return depth, path, next_tokens
