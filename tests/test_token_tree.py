@@ -45,59 +45,20 @@ from tokenlab.kernels.attention import attention_reference
 from tokenlab.kernels.tree_verify import SiblingRejection, child_links, tree_verify
 from tokenlab.kernels.warping import Warping
 from tokenlab.testing import assert_relative_error
+from tokenlab.testing.tiny_models import left_padded_prompts, noisy_copy, tiny_causal_lm
 
 MODES = ["static", "rsd", "dyspec"]
 
 
-def _tiny(cls, config_cls, hidden, layers, vocab, seed, attn="sdpa"):
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        initializer_range=0.1,
-        attn_implementation=attn,
-    )
-    return cls(config).double().eval()
-
-
-def _noisy_copy(model, scale, seed):
-    torch.manual_seed(seed)
-    draft = type(model)(model.config).double().eval()
-    draft.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * scale * p.std())
-    return draft
-
-
 @pytest.fixture(scope="module")
 def pairs(tiny_world):
-    llama = _tiny(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0)
-    qwen = _tiny(Qwen2ForCausalLM, Qwen2Config, 32, 2, 64, seed=1)
+    llama = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0)
+    qwen = tiny_causal_lm(Qwen2ForCausalLM, Qwen2Config, 32, 2, 64, seed=1)
     return {
-        "llama-noisy": (llama, _noisy_copy(llama, 0.15, seed=2)),
-        "qwen2-noisy": (qwen, _noisy_copy(qwen, 0.15, seed=4)),
+        "llama-noisy": (llama, noisy_copy(llama, 0.15, seed=2)),
+        "qwen2-noisy": (qwen, noisy_copy(qwen, 0.15, seed=4)),
         "toy-trained": (tiny_world.target, tiny_world.draft),
     }
-
-
-def _prompts(batch, max_len, vocab, seed):
-    """Left-padded random prompts of mixed lengths (pad id 0, tokens >= 3)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max_len + 1, (batch,), generator=gen)
-    lengths[0] = max_len
-    ids = torch.randint(3, vocab, (batch, max_len), generator=gen)
-    mask = (torch.arange(max_len) >= (max_len - lengths)[:, None]).long()
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def _random_parents(B, N, seed, p_valid=1.0):
@@ -174,8 +135,8 @@ def _path_logits(model, prompt, tree, b, node):
 
 @pytest.mark.parametrize("attn", ["sdpa", "tokenlab"])
 def test_tree_forward_equals_each_path_alone(attn, monkeypatch):
-    model = _tiny(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=5, attn=attn)
-    ids, mask = _prompts(2, 6, 64, seed=6)
+    model = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=5, attn_implementation=attn)
+    ids, mask = left_padded_prompts(2, 6, 64, seed=6)
     parents, valid = _random_parents(2, 9, seed=7, p_valid=0.8)
     tokens = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(8))
     tokens[:, 0] = ids[:, -1]
@@ -210,7 +171,7 @@ def test_draft_oracle_rounds_equal_each_path_alone(pairs):
     """DySpec's incremental draft forwards (new cache columns per round, B = 2) score each node as
     its path alone would; the recorded cache columns hold the nodes."""
     _, draft = pairs["llama-noisy"]
-    ids, mask = _prompts(2, 5, 64, seed=9)
+    ids, mask = left_padded_prompts(2, 5, 64, seed=9)
     oracle = DraftModelOracle(draft, ids, mask, DynamicCache(config=draft.config))
     calls = []
     expand = oracle.expand
@@ -503,8 +464,8 @@ def test_generate_two_token_law_chi_square(mode):
     """4000 sampled runs of one prompt through ``speculative_generate`` (one batch): the joint law
     of the first two tokens passes a chi-square test (fixed seed, p > 1e-3)."""
     V, N = 8, 4000
-    target = _tiny(LlamaForCausalLM, LlamaConfig, 32, 1, V, seed=11)
-    draft = _noisy_copy(target, 0.5, seed=12)
+    target = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 1, V, seed=11)
+    draft = noisy_copy(target, 0.5, seed=12)
     prompt = torch.tensor([[3, 5, 7]])
     kw = {"tree_widths": (3, 1)} if mode != "dyspec" else {"tree_budget": 4}
     out = speculative_generate(
@@ -527,7 +488,7 @@ def test_generate_two_token_law_chi_square(mode):
 def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
     target, draft = pairs[name]
     vocab = target.config.vocab_size
-    ids, mask = _prompts(4, 9, vocab, seed=len(name))
+    ids, mask = left_padded_prompts(4, 9, vocab, seed=len(name))
     alone = []
     for row in range(4):
         prompt = ids[row : row + 1, mask[row].bool()]
@@ -560,8 +521,8 @@ def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
 def test_tokenlab_attention_models_verify_trees_through_the_tree_flag(pairs, monkeypatch):
     """Target and draft on ``attn_implementation="tokenlab"``: every tree forward reaches the
     attention with the packed ``tree`` flag and a 2-D mask, and greedy output equals generate."""
-    target = _tiny(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0, attn="tokenlab")
-    draft = _noisy_copy(target, 0.15, seed=2)
+    target = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0, attn_implementation="tokenlab")
+    draft = noisy_copy(target, 0.15, seed=2)
     seen = []
     original = tokenlab.attention.hf.tokenlab_attention_forward
 
@@ -572,7 +533,7 @@ def test_tokenlab_attention_models_verify_trees_through_the_tree_flag(pairs, mon
     from transformers import AttentionInterface
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "tokenlab", spy)
-    ids, mask = _prompts(2, 7, 64, seed=14)
+    ids, mask = left_padded_prompts(2, 7, 64, seed=14)
     out = speculative_generate(
         target, draft, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0,
         tree="dyspec", tree_budget=6,
@@ -592,7 +553,7 @@ def test_caches_after_a_tree_step_equal_a_plain_forward(pairs, mode):
     cache of a plain forward over its committed tokens, and the draft cache over the prefix it
     holds."""
     target, draft = pairs["llama-noisy"]
-    ids, mask = _prompts(3, 7, 64, seed=13)
+    ids, mask = left_padded_prompts(3, 7, 64, seed=13)
     group = _Group(
         torch.arange(3), ids, mask, DynamicCache(config=target.config), DynamicCache(config=draft.config)
     )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenlab.kernels.speculative_verify.kernel import _first_argmax, _track_max
+from tokenlab.kernels.speculative_verify.kernel import _first_argmax, _row_argmax, _track_max
 
 
 @triton.jit
@@ -68,13 +68,7 @@ def _tree_verify_kernel(
         child = tl.load(first_ptr + b * N1 + node)
         chosen = tl.full((), -1, tl.int64)
         if not DO_SAMPLE:
-            best = tl.full([BLOCK_V], float("-inf"), ACC_DTYPE)
-            best_idx = tl.full([BLOCK_V], V, tl.int32)
-            for start in range(0, V, BLOCK_V):
-                x = tl.load(row + start + offs, mask=start + offs < V, other=float("-inf")).to(ACC_DTYPE)
-                best, best_idx = _track_max(x, start + offs, best, best_idx)
-            _, emitted = _first_argmax(best, best_idx, V)
-            emitted = tl.where(emitted == V, 0, emitted).to(tl.int64)  # an all -inf row: argmax 0, as torch
+            emitted = _row_argmax(row, V, BLOCK_V, ACC_DTYPE).to(tl.int64)
             while (child >= 0) & (chosen < 0):
                 chosen = tl.where(tl.load(tokens_ptr + b * N1 + child) == emitted, child, chosen)
                 child = tl.load(next_ptr + b * N1 + child)
