@@ -557,7 +557,7 @@ def test_caches_after_a_tree_step_equal_a_plain_forward(pairs, mode):
     group = _Group(
         torch.arange(3), ids, mask, DynamicCache(config=target.config), DynamicCache(config=draft.config)
     )
-    warping = Warping(True, 0.5)
+    warping = Warping(True, 0.3)
     spec = tree_spec(mode, 12, None, 4)
     sampling = _Sampling(warping, torch.Generator().manual_seed(2), "reference", "reference", spec)
     from tokenlab.decoding.speculative import SpeculativeStats
