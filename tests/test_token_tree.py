@@ -603,7 +603,9 @@ def test_bad_tree_arguments(pairs):
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             speculative_generate(target, draft, ids, max_new_tokens=3, **kwargs)
-    assert tree_spec("rsd", 16, None, 4).widths == (4, 1, 1, 1)
+    assert tree_spec("rsd", 16, None, 4).widths == (2, 2, 1, 1)
+    assert tree_spec("rsd", 8, None, 4).widths == (2, 1, 1, 1)
+    assert tree_spec("static", 32, None, 4) == tree_spec("static", None, (2, 2, 2, 2), 9)
     assert tree_spec("static", 3, None, 4).widths == (1, 1, 1)
 
     logits, q, tokens, _, parents, valid, uniforms, noise = _verify_inputs(2, 4, 10, torch.float64, seed=0)

@@ -479,7 +479,8 @@ def speculative_generate(
             children without replacement by Gumbel-top-k, recursive rejection sampling) or
             ``"dyspec"`` (*DySpec*: greedy best-first growth under ``tree_budget`` and depth ``k``).
         tree_budget: nodes per tree, at most 64 (default 16). Static/RSD without ``tree_widths``
-            take ``tree_budget // k`` branches at the root, each a chain of depth ``k``.
+            branch in two on the first levels and continue as chains to depth ``k``, as many
+            binary levels as the budget allows (:func:`~tokenlab.decoding.token_tree.tree_spec`).
         tree_widths: static/RSD only: children per node at each depth, e.g. ``(4, 2, 1)``.
 
     Returns:

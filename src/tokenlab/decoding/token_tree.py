@@ -79,9 +79,10 @@ def tree_spec(tree: str, budget: int | None, widths: Sequence[int] | None, depth
     """Validate the tree arguments of :func:`~tokenlab.decoding.speculative_generate`.
 
     ``depth`` (its ``num_draft_tokens``) caps the depth. Static/RSD shapes are ``widths``, or by
-    default ``budget // depth`` branches at the root, each a chain down to ``depth`` (the *k*
-    independent draft sequences that SpecInfer and RSD compare with). DySpec grows ``budget`` nodes
-    (default 16). A tree has at most 64 nodes.
+    default two children per node on the first ``b`` levels and one below, down to ``depth``, with
+    the largest ``b`` whose tree fits in ``budget`` (budget 16, depth 4: ``(2, 2, 1, 1)``, 14 nodes;
+    budget 8: ``(2, 1, 1, 1)``). DySpec grows ``budget`` nodes (default 16). A tree has at most 64
+    nodes.
     """
     check_choice("tree", tree, TREE_MODES)
     if widths is not None:
@@ -90,7 +91,7 @@ def tree_spec(tree: str, budget: int | None, widths: Sequence[int] | None, depth
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
             raise ValueError(f"`tree_widths` must be a non-empty sequence of ints >= 1, got {widths!r}")
         widths = tuple(check_int(f"tree_widths[{i}]", w, low=1) for i, w in enumerate(widths))
-        nodes = sum(math.prod(widths[: d + 1]) for d in range(len(widths)))
+        nodes = _num_nodes(widths)
         if nodes > MAX_TREE_NODES:
             raise ValueError(
                 f"`tree_widths` {widths} make {nodes} nodes; a tree has at most {MAX_TREE_NODES}"
@@ -103,8 +104,20 @@ def tree_spec(tree: str, budget: int | None, widths: Sequence[int] | None, depth
     if tree == "dyspec":
         return TreeSpec(tree, budget, depth)
     depth = min(depth, budget)
-    widths = (budget // depth,) + (1,) * (depth - 1)
-    return TreeSpec(tree, widths[0] * depth, depth, widths)
+    branching = 0
+    while branching < depth and _num_nodes(_binary_then_chains(branching + 1, depth)) <= budget:
+        branching += 1
+    widths = _binary_then_chains(branching, depth)
+    return TreeSpec(tree, _num_nodes(widths), depth, widths)
+
+
+def _binary_then_chains(levels: int, depth: int) -> tuple[int, ...]:
+    return (2,) * levels + (1,) * (depth - levels)
+
+
+def _num_nodes(widths: tuple[int, ...]) -> int:
+    """Nodes of the tree with ``widths[d]`` children per node at depth ``d``."""
+    return sum(math.prod(widths[: d + 1]) for d in range(len(widths)))
 
 
 # --------------------------------------------------------------------------------- the tree
