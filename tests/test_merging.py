@@ -34,7 +34,7 @@ from tokenlab.merging import (
 )
 from tokenlab.merging.cli import main as cli_main
 from tokenlab.merging.methods import DENSITY
-from tokenlab.merging.registry import check_with
+from tokenlab.merging.registry import Target, check_with
 from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
@@ -140,7 +140,7 @@ def test_row_blocks_do_not_change_the_result(method, params):
         inputs = dataclasses.replace(inputs, block_elements=block_elements)
         if entry.random:
             params["generator"].manual_seed(9)
-        full = {**entry.defaults, **params}
+        full = entry.resolve(params, Target(n, tuple(base.shape)))
         results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
     assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
 
