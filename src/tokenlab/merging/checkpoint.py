@@ -348,7 +348,7 @@ def merge_checkpoints(
             "method": method,
             "base": str(base.path.resolve()),
             "models": [str(m.path.resolve()) for m in models],
-            "weights": jsonable(list(weights)) if varying else (w.tolist() if entry.weighted else None),
+            "weights": jsonable(weights) if varying else (w.tolist() if entry.weighted else None),
             "parameters": jsonable(params) if varying else entry.recorded(full),
             "seed": seed,
             "dtype": dtype,
