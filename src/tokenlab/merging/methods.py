@@ -445,29 +445,24 @@ WEIGHTED_SIGN = Param(
     default=False,
 )
 SCALING = Param("scaling", check_with(check_number), "λ, the factor of the merged task vector", default=1.0)
-NORMALIZE_SUM = Param(
+
+
+def choice(name: str, choices: tuple[str, ...], doc: str) -> Param:
+    """A parameter taking one of ``choices``, the first being its default."""
+    return Param(name, check_with(check_choice, choices=choices), doc, default=choices[0])
+
+
+NORMALIZE_SUM = choice("normalize", ("none", "weight"), "'weight': divide Σ w_i τ̃_i by Σ w_i (mergekit)")
+NORMALIZE_DISJOINT = choice(
     "normalize",
-    check_with(check_choice, choices=("none", "weight")),
-    "'weight': divide Σ w_i τ̃_i by Σ w_i (mergekit's normalize: true)",
-    default="none",
-)
-NORMALIZE_DISJOINT = Param(
-    "normalize",
-    check_with(check_choice, choices=("count", "weight", "none")),
+    ("count", "weight", "none"),
     "divide the agreeing Σ w_i τ̃_i by their count (disjoint mean: paper, PEFT), weight (mergekit) or 1",
-    default="count",
 )
-RESCALE_BAND = Param(
+RESCALE_BAND = choice("rescale", ("none", "l1"), "'l1': rescale each τ̃_i to the L1 norm of τ_i (mergekit)")
+RESCALE_DROP = choice(
     "rescale",
-    check_with(check_choice, choices=("none", "l1")),
-    "'l1': rescale each τ̃_i to the L1 norm of τ_i (mergekit's rescale: true)",
-    default="none",
-)
-RESCALE_DROP = Param(
-    "rescale",
-    check_with(check_choice, choices=("probability", "l1", "none")),
+    ("probability", "l1", "none"),
     "kept entries ÷ keep probability (papers, PEFT), 'l1': to τ_i's L1 norm (mergekit), or 'none'",
-    default="probability",
 )
 GAMMA = Param(
     "gamma",
@@ -746,14 +741,7 @@ def della(
     "linear",
     paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
     "increasing inference time",
-    params=(
-        Param(
-            "normalize",
-            check_with(check_choice, choices=("weight", "none")),
-            "'weight': divide Σ w_i θ_i by Σ w_i",
-            default="weight",
-        ),
-    ),
+    params=(choice("normalize", ("weight", "none"), "'weight': divide Σ w_i θ_i by Σ w_i"),),
     uses_base=False,
     constraint=_linear_constraint,
     mergekit=Mergekit({"normalize": "weight"}),
