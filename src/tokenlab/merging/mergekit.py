@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tokenlab._checks import check_bool
-from tokenlab.merging.checkpoint import Checkpoint
+from tokenlab.merging.checkpoint import OUTPUT_DTYPES, Checkpoint
 from tokenlab.merging.registry import MERGE_METHODS, REQUIRED, MergeMethod, Param
 from tokenlab.merging.settings import NOT_SET, TensorSetting, layer_count
 
@@ -73,7 +73,6 @@ MERGEKIT_ONLY_METHODS = frozenset(
 TOKENLAB_ONLY = frozenset({"majority_sign", "weighted_sign", "eps", "dot_threshold"})
 RENAMED = {"lambda": "scaling"}  # mergekit name → tokenlab name
 VALUES = {"normalize": {True: "weight", False: "none"}, "rescale": {True: "l1", False: "none"}}
-OUTPUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _tokenlab_name(name: str) -> str:
@@ -209,7 +208,7 @@ def _output_dtype(config: Mapping) -> str | None:
             continue
         name = value.removeprefix("torch.") if isinstance(value, str) else value
         if name not in OUTPUT_DTYPES:
-            raise ValueError(f"mergekit config: `{key}` must be one of {OUTPUT_DTYPES}, got {value!r}")
+            raise ValueError(f"mergekit config: `{key}` must be one of {tuple(OUTPUT_DTYPES)}, got {value!r}")
         return name
     return None
 

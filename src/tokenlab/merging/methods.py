@@ -171,7 +171,7 @@ def magnitude_bands(inputs: MergeInputs, counts: Sequence[tuple[int, int]]) -> l
     """Per model, the magnitude band ``(lo, hi)`` of the entries of ``|τ_i|`` ranked ``dropped`` to
     ``dropped + kept − 1`` in ascending order, for ``counts[i] = (dropped, kept)``.
 
-    Found with an in-place partition of one float32 buffer of ``|τ_i|`` filled block by block;
+    Found with an in-place partition of one buffer of ``|τ_i|`` (compute dtype) filled block by block;
     :func:`keep_bands_` keeps ``lo ≤ |τ_i| ≤ hi`` (so entries tied with a band edge are all kept).
     ``(-inf, inf)``: keep all; ``(inf, inf)``: keep none.
     """

@@ -249,6 +249,8 @@ class MergeMethod:
                     w = [1.0 if v is NOT_SET else v for v in w]
                 table[name] = self.settle(given, w, Target(n, where=f"{where} tensor {name!r}"))
             except (TypeError, ValueError) as e:
+                if repr(name) in str(e):
+                    raise
                 raise type(e)(f"{e} (tensor {name!r})") from e
         return table.__getitem__
 
