@@ -56,7 +56,9 @@ def world(tiny_world):
 
 
 def _alone(tok, i):
-    return tok(PROMPTS[i][0], return_tensors="pt").input_ids, tok(PROMPTS[i][1], return_tensors="pt").input_ids
+    return tok(PROMPTS[i][0], return_tensors="pt").input_ids, tok(
+        PROMPTS[i][1], return_tensors="pt"
+    ).input_ids
 
 
 @torch.no_grad()
@@ -75,7 +77,10 @@ def _gen(model, tok, ids, mask, processors, **kw):
 
 def test_jensen_shannon_equals_scipy():
     gen = torch.Generator().manual_seed(0)
-    p, q = torch.randn(5, 40, generator=gen, dtype=torch.float64), torch.randn(5, 40, generator=gen).double() * 3
+    p, q = (
+        torch.randn(5, 40, generator=gen, dtype=torch.float64),
+        torch.randn(5, 40, generator=gen).double() * 3,
+    )
     p[0, :7] = float("-inf")  # zero-probability tokens on one side
     q[1, 30:] = float("-inf")
     ours = jensen_shannon_divergence(p, q)
@@ -131,7 +136,9 @@ def test_batch_of_left_padded_prompts_equals_each_alone(world, kind):
         single = _gen(model, tok, c, None, [alone], max_new_tokens=10)
         n = single.shape[1] - c.shape[1]
         assert torch.equal(batch[i, width : width + n], single[0, c.shape[1] :])
-        torch.testing.assert_close(processor.alpha_history[i, :n], alone.alpha_history[0, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            processor.alpha_history[i, :n], alone.alpha_history[0, :n], atol=1e-5, rtol=0
+        )
 
 
 def test_context_free_cache_equals_fresh_forward(world):
@@ -143,7 +150,9 @@ def test_context_free_cache_equals_fresh_forward(world):
     assert torch.equal(stream.ids, torch.cat([query.input_ids, generated[:, :-1]], dim=1))
     positions = (stream.mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        fresh = model(input_ids=stream.ids, attention_mask=stream.mask, position_ids=positions, use_cache=True).cache
+        fresh = model(
+            input_ids=stream.ids, attention_mask=stream.mask, position_ids=positions, use_cache=True
+        ).cache
     valid = stream.mask.bool()
     for ours, ref in zip(stream.cache.layers, fresh.layers):
         for a, b in ((ours.keys, ref.keys), (ours.values, ref.values)):
@@ -266,7 +275,13 @@ def test_bad_arguments(world):
     with pytest.raises(ValueError, match="left padding"):
         AdaCADLogitsProcessor(model, query.input_ids, query.attention_mask.flip(-1))
     with pytest.raises(ValueError, match="multiple"):  # 3 prompts to generate, 2 context-free prompts
-        _gen(model, tok, context.input_ids, context.attention_mask, [AdaCADLogitsProcessor(model, query.input_ids[:2])])
+        _gen(
+            model,
+            tok,
+            context.input_ids,
+            context.attention_mask,
+            [AdaCADLogitsProcessor(model, query.input_ids[:2])],
+        )
     with pytest.raises(ValueError, match="method"):
         context_aware_generate(model, context.input_ids, query.input_ids, method="dola", max_new_tokens=2)
     with pytest.raises(ValueError, match="one row per prompt"):

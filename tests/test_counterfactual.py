@@ -68,7 +68,9 @@ def test_no_intervention_replays_identically(world):
     assert torch.equal(again.sequences, factual.sequences)
     assert torch.equal(factual.seeds, torch.tensor([11, 12, 13]))
     # The factual run is the SCM (padded batch = each row alone with its noise).
-    assert torch.equal(_scm_tokens(model, _rows(tok, PROMPTS), factual, factual.new_tokens), factual.new_tokens)
+    assert torch.equal(
+        _scm_tokens(model, _rows(tok, PROMPTS), factual, factual.new_tokens), factual.new_tokens
+    )
 
 
 def test_token_intervention_keeps_the_past_and_replays_the_noise(world):
@@ -137,13 +139,22 @@ def test_noise_across_positions_is_iid_gumbel_chi_square():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=torch.float64)
     seeds = torch.tensor([123])
     tokens = torch.stack(
-        [gumbel_max_choice(logits.view(1, -1), gumbel_noise(seeds, i, 6, dtype=torch.float64)) for i in range(5000)]
+        [
+            gumbel_max_choice(logits.view(1, -1), gumbel_noise(seeds, i, 6, dtype=torch.float64))
+            for i in range(5000)
+        ]
     ).view(-1)
     assert _chi_square(torch.bincount(tokens, minlength=6), logits.softmax(-1)) > 1e-3
     # A pure function of (seed, position): equal when recomputed, different across positions and seeds.
     assert torch.equal(gumbel_noise(seeds, 7, 6), gumbel_noise(seeds, 7, 6))
     assert not torch.equal(gumbel_noise(seeds, 7, 6), gumbel_noise(seeds, 8, 6))
     assert not torch.equal(gumbel_noise(seeds, 7, 6), gumbel_noise(seeds + 1, 7, 6))
+
+
+def _by_rank(warping, logits, noise):
+    """Gumbel-Max with rank-attached noise: the j-th most likely token gets ``noise[j]``."""
+    order = logits.argsort(dim=-1, descending=True)
+    return int(order[0, (warping.logits(logits).gather(-1, order) + noise).argmax()])
 
 
 def test_counterfactual_stability_needs_noise_attached_to_token_ids():
@@ -161,24 +172,22 @@ def test_counterfactual_stability_needs_noise_attached_to_token_ids():
         shift[0, y] = shift.max() + 0.1  # the factual token gains the most
         counterfactual = logits + shift
         assert int(gumbel_max_choice(warping.logits(counterfactual), noise)) == y
-        # Rank-attached noise: the j-th most likely token gets noise[j].
-        def by_rank(z):
-            order = z.argsort(dim=-1, descending=True)
-            return int(order[0, (warping.logits(z).gather(-1, order) + noise).argmax()])
 
-        rank_violations += by_rank(counterfactual) != by_rank(logits)
+        rank_violations += _by_rank(warping, counterfactual, noise) != _by_rank(warping, logits, noise)
     assert rank_violations > 0
 
 
 def test_bad_arguments(world):
-    model, tok, batch = world
+    model, _, batch = world
     factual = gumbel_generate(model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=3)
     with pytest.raises(ValueError, match="go together"):
         counterfactual_generate(model, factual, position=1)
     with pytest.raises(ValueError, match="position"):
         counterfactual_generate(model, factual, position=factual.new_tokens.shape[1], token=5)
     with pytest.raises(ValueError, match="token"):
-        counterfactual_generate(model, factual, position=0, token=torch.tensor([1, model.config.vocab_size, 2]))
+        counterfactual_generate(
+            model, factual, position=0, token=torch.tensor([1, model.config.vocab_size, 2])
+        )
     with pytest.raises(ValueError, match="rows"):
         counterfactual_generate(model, factual, input_ids=batch.input_ids[:2])
     with pytest.raises(TypeError, match="GumbelSample"):
