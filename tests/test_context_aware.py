@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
-from transformers import LogitsProcessor, UnbatchedClassifierFreeGuidanceLogitsProcessor
+from transformers import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from tokenlab._checks import ArgumentTypeError
 from tokenlab.decoding import (
@@ -27,6 +27,7 @@ from tokenlab.decoding import (
     context_aware_generate,
     jensen_shannon_divergence,
 )
+from tokenlab.testing.processors import RecordingProcessor
 
 # (context + query, query): the context redefines or introduces names the query goes on to use.
 PROMPTS = [
@@ -34,17 +35,6 @@ PROMPTS = [
     ("import os\n\nclass Reader:\n    def __init__(self, stream):\n        self.", "        self."),
     ("def main(argv):\n    if", "    if"),
 ]
-
-
-class Recorder(LogitsProcessor):
-    """Records what the next processor receives (and passes it on unchanged)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, input_ids, scores):
-        self.calls.append((input_ids.clone(), scores.clone()))
-        return scores
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_cad_equals_hf_classifier_free_guidance(world):
         c, x = _alone(tok, i)
         ours = ContextAwareLogitsProcessor(model, x, alpha=1.5)
         peer = UnbatchedClassifierFreeGuidanceLogitsProcessor(2.5, model, unconditional_ids=x)
-        rec_ours, rec_peer = Recorder(), Recorder()
+        rec_ours, rec_peer = RecordingProcessor(), RecordingProcessor()
         out = _gen(model, tok, c, None, [ours, rec_ours], max_new_tokens=10)
         expected = _gen(model, tok, c, None, [peer, rec_peer], max_new_tokens=10)
         assert torch.equal(out, expected)
@@ -195,7 +185,7 @@ def test_beam_search_follows_the_beams(world, do_sample):
 
 def test_adacad_alpha_equals_scipy_jensen_shannon(world):
     model, tok, context, query = world
-    recorder = Recorder()
+    recorder = RecordingProcessor()
     processor = AdaCADLogitsProcessor(model, query.input_ids, query.attention_mask)
     _gen(model, tok, context.input_ids, context.attention_mask, [recorder, processor], max_new_tokens=6)
     alphas = processor.alpha_history

@@ -54,16 +54,21 @@ def _scm_tokens(model, prompt_rows, sample: GumbelSample, new_tokens):
     return torch.tensor(tokens)
 
 
+def _factual(model, batch, max_new_tokens, seed):
+    """A sampled run of the padded ``batch`` (no EOS stop, so every row has ``max_new_tokens``)."""
+    return gumbel_generate(
+        model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+        seed=seed, eos_token_id=[], **WARP,
+    )  # fmt: skip
+
+
 def _rows(tok, prompts):
     return [tok(p, return_tensors="pt").input_ids[0] for p in prompts]
 
 
 def test_no_intervention_replays_identically(world):
     model, tok, batch = world
-    factual = gumbel_generate(
-        model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=12, seed=11,
-        eos_token_id=[], **WARP,
-    )  # fmt: skip
+    factual = _factual(model, batch, 12, seed=11)
     again = counterfactual_generate(model, factual)
     assert torch.equal(again.sequences, factual.sequences)
     assert torch.equal(factual.seeds, torch.tensor([11, 12, 13]))
@@ -75,10 +80,7 @@ def test_no_intervention_replays_identically(world):
 
 def test_token_intervention_keeps_the_past_and_replays_the_noise(world):
     model, tok, batch = world
-    factual = gumbel_generate(
-        model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=12, seed=5,
-        eos_token_id=[], **WARP,
-    )  # fmt: skip
+    factual = _factual(model, batch, 12, seed=5)
     t = 4
     replacement = (factual.new_tokens[:, t] + 1) % model.config.vocab_size  # surely a different token
     cf = counterfactual_generate(model, factual, position=t, token=replacement)
@@ -91,19 +93,13 @@ def test_token_intervention_keeps_the_past_and_replays_the_noise(world):
 
 def test_prompt_intervention_replays_the_noise(world):
     model, tok, batch = world
-    factual = gumbel_generate(
-        model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=10, seed=2,
-        eos_token_id=[], **WARP,
-    )  # fmt: skip
+    factual = _factual(model, batch, 10, seed=2)
     changed = [p.replace("path", "name").replace("os", "sys").replace("x, y", "a, b") for p in PROMPTS]
     new = tok(changed, return_tensors="pt", padding=True, padding_side="left")
     cf = counterfactual_generate(model, factual, input_ids=new.input_ids, attention_mask=new.attention_mask)
     assert torch.equal(_scm_tokens(model, _rows(tok, changed), cf, cf.new_tokens), cf.new_tokens)
     # Shared noise couples the two texts: they agree more often than independent samples would.
-    independent = gumbel_generate(
-        model, new.input_ids, attention_mask=new.attention_mask, max_new_tokens=10, seed=1000,
-        eos_token_id=[], **WARP,
-    )  # fmt: skip
+    independent = _factual(model, new, 10, seed=1000)
     same_cf = (cf.new_tokens == factual.new_tokens).float().mean()
     same_independent = (independent.new_tokens == factual.new_tokens).float().mean()
     assert same_cf > same_independent

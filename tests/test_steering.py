@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokenlab._checks import ArgumentTypeError
 from tokenlab.decoding import (
@@ -25,21 +25,13 @@ from tokenlab.decoding import (
     add_refusal_tokens,
     triangular_wave,
 )
+from tokenlab.testing.processors import RecordingProcessor
 
 MODES = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, temperature=0.8, top_k=50),
     "beams": dict(do_sample=False, num_beams=3),
 }
-
-
-class Recorder(LogitsProcessor):
-    def __init__(self) -> None:
-        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, input_ids, scores):
-        self.calls.append((input_ids.clone(), scores.clone()))
-        return scores
 
 
 def _reference_wave(n: int, amplitude: float, period: float, shift: float) -> float:
@@ -93,7 +85,7 @@ def test_cyclic_reflex_bias_is_the_wave_on_listed_tokens_only(tiny_world, prompt
     listed = [int(i) for i in tok(["if", "return", " but"], add_special_tokens=False).input_ids for i in i][
         :4
     ]
-    before, after = Recorder(), Recorder()
+    before, after = RecordingProcessor(), RecordingProcessor()
     processor = CyclicReflexLogitsProcessor(listed, amplitude=2.5, period=8, shift=0.1)
     _generate(model, tok, prompts, [before, processor, after], mode)
     assert len(before.calls) == 12
@@ -111,7 +103,7 @@ def test_cyclic_reflex_stops_after_an_end_token(tiny_world, prompts):
     model, tok = tiny_world.target, tiny_world.tokenizer
     newline = tok("\n", add_special_tokens=False).input_ids[0]
     listed = [tok("if", add_special_tokens=False).input_ids[0]]
-    before, after = Recorder(), Recorder()
+    before, after = RecordingProcessor(), RecordingProcessor()
     processor = CyclicReflexLogitsProcessor(listed, amplitude=4.0, period=6, end_token_ids=[newline])
     _generate(model, tok, prompts, [before, processor, after], "greedy")
     width = prompts.input_ids.shape[1]
@@ -175,7 +167,7 @@ def test_add_refusal_tokens_to_an_untied_head():
 @pytest.mark.parametrize("mode", list(MODES))
 def test_refusal_bias_at_the_first_response_token_only(refusal_world, prompts, mode):
     model, tok, tokens, *_ = refusal_world
-    before, after = Recorder(), Recorder()
+    before, after = RecordingProcessor(), RecordingProcessor()
     processor = RefusalTokenLogitsProcessor(tokens.refusal_ids, bias=[1.5, -2.0])
     _generate(model, tok, prompts, [before, processor, after], mode, max_new_tokens=4)
     for step, ((_, x), (_, y)) in enumerate(zip(before.calls, after.calls)):
@@ -188,7 +180,7 @@ def test_refusal_bias_at_the_first_response_token_only(refusal_world, prompts, m
 @pytest.mark.parametrize("mode", list(MODES))
 def test_refusal_threshold_decision_equals_brute_force(refusal_world, prompts, mode):
     model, tok, tokens, *_ = refusal_world
-    before, after = Recorder(), Recorder()
+    before, after = RecordingProcessor(), RecordingProcessor()
     thresholds = [0.05, 0.2]
     processor = RefusalTokenLogitsProcessor(
         tokens.refusal_ids, respond_token_id=tokens.respond, bias=[6.0, 6.5], threshold=thresholds
