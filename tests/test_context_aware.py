@@ -155,13 +155,15 @@ class CheckedAdaCAD(AdaCADLogitsProcessor):
 
     def __init__(self, model, ids, mask, query_rows):
         super().__init__(model, ids, mask)
-        self.query_rows, self.reorders, self.checked = query_rows, 0, 0
+        self.query_rows, self.reorders, self.rollbacks, self.checked = query_rows, 0, 0, 0
 
     def _context_free_logits(self, input_ids):
         before = None if self.stream is None else self.stream.ids.clone()
         logits = super()._context_free_logits(input_ids)
-        if before is not None and not torch.equal(self.stream.ids[:, :-1], before):
-            self.reorders += 1
+        if before is not None and self.progress.prompt_length < input_ids.shape[1]:
+            after = self.stream.ids
+            self.rollbacks += after.shape[1] <= before.shape[1]
+            self.reorders += after.shape[1] == before.shape[1] + 1 and not torch.equal(after[:, :-1], before)
         group = input_ids.shape[0] // len(self.query_rows)
         for r in range(input_ids.shape[0]):
             prefix = torch.cat([self.query_rows[r // group], input_ids[r, self.progress.prompt_length :]])
@@ -181,6 +183,22 @@ def test_beam_search_follows_the_beams(world, do_sample):
         num_beams=3, max_new_tokens=7, do_sample=do_sample,
     )  # fmt: skip
     assert processor.reorders > 0 and processor.checked == 3 * 3 * 7
+
+
+def test_assisted_generation_rolls_the_stream_back(world, tiny_world):
+    """HF assisted generation scores candidate positions and rolls back: the stream follows (every
+    call checked against a fresh forward), and greedy output equals unassisted greedy."""
+    model, tok, _, _ = world
+    rollbacks = 0
+    for i in range(len(PROMPTS)):
+        c, x = _alone(tok, i)
+        plain = _gen(model, tok, c, None, [AdaCADLogitsProcessor(model, x)], max_new_tokens=12)
+        processor = CheckedAdaCAD(model, x, None, [x[0]])
+        assisted = _gen(model, tok, c, None, [processor], max_new_tokens=12, assistant_model=tiny_world.draft)
+        assert torch.equal(assisted, plain)
+        assert processor.checked > 12  # candidate positions were scored too
+        rollbacks += processor.rollbacks
+    assert rollbacks > 0
 
 
 def test_adacad_alpha_equals_scipy_jensen_shannon(world):

@@ -79,24 +79,49 @@ def test_triangular_wave_equals_the_papers_schedule(amplitude, period, shift):
         ] == pytest.approx([0.0, amplitude, 0.0, -amplitude])
 
 
+def _check_wave(before, after, prompt_length, listed, amplitude, period, shift):
+    """At every call: listed tokens moved by the wave at the call's response position, others not."""
+    others = torch.ones(before.calls[0][1].shape[-1], dtype=torch.bool)
+    others[listed] = False
+    for (ids, x), (_, y) in zip(before.calls, after.calls):
+        wave = float(triangular_wave(ids.shape[1] - prompt_length, amplitude, period, shift))
+        finite = x[:, listed].isfinite()
+        torch.testing.assert_close((y - x)[:, listed][finite], torch.full_like(x[:, listed], wave)[finite])
+        assert torch.equal(y[:, others], x[:, others])
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cyclic_reflex_bias_is_the_wave_on_listed_tokens_only(tiny_world, prompts, mode):
     model, tok = tiny_world.target, tiny_world.tokenizer
-    listed = [int(i) for i in tok(["if", "return", " but"], add_special_tokens=False).input_ids for i in i][
-        :4
-    ]
+    listed = tok.convert_tokens_to_ids(["Ġif", "Ġreturn", "Ġself"])
     before, after = RecordingProcessor(), RecordingProcessor()
     processor = CyclicReflexLogitsProcessor(listed, amplitude=2.5, period=8, shift=0.1)
     _generate(model, tok, prompts, [before, processor, after], mode)
-    assert len(before.calls) == 12
-    others = torch.ones(before.calls[0][1].shape[-1], dtype=torch.bool)
-    others[listed] = False
-    for step, ((_, x), (_, y)) in enumerate(zip(before.calls, after.calls)):
-        diff = y - x
-        finite = x[:, listed].isfinite()
-        expected = torch.full_like(diff[:, listed], float(triangular_wave(step, 2.5, 8, 0.1)))
-        torch.testing.assert_close(diff[:, listed][finite], expected[finite], atol=1e-5, rtol=0)
-        assert torch.equal(y[:, others], x[:, others])
+    assert [ids.shape[1] for ids, _ in before.calls] == list(
+        range(prompts.input_ids.shape[1], prompts.input_ids.shape[1] + 12)
+    )
+    _check_wave(before, after, prompts.input_ids.shape[1], listed, 2.5, 8, 0.1)
+
+
+def test_steering_in_assisted_generation(tiny_world):
+    """Assisted generation calls processors at candidate positions and rolls back: the position
+    (hence the bias) follows each call, and the refusal decision is made at the first position."""
+    model, tok = tiny_world.target, tiny_world.tokenizer
+    prompt = tok("def main():\n", return_tensors="pt")
+    listed = tok.convert_tokens_to_ids(["Ġif", "Ġreturn"])
+    before, after = RecordingProcessor(), RecordingProcessor()
+    cyclic = CyclicReflexLogitsProcessor(listed, amplitude=1.5, period=6)
+    refusal = RefusalTokenLogitsProcessor([7], respond_token_id=9, threshold=0.5)
+    out = model.generate(
+        **prompt, logits_processor=[refusal, before, cyclic, after], max_new_tokens=10, do_sample=False,
+        assistant_model=tiny_world.draft, pad_token_id=tok.pad_token_id, eos_token_id=[],
+    )  # fmt: skip
+    width = prompt.input_ids.shape[1]
+    lengths = [ids.shape[1] for ids, _ in before.calls]
+    assert any(b <= a for a, b in itertools.pairwise(lengths))  # a rollback happened
+    _check_wave(before, after, width, listed, 1.5, 6, 0.0)
+    assert out[0, width] == 9  # p(token 7) < 0.5: respond
+    assert all(x[0].isfinite().all() for ids, x in before.calls if ids.shape[1] > width)
 
 
 def test_cyclic_reflex_stops_after_an_end_token(tiny_world, prompts):

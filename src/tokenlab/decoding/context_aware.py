@@ -19,10 +19,12 @@ to the processor). Because the logits are log-normalised before they are combine
 logits or log-probabilities and the output is the log of ``p_CAD``.
 
 Supported ``generate`` modes: greedy (``do_sample=False``), sampling (with temperature/top-k/top-p,
-which ``generate`` applies *after* this processor, and ``num_return_sequences``), and beam search
+which ``generate`` applies *after* this processor, and ``num_return_sequences``), beam search
 (``num_beams > 1``, with or without sampling; the processor follows the beams' reordering by
-matching each row's generated tokens to the rows it saw a step before). Not supported: assisted /
-speculative generation and contrastive search (they call processors on candidate continuations).
+matching each row's generated tokens to the rows it saw a step before), and assisted generation
+(``assistant_model=...``: the processor scores each candidate position and rolls its cache back
+to the accepted prefix). The stream always equals a fresh encoding of ``x`` + the tokens of the
+call; it never sees a token twice except after a rollback.
 :func:`context_aware_generate` is the same computation as a plain loop, for users who do not use
 ``generate``.
 """
@@ -108,44 +110,63 @@ class _ContrastiveContextProcessor(LogitsProcessor):
 
     @property
     def alpha_history(self) -> torch.Tensor:
-        """``α`` of every step of the current generation, ``[R, steps]``."""
+        """``α`` of every response position of the current generation, ``[R, steps]`` (row ``r`` of
+        column ``i``: the row that was ``r`` at step ``i``; beam search reorders rows between steps)."""
         return torch.stack(self.alphas, dim=1)
 
+    def reset(self) -> None:
+        """Start afresh at the next call (only needed when a new prompt begins with the previous one)."""
+        self.progress.reset()
+
     def _context_free_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[R, V]`` of the context-free stream, advanced to match ``input_ids``."""
-        if self.progress.update(input_ids):
+        """Next-token logits ``[R, V]`` of the context-free stream, brought in line with ``input_ids``.
+
+        The stream holds ``x`` and the tokens it was fed. Usually ``input_ids`` has one new token
+        (fed alone); beam search may also have reordered the rows (matched by their tokens, cache
+        reordered); assisted generation may have rolled back (cache cropped to the common prefix).
+        """
+        if self.progress.update(input_ids) == 0:
             rows, batch = input_ids.shape[0], self.context_free_ids.shape[0]
             if rows % batch:
                 raise ValueError(
                     f"generate runs {rows} rows but the processor holds {batch} context-free prompts; "
                     "rows must be a multiple (beams / return sequences of each prompt)"
                 )
-            repeat = torch.arange(batch, device=input_ids.device).repeat_interleave(rows // batch)
-            self.stream = CachedStream(
-                self.model, self.context_free_ids[repeat], self.context_free_mask[repeat]
-            )
+            rep = torch.arange(batch, device=input_ids.device).repeat_interleave(rows // batch)
+            self.stream = CachedStream(self.model, self.context_free_ids[rep], self.context_free_mask[rep])
             self.alphas = []
             return self.stream.prefill()
-        stream = self.stream
-        generated = input_ids[:, self.progress.prompt_length :]
-        seen = stream.ids[:, self.context_free_ids.shape[1] :]
-        if not torch.equal(generated[:, :-1], seen):
-            stream.select(self._parent_rows(generated[:, :-1], seen))
-        return stream.advance(generated[:, -1])
+        stream, width = self.stream, self.context_free_ids.shape[1]
+        generated, fed = input_ids[:, self.progress.prompt_length :], stream.ids[:, width:]
+        if fed.shape[1] == generated.shape[1] - 1 and not torch.equal(generated[:, :-1], fed):
+            parents = self._parent_rows(generated[:, :-1], fed)
+            if parents is not None:
+                stream.select(parents)
+                fed = stream.ids[:, width:]
+        keep = min(_common_prefix(generated, fed), generated.shape[1] - 1)
+        if keep < fed.shape[1]:
+            stream.crop(width + keep)
+        del self.alphas[generated.shape[1] :]  # α of positions rolled back (assisted generation)
+        return stream.advance(generated[:, keep:])
 
-    def _parent_rows(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def _parent_rows(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor | None:
         """For each row of ``current [R, t]``, a row of ``previous [R, t]`` with the same tokens among
-        the rows of the same prompt (beam search reorders rows only within a prompt's group)."""
+        the rows of the same prompt (beam search reorders rows only within a prompt's group);
+        ``None`` when some row has no such parent."""
         rows, steps = current.shape
         group = rows // self.context_free_ids.shape[0]
         same = (current.view(-1, group, 1, steps) == previous.view(-1, 1, group, steps)).all(dim=-1)
         if not bool(same.any(dim=-1).all()):
-            raise RuntimeError(
-                "generate's sequences do not extend the ones seen at the previous step; this processor "
-                "supports greedy, sampling and beam search (not assisted or contrastive generation)"
-            )
+            return None
         offsets = torch.arange(0, rows, group, device=current.device).view(-1, 1)
         return (same.int().argmax(dim=-1) + offsets).view(-1)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of leading columns on which ``a [R, n]`` and ``b [R, m]`` agree in every row."""
+    n = min(a.shape[1], b.shape[1])
+    agree = (a[:, :n] == b[:, :n]).all(dim=0)
+    return n if bool(agree.all()) else int(agree.int().argmin())
 
 
 class ContextAwareLogitsProcessor(_ContrastiveContextProcessor):

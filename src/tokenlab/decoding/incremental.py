@@ -5,9 +5,10 @@
   (:meth:`~CachedStream.advance`), never re-encoding the prefix. Layout invariant: ``ids``/``mask``
   ``[R, L]`` are left-padded, the cache covers all ``L`` columns, and the model sees
   ``position_ids = cumsum(mask) − 1`` — so a padded row computes what it would alone.
-  Rows can be re-selected (:meth:`~CachedStream.select`: beam reordering, repeats).
+  Rows can be re-selected (:meth:`~CachedStream.select`: beam reordering, repeats) and the stream
+  rolled back (:meth:`~CachedStream.crop`: rejected candidates of assisted generation).
 * :class:`GenerationProgress` — where a ``LogitsProcessor`` stands inside one ``generate`` call:
-  the prompt width, the number of tokens generated so far, and whether a call starts a new
+  the prompt width and the response position of each call, and whether a call starts a new
   generation (a processor object reused across ``generate`` calls resets itself).
 * :func:`decode_loop` — the plain loop (no ``generate``): one stream, a token chooser per step,
   EOS handling and ``generate``-style output (the prompt, then new tokens, padded after EOS).
@@ -109,10 +110,12 @@ class CachedStream:
         return self._forward(0)
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens [R]`` (one per row) and feed only them; logits ``[R, V]`` of the next token."""
+        """Append ``tokens`` — ``[R]`` (one per row) or ``[R, n]`` — and feed only them; logits
+        ``[R, V]`` of the token after the last one."""
+        tokens = tokens.view(tokens.shape[0], -1)
         start = self.ids.shape[1]
-        self.ids = torch.cat([self.ids, tokens.view(-1, 1)], dim=1)
-        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        self.ids = torch.cat([self.ids, tokens], dim=1)
+        self.mask = torch.nn.functional.pad(self.mask, (0, tokens.shape[1]), value=1)
         return self._forward(start)
 
     def select(self, rows: torch.Tensor) -> None:
@@ -120,43 +123,49 @@ class CachedStream:
         self.ids, self.mask = self.ids[rows], self.mask[rows]
         self.cache.reorder_cache(rows)
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` columns (ids, mask and cache): a rollback."""
+        if length < self.ids.shape[1]:
+            self.cache.crop(length - self.ids.shape[1])  # a negative count: columns to remove
+            self.ids, self.mask = self.ids[:, :length], self.mask[:, :length]
+
 
 class GenerationProgress:
     """Where a ``LogitsProcessor`` stands inside ``generate``, from the ``input_ids [R, T]`` it is given.
 
-    ``generate`` calls a processor once per new token with the sequences so far (prompt columns
-    first). The first call of a generation fixes the prompt; a later call continues it when it has
-    the same rows, one more column, and the same prompt columns (beam search reorders rows only
-    within a prompt's beams, whose prompt columns are equal). Anything else starts a new
-    generation, so one processor object can serve successive ``generate`` calls.
+    ``generate`` calls a processor once per position with the sequences so far, prompt columns
+    first (assisted generation calls it for each candidate position, then rolls back). A call
+    continues the current generation when it has the same rows, is longer than the prompt, and has
+    the same prompt columns (beam search reorders rows only within a prompt's beams, whose prompt
+    columns are equal); the response position is then ``T − prompt length``. Any other call — the
+    first, a different prompt, or the same prompt again — starts a new generation, so one processor
+    object can serve successive ``generate`` calls; :meth:`reset` forces a new start (needed only
+    when a new prompt begins with the whole previous prompt).
     """
 
     def __init__(self) -> None:
         self.prompt: torch.Tensor | None = None
-        self.length = 0
 
     @property
     def prompt_length(self) -> int:
         return 0 if self.prompt is None else self.prompt.shape[1]
 
-    @property
-    def generated(self) -> int:
-        """Tokens generated before the current call (the position of the token being chosen)."""
-        return self.length - self.prompt_length
+    def reset(self) -> None:
+        """Forget the current generation: the next call starts a new one."""
+        self.prompt = None
 
-    def update(self, input_ids: torch.Tensor) -> bool:
-        """Register a call; ``True`` when it starts a new generation."""
+    def update(self, input_ids: torch.Tensor) -> int:
+        """Register a call; returns the response position (``0``: a new generation starts)."""
         prompt = self.prompt
         continues = (
             prompt is not None
             and input_ids.shape[0] == prompt.shape[0]
-            and input_ids.shape[1] == self.length + 1
+            and input_ids.shape[1] > prompt.shape[1]
             and torch.equal(input_ids[:, : prompt.shape[1]], prompt)
         )
         if not continues:
             self.prompt = input_ids.clone()
-        self.length = input_ids.shape[1]
-        return not continues
+        return input_ids.shape[1] - self.prompt.shape[1]
 
 
 def decode_loop(

@@ -13,7 +13,8 @@
   :class:`CyclicReflexLogitsProcessor`, with the wave itself in :func:`triangular_wave`.
 
 Both processors depend only on the response position and the row's own tokens, so they support
-every ``generate`` mode: greedy, sampling (applied before temperature/top-k/top-p) and beam search.
+every ``generate`` mode: greedy, sampling (applied before temperature/top-k/top-p), beam search and
+assisted generation (whose candidate positions each get their own position's bias).
 The response position is the number of tokens generated before the current step (``0`` for the
 first response token), tracked per ``generate`` call
 (:class:`tokenlab.decoding.incremental.GenerationProgress`).
@@ -141,7 +142,8 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
         softmax_temperature: the temperature of the probability that is thresholded (the paper's
             code uses 1).
 
-    Modes: greedy, sampling and beam search (``scores`` may be logits or log-probabilities).
+    Modes: greedy, sampling, beam search and assisted generation (``scores`` may be logits or
+    log-probabilities).
     """
 
     def __init__(
@@ -171,8 +173,7 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids [R, T]``, ``scores [R, V]`` → steered scores ``[R, V]`` (a new tensor)."""
-        self.progress.update(input_ids)
-        if self.progress.generated != 0:
+        if self.progress.update(input_ids) != 0:
             return scores
         ids = torch.tensor(self.refusal_token_ids, device=scores.device)
         scores = scores.clone()
@@ -226,7 +227,7 @@ class CyclicReflexLogitsProcessor(LogitsProcessor):
         shift: phase offset as a fraction of the period (default 0: start at 0, rising).
         end_token_ids: tokens after which a row gets no more bias (default: none).
 
-    Modes: greedy, sampling and beam search.
+    Modes: greedy, sampling, beam search and assisted generation.
     """
 
     def __init__(
@@ -247,8 +248,8 @@ class CyclicReflexLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids [R, T]``, ``scores [R, V]`` → biased scores ``[R, V]`` (a new tensor)."""
-        self.progress.update(input_ids)
-        bias = float(triangular_wave(self.progress.generated, self.amplitude, self.period, self.shift))
+        position = self.progress.update(input_ids)
+        bias = float(triangular_wave(position, self.amplitude, self.period, self.shift))
         ids = torch.tensor(self.reflection_token_ids, device=scores.device)
         scores = scores.clone()
         if self.end_token_ids:
