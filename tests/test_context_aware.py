@@ -27,6 +27,7 @@ from tokenlab.decoding import (
     context_aware_generate,
     jensen_shannon_divergence,
 )
+from tokenlab.decoding.incremental import CachedStream
 from tokenlab.testing.processors import RecordingProcessor
 
 # (context + query, query): the context redefines or introduces names the query goes on to use.
@@ -214,6 +215,23 @@ def test_adacad_alpha_equals_scipy_jensen_shannon(world):
             q = _fresh_logits(model, prefix).double().softmax(-1).numpy()
             assert float(alphas[r, step]) == pytest.approx(jensenshannon(p, q) ** 2, rel=1e-3, abs=1e-6)
     assert float(alphas.max()) > 1e-3  # the contexts do change the distribution
+
+
+@torch.no_grad()
+def test_contrast_moves_mass_toward_what_the_context_raises(world):
+    """The token the context raises most (``y* = argmax d``, ``d = log p_c − log p_q``) gains
+    probability under CAD, the more the larger α: ``log p_CAD(y*) = log p_c(y*) + α·d* − log Z(α)``
+    whose derivative in α is ``d* − E_{p_CAD}[d] ≥ 0`` (and it equals ``log p_c(y*)`` at α = 0)."""
+    model, _, context, query = world
+    contextual = CachedStream(model, context.input_ids, context.attention_mask).prefill()
+    free = CachedStream(model, query.input_ids, query.attention_mask).prefill()
+    raised = (contextual.log_softmax(-1) - free.log_softmax(-1)).argmax(-1, keepdim=True)
+    previous = contextual.log_softmax(-1).gather(-1, raised)
+    for alpha in (0.25, 0.5, 1.0, 2.0):
+        processor = ContextAwareLogitsProcessor(model, query.input_ids, query.attention_mask, alpha=alpha)
+        gained = processor(context.input_ids, contextual).gather(-1, raised)
+        assert (gained >= previous - 1e-6).all()
+        previous = gained
 
 
 @pytest.mark.parametrize("method", ["cad", "adacad"])

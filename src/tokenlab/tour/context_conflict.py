@@ -4,16 +4,19 @@ The toy target learned Python from the standard library, so it has *parametric* 
 ``if __name__ == "__main__":`` comes ``main()``, after ``raise`` a built-in exception, after
 ``return self.`` a common attribute. Each probe item pairs such a query ``x`` with a context ``c``
 that defines a different name the query should use (an entry point, an exception class, an
-attribute), so context and parameters conflict:
+attribute), so context and parameters conflict::
 
     context  c:  def launch():\\n    pass\\n\\n\\n
     query    x:  if __name__ == "__main__":\\n
-    answer:      launch      (the model's habit: main)
+    answer:          launch(        (the habit: main)
 
-(Queries end before the answer's leading whitespace, which BPE merges into the answer's first token.)
+Queries end before the answer's leading whitespace, which BPE merges into the answer's first token.
+:func:`context_conflict_probe` measures, for plain decoding of ``c + x``, CAD (fixed α), AdaCAD and
+the query alone (the habit):
 
-An answer *follows the context* when the greedy continuation of ``c + x`` starts with the defined
-name. :func:`context_conflict_probe` counts that for plain decoding, CAD (fixed α) and AdaCAD.
+* **follows** — the fraction of items whose greedy continuation starts with the answer;
+* **log p(answer)** — the mean log-probability (nats) of the answer's tokens, teacher-forced,
+  under each method's next-token distribution (CAD's and AdaCAD's include the contrast).
 """
 
 from __future__ import annotations
@@ -22,32 +25,37 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenlab.decoding import ContextAwareLogitsProcessor, context_aware_generate
+from tokenlab.decoding import AdaCADLogitsProcessor, ContextAwareLogitsProcessor, context_aware_generate
+from tokenlab.decoding.incremental import CachedStream
 from tokenlab.tour.toy import ToyWorld
 
-# (context template, query, names): the context defines ``{name}``, the query should use it.
-TEMPLATES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+# kind → (context, query, answer as it follows the query, names); ``{name}`` is the defined name.
+TEMPLATES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "entry point": (
         "def {name}():\n    pass\n\n\n",
         'if __name__ == "__main__":\n',
+        "    {name}(",
         ("launch", "start", "serve", "execute", "cli", "entry", "program", "go"),
     ),
     "exception": (
         "class {name}(Exception):\n    pass\n\n\n",
         "def check(value):\n    if not value:\n        raise",
+        " {name}(",
         ("BadValue", "Missing", "Invalid", "Broken", "Failure", "Problem", "Denied", "Unknown"),
     ),
     "attribute": (
         "class Item:\n    def __init__(self, {name}):\n        self.{name} = {name}\n\n",
         "    def get(self):\n        return self.",
+        "{name}\n",
         ("width", "owner", "colour", "radius", "price", "label", "budget", "speed"),
     ),
 }
+METHODS = ("query alone", "plain", "CAD", "AdaCAD")
 
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """One conflict: the context ``c``, the query ``x`` and the name the context defines."""
+    """One conflict: the context ``c``, the query ``x``, and the answer text the context implies."""
 
     kind: str
     context: str
@@ -55,85 +63,92 @@ class ProbeItem:
     answer: str
 
 
-def probe_items(kinds: tuple[str, ...] | None = None, per_kind: int | None = None) -> list[ProbeItem]:
-    """The probe's items (all templates and names unless limited)."""
-    items = []
-    for kind, (context, query, names) in TEMPLATES.items():
-        if kinds is not None and kind not in kinds:
-            continue
-        items += [ProbeItem(kind, context.format(name=n), query, n) for n in names[:per_kind]]
-    return items
+def probe_items(per_kind: int | None = None) -> list[ProbeItem]:
+    """The probe's items: every template with its first ``per_kind`` names (all by default)."""
+    return [
+        ProbeItem(kind, context.format(name=n), query, answer.format(name=n))
+        for kind, (context, query, answer, names) in TEMPLATES.items()
+        for n in names[:per_kind]
+    ]
 
 
-def _follows(text: str, answer: str) -> bool:
-    return text.lstrip().startswith(answer)
+def _encode(tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def _answer_tokens(tok, items: list[ProbeItem], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, A]`` answer tokens (where the tokens of query + answer leave those of the query),
+    right-padded with ``pad``, and their ``[N, A]`` 0/1 mask."""
+    rows = []
+    for i in items:
+        query, full = tok(i.query).input_ids, tok(i.query + i.answer).input_ids
+        start = next((k for k, (a, b) in enumerate(zip(query, full)) if a != b), len(query))
+        rows.append(full[start:])
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return tokens, mask
+
+
+def _answer_log_prob(stream: CachedStream, answer: torch.Tensor, processor=None) -> torch.Tensor:
+    """``[N, A]`` log-probabilities of the answer tokens, teacher-forced through ``stream`` (and
+    through ``processor``, which sees the stream's ids as ``generate``'s sequences would be)."""
+    logits, out = stream.prefill(), []
+    for j in range(answer.shape[1]):
+        scores = logits.log_softmax(-1) if processor is None else processor(stream.ids, logits)
+        out.append(scores.gather(-1, answer[:, j : j + 1]))
+        logits = stream.advance(answer[:, j])
+    return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
 def context_conflict_probe(
-    world: ToyWorld,
-    items: list[ProbeItem] | None = None,
-    *,
-    alpha: float = 1.0,
-    max_new_tokens: int = 6,
+    world: ToyWorld, items: list[ProbeItem] | None = None, *, alpha: float = 1.0, max_new_tokens: int = 6
 ) -> dict[str, dict[str, float]]:
-    """Fraction of items whose greedy answer starts with the context's name, per decoding method.
-
-    Returns ``{method: {"all": rate, <kind>: rate, ...}}`` for ``"context-free"`` (the query alone:
-    the model's habit), ``"plain"`` (context + query), ``"CAD"`` (α = ``alpha``) and ``"AdaCAD"``.
-    All rows of one method run as one left-padded batch.
-    """
+    """Per method (:data:`METHODS`): ``follows`` (fraction of greedy answers starting with the
+    context's answer), per kind (``"follows: <kind>"``), and ``log p(answer)`` (mean teacher-forced
+    log-probability of the answer, nats). Each method runs all items as one left-padded batch."""
     items = probe_items() if items is None else items
     tok, model = world.tokenizer, world.target
-    device = model.device
-    pad = tok.pad_token_id
-
-    def batch(texts):
-        enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
-        return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-    c_ids, c_mask = batch([i.context + i.query for i in items])
-    x_ids, x_mask = batch([i.query for i in items])
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=[])
-    outputs = {
-        "context-free": context_aware_generate(
-            model, x_ids, x_ids, attention_mask=x_mask, context_free_attention_mask=x_mask, alpha=0.0, **common
-        ).sequences[:, x_ids.shape[1] :],
+    device, pad = model.device, tok.pad_token_id
+    c_ids, c_mask = _encode(tok, [i.context + i.query for i in items], device)
+    x_ids, x_mask = _encode(tok, [i.query for i in items], device)
+    answer, answer_mask = _answer_tokens(tok, items, pad, device)
+    scoring = {
+        "query alone": (x_ids, x_mask, None),
+        "plain": (c_ids, c_mask, None),
+        "CAD": (c_ids, c_mask, ContextAwareLogitsProcessor(model, x_ids, x_mask, alpha=alpha)),
+        "AdaCAD": (c_ids, c_mask, AdaCADLogitsProcessor(model, x_ids, x_mask)),
     }
-    for name, kwargs in (("plain", dict(alpha=0.0)), ("CAD", dict(alpha=alpha)), ("AdaCAD", dict(method="adacad"))):
+    greedy = {"query alone": dict(alpha=0.0), "plain": dict(alpha=0.0), "CAD": dict(alpha=alpha)}
+    greedy["AdaCAD"] = dict(method="adacad")
+    kinds = sorted({i.kind for i in items})
+    results = {}
+    for method, (ids, mask, processor) in scoring.items():
         out = context_aware_generate(
-            model, c_ids, x_ids, attention_mask=c_mask, context_free_attention_mask=x_mask, **kwargs, **common
-        )
-        outputs[name] = out.sequences[:, c_ids.shape[1] :]
-    rates = {}
-    for name, tokens in outputs.items():
-        follows = [_follows(text, i.answer) for text, i in zip(tok.batch_decode(tokens), items)]
-        kinds = {i.kind for i in items}
-        per_kind = {
-            k: sum(f for f, i in zip(follows, items) if i.kind == k) / sum(i.kind == k for i in items) for k in kinds
-        }
-        rates[name] = {"all": sum(follows) / len(items), **dict(sorted(per_kind.items()))}
-    return rates
+            model, ids, x_ids, attention_mask=mask, context_free_attention_mask=x_mask,
+            max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=[], **greedy[method],
+        )  # fmt: skip
+        texts = tok.batch_decode(out.sequences[:, ids.shape[1] :])
+        follows = [text.startswith(i.answer.rstrip("\n(")) for text, i in zip(texts, items)]
+        log_prob = (_answer_log_prob(CachedStream(model, ids, mask), answer, processor) * answer_mask).sum(-1)
+        row = {"follows": sum(follows) / len(items), "log p(answer)": float(log_prob.mean())}
+        for kind in kinds:
+            picked = [f for f, i in zip(follows, items) if i.kind == kind]
+            row[f"follows: {kind}"] = sum(picked) / len(picked)
+        results[method] = row
+    return results
 
 
 def tour_section(world: ToyWorld) -> list[str]:
-    """The context-conflict probe (plain vs CAD vs AdaCAD) and the batched processor in ``generate``."""
-    items = probe_items(per_kind=4 if world.config.vocab_size < 1024 else None)
-    rates = context_conflict_probe(world, items)
-    lines = [f"context-conflict probe: {len(items)} items ({', '.join(TEMPLATES)}); answers following the context:"]
-    for name, r in rates.items():
-        detail = ", ".join(f"{k} {v:.0%}" for k, v in r.items() if k != "all")
-        lines.append(f"  {name:>12}: {r['all']:.0%}  ({detail})")
-    tok, model = world.tokenizer, world.target
-    enc = tok([i.context + i.query for i in items[:3]], return_tensors="pt", padding=True, padding_side="left")
-    free = tok([i.query for i in items[:3]], return_tensors="pt", padding=True, padding_side="left")
-    processor = ContextAwareLogitsProcessor(model, free.input_ids.to(model.device), free.attention_mask.to(model.device))
-    model.generate(
-        input_ids=enc.input_ids.to(model.device), attention_mask=enc.attention_mask.to(model.device),
-        logits_processor=[processor], max_new_tokens=4, num_beams=2, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    lines.append(
-        f"CAD as a LogitsProcessor in generate (3 left-padded prompts, 2 beams): context-free cache of "
-        f"{processor.stream.cache.get_seq_length()} columns, advanced one token per step"
-    )
+    """The context-conflict probe: plain vs CAD vs AdaCAD on the toy target."""
+    items = probe_items(per_kind=3 if world.config.vocab_size < 1024 else None)
+    results = context_conflict_probe(world, items)
+    lines = [
+        f"context-conflict probe: {len(items)} items ({', '.join(TEMPLATES)}), greedy, CAD α = 1",
+        "method        follows context   mean log p(answer) (nats)",
+    ]
+    for method, row in results.items():
+        lines.append(f"{method:<13} {row['follows']:>15.0%}   {row['log p(answer)']:.2f}")
     return lines
