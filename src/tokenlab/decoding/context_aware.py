@@ -138,15 +138,17 @@ class _ContrastiveContextProcessor(LogitsProcessor):
             return self.stream.prefill()
         stream, width = self.stream, self.context_free_ids.shape[1]
         generated, fed = input_ids[:, self.progress.prompt_length :], stream.ids[:, width:]
-        if fed.shape[1] == generated.shape[1] - 1 and not torch.equal(generated[:, :-1], fed):
+        if fed.shape[1] == generated.shape[1] - 1:  # one new token (greedy, sampling, beams)
+            if torch.equal(generated[:, :-1], fed):
+                return stream.advance(generated[:, -1])
             parents = self._parent_rows(generated[:, :-1], fed)
-            if parents is not None:
+            if parents is not None:  # beam search reordered the rows
                 stream.select(parents)
-                fed = stream.ids[:, width:]
+                return stream.advance(generated[:, -1])
+        # Assisted generation: candidates scored one by one, then a rollback to the accepted prefix.
         keep = min(_common_prefix(generated, fed), generated.shape[1] - 1)
-        if keep < fed.shape[1]:
-            stream.crop(width + keep)
-        del self.alphas[generated.shape[1] :]  # α of positions rolled back (assisted generation)
+        stream.crop(width + keep)
+        del self.alphas[generated.shape[1] :]
         return stream.advance(generated[:, keep:])
 
     def _parent_rows(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor | None:
