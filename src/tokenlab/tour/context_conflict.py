@@ -51,6 +51,7 @@ TEMPLATES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     ),
 }
 METHODS = ("query alone", "plain", "CAD", "AdaCAD")
+MAX_NEW_TOKENS = 6
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,11 @@ def _answer_log_prob(stream: CachedStream, answer: torch.Tensor, processor=None)
 
 @torch.no_grad()
 def context_conflict_probe(
-    world: ToyWorld, items: list[ProbeItem] | None = None, *, alpha: float = 1.0, max_new_tokens: int = 6
+    world: ToyWorld,
+    items: list[ProbeItem] | None = None,
+    *,
+    alpha: float = 1.0,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict[str, dict[str, float]]:
     """Per method (:data:`METHODS`): ``follows`` (fraction of greedy answers starting with the
     context's answer), per kind (``"follows: <kind>"``), and ``log p(answer)`` (mean teacher-forced
@@ -152,3 +157,32 @@ def tour_section(world: ToyWorld) -> list[str]:
     for method, row in results.items():
         lines.append(f"{method:<13} {row['follows']:>15.0%}   {row['log p(answer)']:.2f}")
     return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tokenlab.tour.context_conflict [--preset P] [--alpha A ...]``: the probe's table."""
+    import argparse
+
+    from tokenlab.tour.toy import PRESETS, load_toy_world
+
+    parser = argparse.ArgumentParser(prog="python -m tokenlab.tour.context_conflict")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--alpha", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="CAD's α values")
+    args = parser.parse_args(argv)
+    world = load_toy_world(args.preset, device=args.device)
+    items, kinds = probe_items(), sorted(TEMPLATES)
+    runs = {alpha: context_conflict_probe(world, items, alpha=alpha) for alpha in args.alpha}
+    first = runs[args.alpha[0]]
+    rows = [("query alone", first["query alone"]), ("plain", first["plain"])]
+    rows += [(f"CAD α={alpha:g}", result["CAD"]) for alpha, result in runs.items()]
+    rows.append(("AdaCAD", first["AdaCAD"]))
+    print(f"{len(items)} items; greedy, {MAX_NEW_TOKENS} new tokens; toy world '{args.preset}'")
+    print(f"{'method':<12} {'follows':>8} " + " ".join(f"{k:>12}" for k in kinds) + "  log p(answer)")
+    for name, row in rows:
+        per_kind = " ".join(f"{row[f'follows: {k}']:>12.0%}" for k in kinds)
+        print(f"{name:<12} {row['follows']:>8.0%} {per_kind}  {row['log p(answer)']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
