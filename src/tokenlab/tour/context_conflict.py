@@ -112,8 +112,9 @@ def context_conflict_probe(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict[str, dict[str, float]]:
     """Per method (:data:`METHODS`): ``follows`` (fraction of greedy answers starting with the
-    context's answer), per kind (``"follows: <kind>"``), and ``log p(answer)`` (mean teacher-forced
-    log-probability of the answer, nats). Each method runs all items as one left-padded batch."""
+    context's answer), per kind (``"follows: <kind>"``), ``log p(answer)`` (mean teacher-forced
+    log-probability of the answer, nats) and ``mean α`` (over the greedy run's steps and rows).
+    Each method runs all items as one left-padded batch."""
     items = probe_items() if items is None else items
     tok, model = world.tokenizer, world.target
     device, pad = model.device, tok.pad_token_id
@@ -138,7 +139,11 @@ def context_conflict_probe(
         texts = tok.batch_decode(out.sequences[:, ids.shape[1] :])
         follows = [text.startswith(i.answer.rstrip("\n(")) for text, i in zip(texts, items)]
         log_prob = (_answer_log_prob(CachedStream(model, ids, mask), answer, processor) * answer_mask).sum(-1)
-        row = {"follows": sum(follows) / len(items), "log p(answer)": float(log_prob.mean())}
+        row = {
+            "follows": sum(follows) / len(items),
+            "log p(answer)": float(log_prob.mean()),
+            "mean α": float(out.alphas.mean()),
+        }
         for kind in kinds:
             picked = [f for f, i in zip(follows, items) if i.kind == kind]
             row[f"follows: {kind}"] = sum(picked) / len(picked)
@@ -152,10 +157,12 @@ def tour_section(world: ToyWorld) -> list[str]:
     results = context_conflict_probe(world, items)
     lines = [
         f"context-conflict probe: {len(items)} items ({', '.join(TEMPLATES)}), greedy, CAD α = 1",
-        "method        follows context   mean log p(answer) (nats)",
+        "method        follows context   mean log p(answer) (nats)   mean α",
     ]
     for method, row in results.items():
-        lines.append(f"{method:<13} {row['follows']:>15.0%}   {row['log p(answer)']:.2f}")
+        lines.append(
+            f"{method:<13} {row['follows']:>15.0%}   {row['log p(answer)']:>25.2f}   {row['mean α']:.4f}"
+        )
     return lines
 
 
@@ -178,10 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     rows += [(f"CAD α={alpha:g}", result["CAD"]) for alpha, result in runs.items()]
     rows.append(("AdaCAD", first["AdaCAD"]))
     print(f"{len(items)} items; greedy, {MAX_NEW_TOKENS} new tokens; toy world '{args.preset}'")
-    print(f"{'method':<12} {'follows':>8} " + " ".join(f"{k:>12}" for k in kinds) + "  log p(answer)")
+    print(f"{'method':<12} {'follows':>8} " + " ".join(f"{k:>12}" for k in kinds) + "  log p(answer)  mean α")
     for name, row in rows:
         per_kind = " ".join(f"{row[f'follows: {k}']:>12.0%}" for k in kinds)
-        print(f"{name:<12} {row['follows']:>8.0%} {per_kind}  {row['log p(answer)']:>13.2f}")
+        scores = f"{row['log p(answer)']:>13.2f}  {row['mean α']:.4f}"
+        print(f"{name:<12} {row['follows']:>8.0%} {per_kind}  {scores}")
 
 
 if __name__ == "__main__":
