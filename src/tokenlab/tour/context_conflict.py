@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="CAD's α values")
     args = parser.parse_args(argv)
     world = load_toy_world(args.preset, device=args.device)
+    if world.target.device.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: one intra-op thread is fastest (as the tour)
     items, kinds = probe_items(), sorted(TEMPLATES)
     runs = {alpha: context_conflict_probe(world, items, alpha=alpha) for alpha in args.alpha}
     first = runs[args.alpha[0]]
