@@ -16,7 +16,8 @@ import itertools
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tokenlab._checks import ArgumentTypeError
 from tokenlab.decoding import (
@@ -167,26 +168,27 @@ def test_add_refusal_tokens_grows_embeddings_properly(refusal_world):
     torch.testing.assert_close(after[..., :old_vocab], before)
 
 
-def test_add_refusal_tokens_to_an_untied_head():
+@pytest.mark.parametrize("rows", [50, 64])  # 64: a matrix padded beyond the tokenizer's 50 tokens
+def test_add_refusal_tokens_to_an_untied_head(rows):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=rows, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=32, tie_word_embeddings=False,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(50)}, "w0"))
-    )
+    words = {f"w{i}": i for i in range(50)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, "w0")))
     head_before = model.get_output_embeddings().weight.detach().clone()
-    tokens = add_refusal_tokens(model, tok, ["[refuse]"], respond_token=None)
-    head = model.get_output_embeddings().weight
-    assert tokens.refusal == {"[refuse]": 50} and tokens.respond is None
-    assert head is not model.get_input_embeddings().weight
-    torch.testing.assert_close(head[:50], head_before)
-    torch.testing.assert_close(head[50], head_before.mean(0))
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    tokens = add_refusal_tokens(model, tok, ["[refuse]", "[other]"], respond_token=None)
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert tokens.refusal == {"[refuse]": 50, "[other]": 51} and tokens.respond is None
+    assert head is not emb and head.shape[0] == emb.shape[0] == max(rows, 52)
+    torch.testing.assert_close(head[:50], head_before[:50])
+    torch.testing.assert_close(head[50:52], head_before[:50].mean(0).expand(2, -1))
+    torch.testing.assert_close(emb[50:52], emb_before[:50].mean(0).expand(2, -1))
+    if rows > 52:  # padding rows beyond the new tokens are left alone
+        torch.testing.assert_close(emb[52:], emb_before[52:])
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -76,12 +76,13 @@ def add_refusal_tokens(
 ) -> RefusalTokens:
     """Add refusal tokens (one per category) and a respond token to ``tokenizer`` and ``model``, in place.
 
-    The tokens are added as special tokens (never split); the model's embedding matrix grows by
-    ``resize_token_embeddings`` and each new input-embedding row is the mean of the existing rows
-    (a neutral start for fine-tuning, as the paper's models are then trained to emit them). With
-    tied input/output embeddings the head stays tied (same tensor); an untied head's new rows (and
-    bias entries) are likewise the mean of its existing ones. Tokens already in the vocabulary keep
-    their rows.
+    The tokens are added as special tokens (never split). The embedding matrix grows with
+    ``resize_token_embeddings`` when the new ids do not fit (a model whose matrix is padded beyond
+    the tokenizer may already have the rows), and the row of each newly added token is the mean of
+    the rows of the tokens the tokenizer had before (a neutral start for fine-tuning, as the paper's
+    models are then trained to emit them). A tied head stays tied (same tensor); an untied head's
+    new rows (and bias entries) are likewise the mean of its rows for the old tokens. Tokens
+    already in the vocabulary keep their rows.
 
     Returns:
         :class:`RefusalTokens` with the ids.
@@ -94,29 +95,29 @@ def add_refusal_tokens(
     strings = list(refusal_tokens) + ([respond_token] if respond_token is not None else [])
     if not all(isinstance(s, str) and s for s in strings) or len(set(strings)) != len(strings):
         raise ValueError(f"refusal and respond tokens must be distinct non-empty strings, got {strings}")
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    known = len(tokenizer)
     tokenizer.add_tokens(strings, special_tokens=True)
-    if len(tokenizer) > old_rows:
-        _grow_embeddings(model, len(tokenizer))
     ids = dict(zip(strings, tokenizer.convert_tokens_to_ids(strings)))
+    _init_new_rows(model, known, [i for i in ids.values() if i >= known], len(tokenizer))
     return RefusalTokens({s: ids[s] for s in refusal_tokens}, ids[respond_token] if respond_token else None)
 
 
 @torch.no_grad()
-def _grow_embeddings(model: PreTrainedModel, rows: int) -> None:
-    """Resize the embeddings to ``rows``, new rows = mean of the old ones, ties kept."""
+def _init_new_rows(model: PreTrainedModel, known: int, new_ids: list[int], vocab: int) -> None:
+    """Grow the embeddings to ``vocab`` rows if needed (ties kept) and set the rows ``new_ids`` to the
+    mean of the rows ``[0, known)`` (input embeddings; an untied head and its bias too)."""
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            model.tie_weights()
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    old = inputs.weight.shape[0]
-    tied = outputs.weight is inputs.weight
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    inputs.weight[old:] = inputs.weight[:old].mean(dim=0)
-    if tied and outputs.weight is not inputs.weight:
-        model.tie_weights()
+    rows = torch.tensor(new_ids, dtype=torch.long, device=inputs.weight.device)
+    inputs.weight[rows] = inputs.weight[:known].mean(dim=0)
     if outputs.weight is not inputs.weight:
-        outputs.weight[old:] = outputs.weight[:old].mean(dim=0)
+        outputs.weight[rows] = outputs.weight[:known].mean(dim=0)
     if getattr(outputs, "bias", None) is not None:
-        outputs.bias[old:] = outputs.bias[:old].mean()
+        outputs.bias[rows] = outputs.bias[:known].mean()
 
 
 class RefusalTokenLogitsProcessor(LogitsProcessor):
