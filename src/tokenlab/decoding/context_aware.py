@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
-from tokenlab._checks import check_choice, check_int, check_number
+from tokenlab._checks import check_choice, check_int, check_number, check_shape, check_tensor
 from tokenlab.decoding.incremental import (
     CachedStream,
     GenerationProgress,
@@ -73,6 +73,8 @@ def jensen_shannon_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) ->
     in ``[0, ln 2]``. Equal to ``scipy.spatial.distance.jensenshannon(p, q) ** 2`` (whose default
     base is e). ``-inf`` logits are zero probabilities.
     """
+    check_tensor("logits_p", logits_p, floating=True)
+    check_shape("logits_q", check_tensor("logits_q", logits_q, floating=True), tuple(logits_p.shape), "`logits_p`")
     return _jensen_shannon_logprobs(logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1))
 
 

@@ -52,6 +52,16 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _gumbel_noise(
+    seeds: torch.Tensor, position: int, vocab_size: int, dtype: torch.dtype, device: torch.device | str | None
+) -> torch.Tensor:
+    rows = []
+    for seed in seeds.tolist():
+        generator = torch.Generator().manual_seed(_splitmix64(_splitmix64(seed) ^ position))
+        rows.append(torch.rand(vocab_size, generator=generator, dtype=torch.float64))
+    return (-(-torch.stack(rows).log()).log()).to(device=device, dtype=dtype)
+
+
 def gumbel_noise(
     seeds: torch.Tensor,
     position: int,
@@ -66,12 +76,12 @@ def gumbel_noise(
     ``splitmix64(splitmix64(seed) ⊕ position)``, then cast to ``dtype`` on ``device``: a pure function
     of ``(seed, position, vocabulary id)``.
     """
-    rows = []
-    for seed in seeds.tolist():
-        generator = torch.Generator().manual_seed(_splitmix64(_splitmix64(seed) ^ position))
-        rows.append(torch.rand(vocab_size, generator=generator, dtype=torch.float64))
-    uniform = torch.stack(rows)
-    return (-(-uniform.log()).log()).to(device=device, dtype=dtype)
+    check_tensor("seeds", seeds, ndim=1, integer=True)
+    if bool((seeds < 0).any()):
+        raise ValueError("`seeds` must be non-negative")
+    check_int("position", position, low=0)
+    check_int("vocab_size", vocab_size, low=1)
+    return _gumbel_noise(seeds, position, vocab_size, dtype, device)
 
 
 def gumbel_max_choice(warped_logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -145,7 +155,7 @@ def _run(
     stream = CachedStream(model, input_ids, mask)
 
     def choose(step: int, logits: torch.Tensor) -> torch.Tensor:
-        noise = gumbel_noise(seeds, step, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        noise = _gumbel_noise(seeds, step, logits.shape[-1], logits.dtype, logits.device)
         token = gumbel_max_choice(warping.logits(logits), noise)
         if forced is not None and step < forced.shape[1]:
             token = torch.where(forced[:, step] >= 0, forced[:, step], token)

@@ -196,7 +196,15 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
 
 
 # ----------------------------------------------------------------------------------- CyclicReflex
-def triangular_wave(position: torch.Tensor | int, amplitude: float, period: float, shift: float = 0.0):
+def _wave(position: torch.Tensor | int, amplitude: float, period: float, shift: float) -> torch.Tensor:
+    n = torch.as_tensor(position, dtype=torch.float64)
+    u = torch.remainder(n + shift * period, period) / period
+    return amplitude * torch.where(u <= 0.25, 4 * u, torch.where(u <= 0.75, 2 - 4 * u, 4 * u - 4))
+
+
+def triangular_wave(
+    position: torch.Tensor | int, amplitude: float, period: float, shift: float = 0.0
+) -> torch.Tensor:
     """CyclicReflex's bias at response position ``n``: ``A · w(u)``, ``u = ((n + shift·T) mod T) / T``,
 
         w(u) = 4u          for u ≤ ¼      (0 → +1)
@@ -204,12 +212,14 @@ def triangular_wave(position: torch.Tensor | int, amplitude: float, period: floa
                4u − 4      for u > ¾      (−1 → 0)
 
     a zero-mean triangular wave of period ``T`` that starts at 0 rising (``shift`` is a fraction of the
-    period). ``position`` an int or a tensor of positions (float64 result of its shape).
+    period). ``position``: an int or a tensor of positions; the result is float64 of its shape.
     """
-    n = torch.as_tensor(position, dtype=torch.float64)
-    u = torch.remainder(n + shift * period, period) / period
-    w = torch.where(u <= 0.25, 4 * u, torch.where(u <= 0.75, 2 - 4 * u, 4 * u - 4))
-    return amplitude * w
+    return _wave(
+        position,
+        check_number("amplitude", amplitude),
+        check_positive("period", period),
+        check_number("shift", shift),
+    )
 
 
 class CyclicReflexLogitsProcessor(LogitsProcessor):
@@ -250,7 +260,7 @@ class CyclicReflexLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids [R, T]``, ``scores [R, V]`` → biased scores ``[R, V]`` (a new tensor)."""
         position = self.progress.update(input_ids)
-        bias = float(triangular_wave(position, self.amplitude, self.period, self.shift))
+        bias = float(_wave(position, self.amplitude, self.period, self.shift))
         ids = torch.tensor(self.reflection_token_ids, device=scores.device)
         scores = scores.clone()
         if self.end_token_ids:
