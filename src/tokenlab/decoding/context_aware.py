@@ -74,7 +74,8 @@ def jensen_shannon_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) ->
     base is e). ``-inf`` logits are zero probabilities.
     """
     check_tensor("logits_p", logits_p, floating=True)
-    check_shape("logits_q", check_tensor("logits_q", logits_q, floating=True), tuple(logits_p.shape), "`logits_p`")
+    check_tensor("logits_q", logits_q, floating=True)
+    check_shape("logits_q", logits_q, tuple(logits_p.shape), "`logits_p`'s")
     return _jensen_shannon_logprobs(logits_p.log_softmax(dim=-1), logits_q.log_softmax(dim=-1))
 
 
