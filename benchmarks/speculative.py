@@ -28,6 +28,7 @@ import harness
 harness.enable_interpreter_if_cpu()
 
 import functools  # noqa: E402
+import statistics  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -209,33 +210,35 @@ def _toy_prompts(world, n_prompts, device, *, lengths=(8, 25)):
 
 
 def bench_end_to_end(args, device, world) -> tuple[list[dict], list[dict], dict]:
+    """Every method over the same prompts, in ``rounds`` interleaved rounds (one run of each method
+    per round; the median time is kept), so that a shared machine's changing load hits all alike."""
     target, draft = world.target, world.draft
-    n_prompts, max_new, k = (4, 12, 3) if args.quick else (16, 128, 4)
-    budget = 8 if args.quick else 16
+    if args.quick:
+        n_prompts, max_new, rounds = 4, 12, 1
+    elif device.type == "cuda":
+        n_prompts, max_new, rounds = 16, 128, 3
+    else:
+        n_prompts, max_new, rounds = 8, 64, 3
+    k, budget = (3, 8) if args.quick else (4, 16)
     prompts = _toy_prompts(world, n_prompts, device)
     pad = world.tokenizer.pad_token_id
-
-    def timed(fn):
-        return harness.timed(fn, device)
-
     eos = world.tokenizer.eos_token_id
     hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     target.generate(prompts[0], **hf_kwargs)  # warm-up
-    plain, plain_s = timed(lambda: [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts])
-    total = sum(t.numel() for t in plain)
-    rows = [{"method": "plain greedy generate", "B": 1, "tokens/s": total / plain_s, "acceptance": None}]
-
     draft.generation_config.num_assistant_tokens = k
     draft.generation_config.num_assistant_tokens_schedule = "constant"
-    assisted, assisted_s = timed(
-        lambda: [target.generate(p, assistant_model=draft, **hf_kwargs)[0, p.shape[1] :] for p in prompts]
-    )
-    assert all(torch.equal(a, b) for a, b in zip(assisted, plain)), "HF assisted != plain greedy"
-    rows.append(
-        {"method": "HF assisted generation", "B": 1, "tokens/s": total / assisted_s, "acceptance": None}
-    )
+    plain = [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts]
+    total = sum(t.numel() for t in plain)
 
-    def run(method: str, B: int, strategy: str = "eqspec", **tree_kwargs) -> dict:
+    def hf(assistant) -> tuple[dict, float]:
+        extra = {} if assistant is None else {"assistant_model": assistant}
+        out, seconds = harness.timed(
+            lambda: [target.generate(p, **hf_kwargs, **extra)[0, p.shape[1] :] for p in prompts], device
+        )
+        assert all(torch.equal(a, b) for a, b in zip(out, plain)), "HF generate outputs differ"
+        return {"acceptance": None}, seconds
+
+    def tokenlab(B: int, strategy: str = "eqspec", **tree_kwargs) -> tuple[dict, float]:
         """All prompts in batches of ``B``, every output checked against plain greedy."""
         accepted = drafted = steps = calls = 0
         seconds = 0.0
@@ -258,7 +261,7 @@ def bench_end_to_end(args, device, world) -> tuple[list[dict], list[dict], dict]
                 same = (
                     torch.equal(got[: expected.numel()], expected) and (got[expected.numel() :] == pad).all()
                 )
-                assert same, f"{method} B={B} != plain greedy"
+                assert same, f"{strategy} {tree_kwargs} B={B} != plain greedy"
             stats = out.stats
             accepted, drafted, steps = accepted + stats.accepted, drafted + stats.drafted, steps + stats.steps
             calls += stats.target_calls
@@ -266,29 +269,42 @@ def bench_end_to_end(args, device, world) -> tuple[list[dict], list[dict], dict]
             for phase, t in stats.phase_seconds.items():
                 phases[phase] = phases.get(phase, 0.0) + t
         row = {
-            "method": method,
-            "B": B,
-            "tokens/s": total / seconds,
             "acceptance": accepted / drafted,
             "tokens/call": (accepted + steps) / steps,
             "nodes/call": drafted / steps,
         }
-        return row | {f"{phase}_ms/call": 1e3 * t / calls for phase, t in phases.items()}
+        return row | {f"{phase}_ms/call": 1e3 * t / calls for phase, t in phases.items()}, seconds
 
-    rows.append(run("tokenlab chain", 1))
+    methods = [
+        ("plain greedy generate", 1, lambda: hf(None)),
+        ("HF assisted generation", 1, lambda: hf(draft)),
+        ("tokenlab chain", 1, lambda: tokenlab(1)),
+    ]
     for strategy in ("eqspec", "exspec"):
         for B in (2, 4) if args.quick else (2, 4, 8):
-            rows.append(run(f"tokenlab batched {strategy.upper()}", B, strategy))
-    tree_rows = [
-        run(f"tree {tree}", B, tree=tree, tree_budget=budget)
+            methods.append(
+                (f"tokenlab batched {strategy.upper()}", B, lambda B=B, s=strategy: tokenlab(B, s))
+            )
+    tree_methods = [
+        (f"tree {tree}", B, lambda B=B, tree=tree: tokenlab(B, tree=tree, tree_budget=budget))
         for tree in ("static", "rsd", "dyspec")
         for B in (1, 4)
     ]
+    times: dict[int, list[float]] = {i: [] for i in range(len(methods) + len(tree_methods))}
+    rows: dict[int, dict] = {}
+    for _ in range(rounds):
+        for i, (name, B, fn) in enumerate(methods + tree_methods):
+            row, seconds = fn()
+            rows[i] = {"method": name, "B": B} | row
+            times[i].append(seconds)
+    for i, row in rows.items():
+        row["tokens/s"] = total / statistics.median(times[i])
     base = rows[0]["tokens/s"]
-    for row in rows + tree_rows:
+    for row in rows.values():
         row["speedup_vs_plain"] = row["tokens/s"] / base
-    info = {"prompts": n_prompts, "max_new_tokens": max_new, "k": k, "budget": budget}
-    return rows, tree_rows, info
+    info = {"prompts": n_prompts, "max_new_tokens": max_new, "k": k, "budget": budget, "rounds": rounds}
+    ordered = [rows[i] for i in range(len(rows))]
+    return ordered[: len(methods)], ordered[len(methods) :], info
 
 
 BUDGET_RULE = (
@@ -356,7 +372,8 @@ def main() -> None:
     end_rows, tree_rows, info = bench_end_to_end(args, device, world)
     print(
         f"\n(b) end to end, greedy, toy pair '{preset}', {info['prompts']} prompts × "
-        f"{info['max_new_tokens']} tokens, k={info['k']}, tree budget {info['budget']} — {label}"
+        f"{info['max_new_tokens']} tokens, k={info['k']}, tree budget {info['budget']}, median of "
+        f"{info['rounds']} interleaved rounds — {label}"
     )
     columns = ["method", "B", "tokens/s", "speedup_vs_plain", "acceptance", "tokens/call", "nodes/call"]
     harness.print_table(end_rows + tree_rows, columns)
