@@ -494,23 +494,31 @@ def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
         prompt = ids[row : row + 1, mask[row].bool()]
         ref = target.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=[])
         alone.append(ref[0, prompt.shape[1] :])
+    stop = int(alone[1][5])  # an EOS inside sequence 1's continuation: it (at least) ends early
+    ended = []
+    for continuation in alone:
+        hits = (continuation == stop).nonzero()
+        ended.append(continuation[: hits[0, 0] + 1] if hits.numel() else continuation)
     configs = [
-        ("static", {"tree_budget": 8}, "eqspec"),
-        ("rsd", {"tree_widths": (3, 2, 1)}, "eqspec"),
-        ("dyspec", {"tree_budget": 10}, "eqspec"),
-        ("dyspec", {"tree_budget": 6}, "exspec"),
+        ("static", {"tree_budget": 8}, "eqspec", []),
+        ("rsd", {"tree_widths": (3, 2, 1)}, "eqspec", [stop]),
+        ("dyspec", {"tree_budget": 10}, "eqspec", []),
+        ("dyspec", {"tree_budget": 6}, "exspec", [stop]),
     ]
-    for tree, kw, strategy in configs:
+    for tree, kw, strategy, eos in configs:
         one = speculative_generate(
             target, draft, ids[:1], max_new_tokens=16, num_draft_tokens=4, eos_token_id=[], tree=tree, **kw
         )
         assert torch.equal(one.sequences[0, 9:], alone[0]), (name, tree)
         out = speculative_generate(
-            target, draft, ids, attention_mask=mask, max_new_tokens=16, num_draft_tokens=4, eos_token_id=[],
+            target, draft, ids, attention_mask=mask, max_new_tokens=16, num_draft_tokens=4, eos_token_id=eos,
             pad_token_id=0, tree=tree, strategy=strategy, **kw,
         )  # fmt: skip
         for row in range(4):
-            assert torch.equal(out.sequences[row, 9:], alone[row]), (name, tree, strategy, row)
+            expected = ended[row] if eos else alone[row]
+            got = out.sequences[row, 9:]
+            assert torch.equal(got[: expected.numel()], expected), (name, tree, strategy, row)
+            assert (got[expected.numel() :] == 0).all()
         stats = out.stats
         assert stats.target_calls < 16 and stats.tokens_per_target_call > 1
         spec = tree_spec(tree, kw.get("tree_budget"), kw.get("tree_widths"), 4)
@@ -599,6 +607,7 @@ def test_bad_tree_arguments(pairs):
         (dict(tree="static", tree_widths=()), ValueError, "`tree_widths`"),
         (dict(tree="static", tree_widths=(2, 2), tree_budget=5), ValueError, "disagrees"),
         (dict(tree="static", tree_widths=(2.0,)), TypeError, r"`tree_widths\[0\]`"),
+        (dict(tree_budget=8), ValueError, "need a `tree`"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):

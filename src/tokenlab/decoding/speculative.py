@@ -498,7 +498,7 @@ def speculative_generate(
     check_choice("strategy", strategy, STRATEGIES)
     if group_size is not None:
         check_int("group_size", group_size, low=1)
-    spec = None if tree is None else tree_spec(tree, tree_budget, tree_widths, num_draft_tokens)
+    spec = tree_spec(tree, tree_budget, tree_widths, num_draft_tokens)
     warping = Warping(do_sample, temperature, top_k, top_p)
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id

@@ -75,8 +75,11 @@ class TreeSpec:
         return self.mode == "static"
 
 
-def tree_spec(tree: str, budget: int | None, widths: Sequence[int] | None, depth: int) -> TreeSpec:
-    """Validate the tree arguments of :func:`~tokenlab.decoding.speculative_generate`.
+def tree_spec(
+    tree: str | None, budget: int | None, widths: Sequence[int] | None, depth: int
+) -> TreeSpec | None:
+    """Validate the tree arguments of :func:`~tokenlab.decoding.speculative_generate` (``None``: a
+    chain, and then ``budget`` and ``widths`` must be ``None`` too).
 
     ``depth`` (its ``num_draft_tokens``) caps the depth. Static/RSD shapes are ``widths``, or by
     default two children per node on the first ``b`` levels and one below, down to ``depth``, with
@@ -84,6 +87,10 @@ def tree_spec(tree: str, budget: int | None, widths: Sequence[int] | None, depth
     budget 8: ``(2, 1, 1, 1)``). DySpec grows ``budget`` nodes (default 16). A tree has at most 64
     nodes.
     """
+    if tree is None:
+        if budget is not None or widths is not None:
+            raise ValueError("`tree_budget` and `tree_widths` need a `tree` ('static', 'rsd' or 'dyspec')")
+        return None
     check_choice("tree", tree, TREE_MODES)
     if widths is not None:
         if tree == "dyspec":
