@@ -422,7 +422,7 @@ def _emitted_law(tree, target, context, warping, node=0, tokens=2):
         ("static", 5, (3,), Warping(True, 1.0)),
         ("static", 4, (2, 1), Warping(True, 0.8, 3)),
         ("rsd", 6, (3,), Warping(True, 1.0)),
-        ("rsd", 4, (2, 2), Warping(True, 1.3, None, 0.9)),
+        ("rsd", 3, (2, 2), Warping(True, 1.3, None, 0.9)),
         ("dyspec", 4, 2, Warping(True, 1.0)),
         ("dyspec", 4, 3, Warping(True, 0.7, 3)),
     ],
@@ -461,9 +461,9 @@ def test_exact_law_of_the_first_two_tokens_by_enumeration(mode, V, shape, warpin
 # ------------------------------------------------------------------- chi-square, end to end
 @pytest.mark.parametrize("mode", MODES)
 def test_generate_two_token_law_chi_square(mode):
-    """4000 sampled runs of one prompt through ``speculative_generate`` (one batch): the joint law
+    """3000 sampled runs of one prompt through ``speculative_generate`` (one batch): the joint law
     of the first two tokens passes a chi-square test (fixed seed, p > 1e-3)."""
-    V, N = 8, 4000
+    V, N = 8, 3000
     target = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 1, V, seed=11)
     draft = noisy_copy(target, 0.5, seed=12)
     prompt = torch.tensor([[3, 5, 7]])
@@ -506,10 +506,18 @@ def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
         ("dyspec", {"tree_budget": 6}, "exspec", [stop]),
     ]
     for tree, kw, strategy, eos in configs:
-        one = speculative_generate(
-            target, draft, ids[:1], max_new_tokens=16, num_draft_tokens=4, eos_token_id=[], tree=tree, **kw
-        )
-        assert torch.equal(one.sequences[0, 9:], alone[0]), (name, tree)
+        if strategy == "eqspec":  # a batch of one
+            one = speculative_generate(
+                target,
+                draft,
+                ids[:1],
+                max_new_tokens=16,
+                num_draft_tokens=4,
+                eos_token_id=[],
+                tree=tree,
+                **kw,
+            )
+            assert torch.equal(one.sequences[0, 9:], alone[0]), (name, tree)
         out = speculative_generate(
             target, draft, ids, attention_mask=mask, max_new_tokens=16, num_draft_tokens=4, eos_token_id=eos,
             pad_token_id=0, tree=tree, strategy=strategy, **kw,
