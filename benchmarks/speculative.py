@@ -324,32 +324,46 @@ def budget_configs(budget: int) -> dict[str, dict]:
     }
 
 
-def tokens_per_call_by_budget(world, device, budgets, *, n_prompts, max_new, seed=0) -> list[dict]:
+def tokens_per_call_by_budget(world, device, budgets, *, n_prompts, max_new, seeds=(0, 1, 2)) -> list[dict]:
     """Tokens per target call and nodes per call of each drafting mode at each node budget, greedy
-    and sampled (temperature 1): one batch of equal-length prompts per run. Greedy outputs are
-    checked to be the same for every mode."""
+    and sampled (temperature 1, pooled over one run per seed in ``seeds``): one batch of equal-length
+    prompts per run. Greedy outputs are checked to be the same for every mode."""
     ids = torch.cat(_toy_prompts(world, n_prompts, device, lengths=(16, 17)))
     rows = []
     for do_sample in (False, True):
         for budget in budgets:
             greedy = None
             for mode, kwargs in budget_configs(budget).items():
-                gen = torch.Generator(device=device).manual_seed(seed)
-                out = speculative_generate(
-                    world.target, world.draft, ids, max_new_tokens=max_new, eos_token_id=[],
-                    do_sample=do_sample, generator=gen, **kwargs,
-                )  # fmt: skip
-                if not do_sample:
-                    greedy = out.sequences if greedy is None else greedy
-                    assert torch.equal(out.sequences, greedy), f"greedy {mode} at budget {budget} != chain"
-                stats = out.stats
+                accepted = drafted = steps = target_calls = draft_calls = 0
+                for seed in seeds if do_sample else seeds[:1]:
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    out = speculative_generate(
+                        world.target, world.draft, ids, max_new_tokens=max_new, eos_token_id=[],
+                        do_sample=do_sample, generator=gen, **kwargs,
+                    )  # fmt: skip
+                    if not do_sample:
+                        greedy = out.sequences if greedy is None else greedy
+                        assert torch.equal(out.sequences, greedy), (
+                            f"greedy {mode} at budget {budget} != chain"
+                        )
+                    stats = out.stats
+                    accepted, drafted, steps = (
+                        accepted + stats.accepted,
+                        drafted + stats.drafted,
+                        steps + stats.steps,
+                    )
+                    target_calls, draft_calls = (
+                        target_calls + stats.target_calls,
+                        draft_calls + stats.draft_calls,
+                    )
                 rows.append({
                     "decoding": "sampling T=1" if do_sample else "greedy",
                     "budget": budget,
                     "mode": mode,
-                    "tokens/call": stats.tokens_per_target_call,
-                    "nodes/call": stats.mean_tree_size,
-                    "draft_calls/call": stats.draft_calls / stats.target_calls,
+                    "tokens/call": (accepted + steps) / steps,
+                    "nodes/call": drafted / steps,
+                    "draft_calls/call": draft_calls / target_calls,
+                    "steps": steps,
                 })  # fmt: skip
     return rows
 
@@ -382,9 +396,13 @@ def main() -> None:
     harness.print_table(end_rows[2:] + tree_rows, ["method", "B", *phases])
     budgets = (4,) if args.quick else (4, 8, 16, 32)
     n_prompts, max_new = (2, 8) if args.quick else (16, 64)
-    budget_rows = tokens_per_call_by_budget(world, device, budgets, n_prompts=n_prompts, max_new=max_new)
+    seeds = (0,) if args.quick else (0, 1, 2)
+    budget_rows = tokens_per_call_by_budget(
+        world, device, budgets, n_prompts=n_prompts, max_new=max_new, seeds=seeds
+    )
     print(
-        f"\n(c) tokens per target call at {BUDGET_RULE}; toy pair '{preset}', {n_prompts} prompts × {max_new}"
+        f"\n(c) tokens per target call at {BUDGET_RULE}; toy pair '{preset}', {n_prompts} prompts × "
+        f"{max_new} tokens, sampling pooled over seeds {seeds}"
     )
     harness.print_table(budget_rows, list(budget_rows[0]))
     harness.finish(

@@ -3,10 +3,10 @@
     python benchmarks/tree_budget_plot.py            # the 'default' toy pair → docs/token_tree_budget.png
     python benchmarks/tree_budget_plot.py --quick    # the 'tiny' pair, budgets 2 and 4; renders in memory
 
-Runs :func:`speculative.tokens_per_call_by_budget` (16 held-out prompts × 64 new tokens, greedy and
-sampled at temperature 1) at node budgets 4, 8, 16 and 32 under the equal-budget rule of
-``benchmarks/speculative.py`` (``BUDGET_RULE``), prints the table and draws one panel per decoding
-mode. Needs matplotlib (the ``plot`` extra).
+Runs :func:`speculative.tokens_per_call_by_budget` (16 held-out prompts × 64 new tokens, greedy, and
+sampled at temperature 1 with three seeds pooled) at node budgets 4, 8, 16 and 32 under the
+equal-budget rule of ``benchmarks/speculative.py`` (``BUDGET_RULE``), prints the table and draws one
+panel per decoding mode. Needs matplotlib (the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -69,9 +69,15 @@ def main() -> None:
     preset = "tiny" if args.quick else "default"
     world = load_toy_world(preset, device=device, progress=not args.quick)
     budgets, n_prompts, max_new = ((2, 4), 2, 8) if args.quick else ((4, 8, 16, 32), 16, 64)
-    rows = tokens_per_call_by_budget(world, device, budgets, n_prompts=n_prompts, max_new=max_new)
+    seeds = (0,) if args.quick else (0, 1, 2)
+    rows = tokens_per_call_by_budget(
+        world, device, budgets, n_prompts=n_prompts, max_new=max_new, seeds=seeds
+    )
     harness.print_table(rows, list(rows[0]))
-    title = f"toy pair '{preset}', {n_prompts} prompts × {max_new} tokens; {BUDGET_RULE}"
+    title = (
+        f"toy pair '{preset}', {n_prompts} prompts × {max_new} tokens (sampling: {len(seeds)} seeds pooled); "
+        f"{BUDGET_RULE}"
+    )
     png = args.png or (None if args.quick else DEFAULT_PNG)
     plot(rows, textwrap.fill(title, 140), png or io.BytesIO())
     if png is not None:
