@@ -3,6 +3,7 @@ scores, ZeroTuning's initial-token scale, segment ids), RoPE/CARoPE, set-based p
 TokenFormer, KV-cache eviction policies and attention-sink analysis (catalogue section A)."""
 
 from tokenlab.attention.flash import flash_attention
+from tokenlab.attention.kv_cache import HeavyHitterCache, SinkCache
 from tokenlab.attention.rope import (
     ContextAwareRotaryEmbedding,
     RotaryEmbedding,
@@ -25,8 +26,10 @@ from tokenlab.kernels.attention import AttentionVariant
 __all__ = [
     "AttentionVariant",
     "ContextAwareRotaryEmbedding",
+    "HeavyHitterCache",
     "RotaryEmbedding",
     "SetBasedInputs",
+    "SinkCache",
     "apply_rope",
     "carope_cos_sin",
     "carope_frequencies",
