@@ -21,6 +21,12 @@ from tokenlab.attention.set_based_prompting import (
     set_based_generate,
     set_based_inputs,
 )
+from tokenlab.attention.sink_analysis import (
+    SinkAnalysis,
+    analyze_sinks,
+    attention_map,
+    bos_decorrelation_loss,
+)
 from tokenlab.kernels.attention import AttentionVariant
 
 __all__ = [
@@ -29,8 +35,12 @@ __all__ = [
     "HeavyHitterCache",
     "RotaryEmbedding",
     "SetBasedInputs",
+    "SinkAnalysis",
     "SinkCache",
+    "analyze_sinks",
     "apply_rope",
+    "attention_map",
+    "bos_decorrelation_loss",
     "carope_cos_sin",
     "carope_frequencies",
     "carope_phases",
