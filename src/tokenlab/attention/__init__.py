@@ -27,6 +27,12 @@ from tokenlab.attention.sink_analysis import (
     attention_map,
     bos_decorrelation_loss,
 )
+from tokenlab.attention.zerotuning import (
+    ZeroTuningCalibration,
+    initial_token_scaling,
+    zerotuning_calibrate,
+    zerotuning_objective,
+)
 from tokenlab.kernels.attention import AttentionVariant
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "SetBasedInputs",
     "SinkAnalysis",
     "SinkCache",
+    "ZeroTuningCalibration",
     "analyze_sinks",
     "apply_rope",
     "attention_map",
@@ -45,10 +52,13 @@ __all__ = [
     "carope_frequencies",
     "carope_phases",
     "flash_attention",
+    "initial_token_scaling",
     "rope_cos_sin",
     "rotary_frequencies",
     "rotate_half",
     "segment_attention_mask",
     "set_based_generate",
     "set_based_inputs",
+    "zerotuning_calibrate",
+    "zerotuning_objective",
 ]

@@ -61,6 +61,7 @@ __all__ = [
     "configure_attention",
     "register",
     "set_key_score_hook",
+    "set_layer_flag",
     "tokenlab_attention_forward",
     "tokenlab_attention_mask",
 ]
@@ -201,9 +202,10 @@ def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Te
     return tensor.detach().clone()
 
 
-def _store_flag(module: nn.Module, name: str, value: torch.Tensor | float | None) -> None:
-    """Set ``module.tokenlab_<name>``: a learnable flag as an ``nn.Parameter``, another tensor as a
-    buffer, a number as a plain attribute; ``None`` unsets the flag."""
+def set_layer_flag(module: nn.Module, name: str, value: torch.Tensor | float | None) -> None:
+    """Set ``module.tokenlab_<name>`` (``name`` a field of :class:`AttentionVariant`, unchecked): a
+    learnable flag as an ``nn.Parameter``, another tensor as a buffer, a number as a plain attribute;
+    ``None`` unsets the flag. The other flags of the module are left as they are."""
     attr = ATTR_PREFIX + name
     for store in (module._parameters, module._buffers, module.__dict__):
         store.pop(attr, None)
@@ -259,7 +261,7 @@ def configure_attention(
         per_layer.append(layer)
     for module, layer in zip(selected, per_layer):
         for name, value in layer.items():
-            _store_flag(module, name, value)
+            set_layer_flag(module, name, value)
         setattr(module, BACKEND_ATTR, backend)
     return selected
 
