@@ -27,6 +27,7 @@ from tokenlab.attention.sink_analysis import (
     attention_map,
     bos_decorrelation_loss,
 )
+from tokenlab.attention.tokenformer import Pattention, TokenFormerBlock, TokenFormerLM, pattention_scores
 from tokenlab.attention.zerotuning import (
     ZeroTuningCalibration,
     initial_token_scaling,
@@ -39,10 +40,13 @@ __all__ = [
     "AttentionVariant",
     "ContextAwareRotaryEmbedding",
     "HeavyHitterCache",
+    "Pattention",
     "RotaryEmbedding",
     "SetBasedInputs",
     "SinkAnalysis",
     "SinkCache",
+    "TokenFormerBlock",
+    "TokenFormerLM",
     "ZeroTuningCalibration",
     "analyze_sinks",
     "apply_rope",
@@ -53,6 +57,7 @@ __all__ = [
     "carope_phases",
     "flash_attention",
     "initial_token_scaling",
+    "pattention_scores",
     "rope_cos_sin",
     "rotary_frequencies",
     "rotate_half",
