@@ -8,8 +8,8 @@
     StreamingLLM's ``SinkCache`` and H2O's ``HeavyHitterCache``, with ratios to ``DynamicCache``.
     Every model runs the ``"tokenlab"`` attention (H2O reads its fused per-key scores; on CPU the
     reference computes them), so the comparison is one attention implementation under three caches.
-(b) Held-out loss of a stream of held-out stdlib tokens fed one token at a time (StreamingLLM's
-    protocol): the mean next-token cross-entropy with the dense cache and, at budgets 64/128/256,
+(b) Held-out loss of a stream of held-out stdlib tokens, BOS first, fed one token at a time
+    (StreamingLLM's protocol): the mean next-token cross-entropy with the dense cache and, at budgets 64/128/256,
     with a plain window (``SinkCache(sinks=0)``), sinks + window (4 sinks; re-rotated in-cache
     positions as in the paper, and original positions), and H2O (half heavy hitters, half recent).
     StreamingLLM's claim: sinks + window keep the loss where a plain window collapses.
@@ -129,7 +129,8 @@ def main() -> None:
     world = load_toy_world(preset, device=device, progress=not args.quick)
     model = world.target
     model.set_attn_implementation("tokenlab")
-    heldout = world.heldout_ids.to(device)
+    bos = torch.tensor([world.tokenizer.bos_token_id])
+    heldout = torch.cat([bos, world.heldout_ids]).to(device)  # streams and prompts start with BOS
     prompt_len, new_tokens, gen_budget = (16, 32, 16) if args.quick else (64, 2000, 256)
     stream_len, budgets = (48, (16,)) if args.quick else (1024, (64, 128, 256))
 
