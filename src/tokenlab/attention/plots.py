@@ -45,20 +45,10 @@ def plot_sink_scores(analysis: SinkAnalysis, *, row: int | None = None, ax: Axes
     ax = _axes(ax, (1.2 + 0.45 * H, 1.0 + 0.4 * L))
     image = ax.imshow(scores.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
     layers, heads = (scores > analysis.threshold).nonzero(as_tuple=True)
-    ax.scatter(
-        heads.numpy(),
-        layers.numpy(),
-        s=12,
-        c="white",
-        marker="o",
-        label=f"dormant (α₀ > {analysis.threshold:g})",
-    )
-    ax.set(
-        xlabel="head", ylabel="layer", xticks=range(H), yticks=range(L), title="attention on the first token"
-    )
+    ax.scatter(heads.numpy(), layers.numpy(), s=12, c="white", marker="o")
+    title = f"attention on the first token\n(• dormant: α₀ > {analysis.threshold:g})"
+    ax.set(xlabel="head", ylabel="layer", xticks=range(H), yticks=range(L), title=title)
     ax.figure.colorbar(image, ax=ax, label="α₀")
-    if len(layers):
-        ax.legend(loc="upper right", fontsize="small", framealpha=0.6)
     return ax
 
 
