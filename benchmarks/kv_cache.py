@@ -10,8 +10,9 @@
     reference computes them), so the comparison is one attention implementation under three caches.
 (b) Held-out loss of a stream of held-out stdlib tokens, BOS first, fed one token at a time
     (StreamingLLM's protocol): the mean next-token cross-entropy with the dense cache and, at
-    budgets 64/128/256, with a plain window (``SinkCache(sinks=0)``), sinks + window (4 sinks; re-rotated in-cache
-    positions as in the paper, and original positions), and H2O (half heavy hitters, half recent).
+    budgets 64/128/256, with a plain window (``SinkCache(sinks=0)``), sinks + window (4 sinks;
+    re-rotated in-cache positions as in the paper, and original positions), and H2O (half heavy
+    hitters, half recent).
     StreamingLLM's claim: sinks + window keep the loss where a plain window collapses.
 """
 
