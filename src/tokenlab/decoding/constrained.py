@@ -44,6 +44,8 @@ class ConstrainedOutput:
         num_new_tokens: ``[B]`` tokens generated per sequence (EOS included).
         constraint_calls: ``[B]`` constraint evaluations per sequence.
         seconds: wall time of the call.
+        sampling_seconds: the part of it spent drawing tokens (constraint checks, races, masks),
+            i.e. without the model's forwards and the warping.
     """
 
     sequences: torch.Tensor
@@ -54,6 +56,7 @@ class ConstrainedOutput:
     num_new_tokens: torch.Tensor
     constraint_calls: torch.Tensor
     seconds: float
+    sampling_seconds: float
 
     @property
     def calls_per_token(self) -> float:
@@ -170,8 +173,10 @@ def constrained_generate(
     calls = torch.zeros(B, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
     active = list(range(B))
+    sampling_seconds = 0.0
     for step in tqdm(range(max_new_tokens), desc="constrained generation", disable=not progress):
         probs = _probabilities(decoder.next_logits()[active], warping)
+        sampling_start = time.perf_counter()
         still = []
         for row, p in zip(active, probs):
             judge = TokenJudge(constraint, vocab, generated[row])
@@ -188,6 +193,7 @@ def constrained_generate(
             if stop_when_complete and constraint.allows_end(decode_text(generated[row])):
                 continue
             still.append(row)
+        sampling_seconds += time.perf_counter() - sampling_start
         active = still
         if not active:
             break
@@ -204,6 +210,7 @@ def constrained_generate(
         num_new_tokens=lengths,
         constraint_calls=calls,
         seconds=time.perf_counter() - start,
+        sampling_seconds=sampling_seconds,
     )
 
 
@@ -281,7 +288,7 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
             if self.method == "mask":  # generate samples among the allowed tokens
                 allowed = allowed_tokens(probs[row], judge)
                 log_weight = math.log(probs[row][allowed].sum()) if allowed.size else float("-inf")
-                out[row, allowed] = torch.from_numpy(np.log(probs[row][allowed])).to(out.dtype)
+                out[row, allowed] = torch.from_numpy(np.log(probs[row][allowed])).to(out.device, out.dtype)
             else:
                 drawn = sample_step(probs[row], judge, "awrs", self.estimator, self.do_sample, self.generator)
                 log_weight = drawn.log_weight
