@@ -287,16 +287,19 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
             judge = TokenJudge(self.constraint, self._vocab, self._texts[row])
             if self.method == "mask":  # generate samples among the allowed tokens
                 allowed = allowed_tokens(probs[row], judge)
-                log_weight = math.log(probs[row][allowed].sum()) if allowed.size else float("-inf")
+                dead = allowed.size == 0
+                log_weight = float("-inf") if dead else math.log(probs[row][allowed].sum())
                 out[row, allowed] = torch.from_numpy(np.log(probs[row][allowed])).to(out.device, out.dtype)
             else:
                 drawn = sample_step(probs[row], judge, "awrs", self.estimator, self.do_sample, self.generator)
-                log_weight = drawn.log_weight
-                if drawn.token >= 0:
+                dead, log_weight = drawn.token < 0, drawn.log_weight
+                if not dead:
                     out[row, drawn.token] = 0.0
             self.constraint_calls[row] += judge.calls
             self.log_weights[row] += log_weight
-            if bool(torch.isinf(out[row]).all()):  # a dead end: end the row (EOS) if there is an EOS
-                out[row] = scores[row] if not self._vocab.eos_token_ids else out[row]
-                out[row, list(self._vocab.eos_token_ids)] = 0.0
+            if dead:  # no allowed continuation: end the row with EOS (without an EOS id, leave it be)
+                if self._vocab.eos_token_ids:
+                    out[row, list(self._vocab.eos_token_ids)] = 0.0
+                else:
+                    out[row] = scores[row]
         return out
