@@ -2,6 +2,7 @@
 scores, ZeroTuning's initial-token scale, segment ids), RoPE/CARoPE, set-based prompting,
 TokenFormer, KV-cache eviction policies and attention-sink analysis (catalogue section A)."""
 
+from tokenlab.attention.flash import flash_attention
 from tokenlab.attention.rope import (
     ContextAwareRotaryEmbedding,
     RotaryEmbedding,
@@ -19,9 +20,10 @@ from tokenlab.attention.set_based_prompting import (
     set_based_generate,
     set_based_inputs,
 )
-from tokenlab.kernels.attention import flash_attention
+from tokenlab.kernels.attention import AttentionVariant
 
 __all__ = [
+    "AttentionVariant",
     "ContextAwareRotaryEmbedding",
     "RotaryEmbedding",
     "SetBasedInputs",

@@ -19,9 +19,11 @@ How masks reach the kernel:
   (boolean, or additive with values 0 / −inf or the dtype's minimum) combined with the layer's flags.
 
 Per-layer variants are attributes of the attention module, set with :func:`configure_attention`
-and read on every call: ``tokenlab_sinks`` (an ``nn.Parameter [Hq]``, learnable),
-``tokenlab_softcap``, ``tokenlab_initial_token_scale`` (a buffer ``[Hq]``) and ``tokenlab_backend``.
-A model's own ``s_aux`` (sinks) or ``softcap`` arguments are used when the attributes are unset.
+and read on every call: ``tokenlab_<flag>`` for a field of
+:class:`~tokenlab.kernels.attention.AttentionVariant` (``tokenlab_sinks``, an ``nn.Parameter [Hq]``,
+learnable; ``tokenlab_softcap``; ``tokenlab_initial_token_scale``, a buffer ``[Hq]``) and
+``tokenlab_backend``. A set attribute overrides what the model passes (``s_aux`` as sinks,
+``softcap``, ``scaling``, ``sliding_window``, ``is_causal``); an unset (``None``) one leaves it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
+from tokenlab._checks import check_choice
+from tokenlab.attention.flash import flash_attention
 from tokenlab.backend import BACKENDS, Backend
-from tokenlab.kernels.attention import attention_reference, flash_attention
+from tokenlab.kernels.attention import FLAGS, PER_HEAD_FLAGS, AttentionVariant, attention_reference
 
 ATTN_IMPLEMENTATION = "tokenlab"
-SINKS_ATTR = "tokenlab_sinks"
-SOFTCAP_ATTR = "tokenlab_softcap"
-INITIAL_TOKEN_SCALE_ATTR = "tokenlab_initial_token_scale"
-BACKEND_ATTR = "tokenlab_backend"
+ATTR_PREFIX = "tokenlab_"  # the attribute `tokenlab_<flag>` of an attention module sets that flag
+BACKEND_ATTR = ATTR_PREFIX + "backend"
+LEARNABLE_FLAGS = ("sinks",)  # stored as an nn.Parameter; other tensor flags as buffers
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -103,30 +106,22 @@ def tokenlab_attention_forward(
         )
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-    sinks = getattr(module, SINKS_ATTR, None)
-    if sinks is None and s_aux is not None:
-        sinks = s_aux
-    softcap = getattr(module, SOFTCAP_ATTR, None) or softcap
-    gamma = getattr(module, INITIAL_TOKEN_SCALE_ATTR, None)
+    flags = {"causal": causal, "window": sliding_window, "scale": scaling, "sinks": s_aux, "softcap": softcap}
+    for name in FLAGS:  # the layer's configured flags override the model's
+        if (configured := getattr(module, ATTR_PREFIX + name, None)) is not None:
+            flags[name] = configured
     backend: Backend = getattr(module, BACKEND_ATTR, "auto")
-    flags = {"scale": scaling, "sinks": sinks, "softcap": softcap, "initial_token_scale": gamma}
 
     if attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[1] == key.shape[2]):
-        segment_ids = None
         if attention_mask is not None:
-            segment_ids = attention_mask.to(torch.int32) + 1  # padding → 1, tokens → 2
-        out = flash_attention(
-            query, key, value, causal=causal, window=sliding_window, segment_ids=segment_ids,
-            backend=backend, **flags,
-        )  # fmt: skip
+            flags["segment_ids"] = attention_mask.to(torch.int32) + 1  # padding → 1, tokens → 2
+        out = flash_attention(query, key, value, backend=backend, **flags)
     else:
         if attention_mask.dim() != 4:
             shape = tuple(attention_mask.shape)
             raise ValueError(f"`attention_mask` must be 4-D, or 2-D [B, S={key.shape[2]}], got {shape}")
-        out, _ = attention_reference(
-            query, key, value, mask=_visible_from_4d(attention_mask[..., : key.shape[2]]),
-            **{**flags, "scale": query.shape[-1] ** -0.5 if scaling is None else scaling},
-        )  # fmt: skip
+        visible = _visible_from_4d(attention_mask[..., : key.shape[2]])
+        out, _ = attention_reference(query, key, value, AttentionVariant(**flags), mask=visible)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -153,6 +148,20 @@ def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Te
     return tensor.detach().clone()
 
 
+def _store_flag(module: nn.Module, name: str, value: torch.Tensor | float | None) -> None:
+    """Set ``module.tokenlab_<name>``: a learnable flag as an ``nn.Parameter``, another tensor as a
+    buffer, a number as a plain attribute; ``None`` unsets the flag."""
+    attr = ATTR_PREFIX + name
+    for store in (module._parameters, module._buffers, module.__dict__):
+        store.pop(attr, None)
+    if name in LEARNABLE_FLAGS:
+        module.register_parameter(attr, None if value is None else nn.Parameter(value))
+    elif isinstance(value, torch.Tensor):
+        module.register_buffer(attr, value)
+    else:
+        setattr(module, attr, value)
+
+
 def configure_attention(
     model: nn.Module,
     *,
@@ -177,10 +186,8 @@ def configure_attention(
     Returns:
         The configured attention modules. The model must use ``attn_implementation="tokenlab"``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"`softcap` must be > 0, got {softcap}")
+    check_choice("backend", backend, BACKENDS)
+    flags = {"sinks": sinks, "softcap": softcap, "initial_token_scale": initial_token_scale}
     modules = attention_modules(model)
     if not modules:
         raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
@@ -188,24 +195,18 @@ def configure_attention(
     if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
         raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")
     selected = [m for m in modules if chosen is None or m.layer_idx in chosen]
-    values = []  # validated for every module before any module is changed
+    per_layer = []  # validated for every module before any module is changed
     for module in selected:
         heads, weight = module.config.num_attention_heads, module.q_proj.weight
-        sink = None if sinks is None else _per_head("sinks", sinks, heads, weight)
-        gamma = None
-        if initial_token_scale is not None:
-            gamma = _per_head("initial_token_scale", initial_token_scale, heads, weight)
-            if not bool((gamma > 0).all()):
-                raise ValueError(f"`initial_token_scale` must be > 0, got {gamma.tolist()}")
-        values.append((sink, gamma))
-    for module, (sink, gamma) in zip(selected, values):
-        if SINKS_ATTR in module._parameters:
-            del module._parameters[SINKS_ATTR]
-        if INITIAL_TOKEN_SCALE_ATTR in module._buffers:
-            del module._buffers[INITIAL_TOKEN_SCALE_ATTR]
-        module.register_parameter(SINKS_ATTR, None if sink is None else nn.Parameter(sink))
-        module.register_buffer(INITIAL_TOKEN_SCALE_ATTR, gamma)
-        setattr(module, SOFTCAP_ATTR, softcap)
+        layer = dict(flags)
+        for name in PER_HEAD_FLAGS:
+            if layer.get(name) is not None:  # a number for every head, or [Hq]
+                layer[name] = _per_head(name, layer[name], heads, weight)
+        AttentionVariant(**layer)  # checks the values: softcap > 0, initial_token_scale > 0, ...
+        per_layer.append(layer)
+    for module, layer in zip(selected, per_layer):
+        for name, value in layer.items():
+            _store_flag(module, name, value)
         setattr(module, BACKEND_ATTR, backend)
     return selected
 

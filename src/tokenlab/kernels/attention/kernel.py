@@ -15,6 +15,8 @@ visible key blocks. Every output element is written by exactly one program, so r
 deterministic run to run. ``Δ_i = Σ_d dO_id·O_id`` and the sink gradient are O(T) and computed in
 PyTorch.
 
+The :class:`~tokenlab.kernels.attention.variant.AttentionVariant` reaches the kernels as one set of
+keyword arguments, built once by ``_kernel_args``; each kernel takes the ones its signature names.
 Flags are ``tl.constexpr``: each combination compiles to its own specialised kernel. Head dims are
 padded to a power of two (≥ 16) inside the kernel with load/store masks. Accumulation is float32
 (float64 for float64 inputs); float32 and float64 ``tl.dot`` run with ``input_precision="ieee"``
@@ -27,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenlab.kernels.attention.variant import AttentionVariant
+
 SCORE_FN_IDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -35,6 +39,7 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims are padded to a power of two in [16, 256]
 # Interpreter (CPU) block sizes: small enough that tests of T ≈ 70 cross several blocks.
 _INTERPRETER_BLOCK = 32
 
@@ -175,6 +180,10 @@ def _attn_fwd(
     V,
     O,
     LSE,
+    T,
+    S,
+    H_Q,
+    GROUP,
     SINKS,
     LOG_GAMMA,
     BIAS,
@@ -182,10 +191,6 @@ def _attn_fwd(
     scale,
     softcap,
     window,
-    T,
-    S,
-    H_Q,
-    GROUP,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -271,16 +276,16 @@ def _attn_bwd_dkdv(
     DELTA,
     DK,
     DV,
+    T,
+    S,
+    H_Q,
+    GROUP,
     LOG_GAMMA,
     BIAS,
     SEG,
     scale,
     softcap,
     window,
-    T,
-    S,
-    H_Q,
-    GROUP,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -351,16 +356,16 @@ def _attn_bwd_dq(
     DELTA,
     DQ,
     DBIAS,
+    T,
+    S,
+    H_Q,
+    GROUP,
     LOG_GAMMA,
     BIAS,
     SEG,
     scale,
     softcap,
     window,
-    T,
-    S,
-    H_Q,
-    GROUP,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -454,76 +459,74 @@ _attn_bwd_dq_tuned = triton.autotune(
 )(_attn_bwd_dq)
 
 
-def _launch(kernel, tuned, grid, q: torch.Tensor, *args, **kwargs) -> None:
-    """Run ``tuned`` (autotuned per head dim) on CUDA; ``kernel`` with fixed blocks in the interpreter."""
-    if q.is_cuda:
-        tuned[grid](*args, **kwargs)
-    else:
-        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
-        kernel[grid(blocks)](*args, **kwargs, **blocks)
-
-
-def _constexprs(q: torch.Tensor, *, causal, window, softcap, log_gamma, segment_ids, score_fn) -> dict:
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+def _kernel_args(variant: AttentionVariant, q: torch.Tensor) -> dict[str, object]:
+    """The variant as the kernels' flag arguments, by jit parameter name: runtime scalars, contiguous
+    tensors (per-head ones in the accumulation dtype; ``None`` when the flag is off) and the
+    constexprs that specialise the kernels. Each kernel receives those its signature names."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    bias = variant.sigmoid_bias
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.full((q.shape[1],), 0.0 if bias is None else bias, dtype=acc, device=q.device)
+    gamma = variant.initial_token_scale
     return {
-        "IS_CAUSAL": causal,
-        "HAS_WINDOW": window is not None,
-        "HAS_SOFTCAP": softcap is not None,
-        "HAS_GAMMA": log_gamma is not None,
-        "HAS_SEGMENTS": segment_ids is not None,
-        "SCORE_FN": SCORE_FN_IDS[score_fn],
+        "scale": variant.scale_for(q.shape[-1]),
+        "IS_CAUSAL": variant.causal,
+        "window": 1 if variant.window is None else variant.window,
+        "HAS_WINDOW": variant.window is not None,
+        "softcap": 1.0 if variant.softcap is None else variant.softcap,
+        "HAS_SOFTCAP": variant.softcap is not None,
+        "SINKS": None if variant.sinks is None else variant.sinks.to(acc).contiguous(),
+        "HAS_SINKS": variant.sinks is not None,
+        "SCORE_FN": SCORE_FN_IDS[variant.score_fn],
+        "BIAS": bias.to(acc).contiguous(),
+        "LOG_GAMMA": None if gamma is None else gamma.detach().to(acc).log().contiguous(),
+        "HAS_GAMMA": gamma is not None,
+        "SEG": None if variant.segment_ids is None else variant.segment_ids.to(torch.int32).contiguous(),
+        "HAS_SEGMENTS": variant.segment_ids is not None,
+    }
+
+
+def _dtype_constexprs(q: torch.Tensor) -> dict[str, object]:
+    """The constexprs that come from ``q``'s head dim, dtype and device (not from the variant)."""
+    return {
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_PAD": max(16, triton.next_power_of_2(q.shape[-1])),
-        "ACC": acc,
+        "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
         "DOT_DTYPE": tl.float32 if q.dtype == torch.bfloat16 and not q.is_cuda else _TL_DTYPES[q.dtype],
         "PRECISION": "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
     }
 
 
-def attention_forward_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    window: int | None,
-    scale: float,
-    sinks: torch.Tensor | None,
-    softcap: float | None,
-    score_fn: str,
-    sigmoid_bias: torch.Tensor,
-    log_gamma: torch.Tensor | None,
-    segment_ids: torch.Tensor | None,
+def _launch(kernel, tuned, grid, args: dict[str, object], q: torch.Tensor, *positional) -> None:
+    """Run ``kernel`` on ``(q, *positional)`` plus the flag arguments ``args`` its signature names (a
+    ``None`` tensor, a flag that is off, becomes a pointer its constexpr never lets the kernel read):
+    ``tuned`` (autotuned per head dim) on CUDA, ``kernel`` with fixed blocks in the interpreter."""
+    flags = {name: q if a is None else a for name, a in args.items() if name in kernel.arg_names}
+    kwargs = {**flags, **_dtype_constexprs(q)}
+    if q.is_cuda:
+        tuned[grid](q, *positional, **kwargs)
+    else:
+        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
+        kernel[grid(blocks)](q, *positional, **kwargs, **blocks)
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, object]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward on contiguous ``q [B,Hq,T,D]``, ``k/v [B,Hkv,S,D]``; per-head tensors ``[Hq]``
-    in the accumulation dtype, ``segment_ids`` int32 ``[B,S]``. Returns ``(out, lse)``; ``lse`` is
-    ``[B,Hq,T]`` in the accumulation dtype (uninitialised for sigmoid/ReLU scores)."""
+    """``(out, lse)`` of contiguous ``q [B,Hq,T,D]``, ``k/v [B,Hkv,S,D]``; ``lse`` is ``[B,Hq,T]`` in the
+    accumulation dtype (uninitialised for sigmoid/ReLU scores)."""
     B, Hq, T, _D = q.shape
     S = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
-    flags = _constexprs(
-        q, causal=causal, window=window, softcap=softcap, log_gamma=log_gamma,
-        segment_ids=segment_ids, score_fn=score_fn,
-    )  # fmt: skip
     if B * Hq * T == 0:
         return out, lse
-    dummy = lse
-    _launch(
-        _attn_fwd, _attn_fwd_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
-        q, k, v, out, lse,
-        dummy if sinks is None else sinks,
-        dummy if log_gamma is None else log_gamma,
-        sigmoid_bias,
-        dummy if segment_ids is None else segment_ids,
-        scale, 1.0 if softcap is None else softcap, 1 if window is None else window,
-        T, S, Hq, Hq // k.shape[1],
-        HAS_SINKS=sinks is not None, **flags,
-    )  # fmt: skip
+    grid = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
+    _launch(_attn_fwd, _attn_fwd_tuned, grid, args, q, k, v, out, lse, T, S, Hq, Hq // k.shape[1])
     return out, lse
 
 
-def attention_backward_triton(
+def _backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -531,15 +534,7 @@ def attention_backward_triton(
     lse: torch.Tensor,
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
-    *,
-    causal: bool,
-    window: int | None,
-    scale: float,
-    softcap: float | None,
-    score_fn: str,
-    sigmoid_bias: torch.Tensor,
-    log_gamma: torch.Tensor | None,
-    segment_ids: torch.Tensor | None,
+    args: dict[str, object],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, delta, dbias_rows)`` for the contiguous inputs of the forward.
 
@@ -555,27 +550,74 @@ def attention_backward_triton(
     if dlse is not None:
         delta = delta - dlse.to(acc_dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbias = torch.empty(B, Hq, T, device=q.device, dtype=acc_dtype) if score_fn == "sigmoid" else None
+    sigmoid = args["SCORE_FN"] == SCORE_FN_IDS["sigmoid"]
+    dbias = torch.empty(B, Hq, T, device=q.device, dtype=acc_dtype) if sigmoid else None
     if B * Hq * T == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), delta, None if dbias is None else dbias.zero_()
-    flags = _constexprs(
-        q, causal=causal, window=window, softcap=softcap, log_gamma=log_gamma,
-        segment_ids=segment_ids, score_fn=score_fn,
-    )  # fmt: skip
-    dummy = lse
-    gamma = dummy if log_gamma is None else log_gamma
-    common = (
-        sigmoid_bias,
-        dummy if segment_ids is None else segment_ids,
-        scale, 1.0 if softcap is None else softcap, 1 if window is None else window,
-        T, S, Hq, Hq // Hkv,
-    )  # fmt: skip
-    _launch(
-        _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"])), q,
-        q, k, v, dout, lse, delta, dk, dv, gamma, *common, **flags,
-    )  # fmt: skip
-    _launch(
-        _attn_bwd_dq, _attn_bwd_dq_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
-        q, k, v, dout, lse, delta, dq, dummy if dbias is None else dbias, gamma, *common, **flags,
-    )  # fmt: skip
+    shapes = (T, S, Hq, Hq // Hkv)
+    grid_kv = lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"]))
+    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, grid_kv, args, q, k, v, dout, lse, delta, dk, dv, *shapes)
+    grid_q = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
+    dbias_ptr = lse if dbias is None else dbias  # written only for sigmoid scores
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, grid_q, args, q, k, v, dout, lse, delta, dq, dbias_ptr, *shapes)
     return dq, dk, dv, delta, dbias
+
+
+class _FlashAttentionFn(torch.autograd.Function):
+    """Autograd around the kernels: gradients for ``q``, ``k``, ``v``, ``sinks`` and ``sigmoid_bias``
+    (and through the returned LSE). ``consts`` are the non-tensor kernel arguments; the tensor ones
+    come as inputs named by ``names``, so that autograd reaches the variant's tensors through them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, consts, names, *tensors):
+        args = {**consts, **dict(zip(names, tensors))}
+        out, lse = _forward(q, k, v, args)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.consts, ctx.names = consts, names
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        args = {**ctx.consts, **dict(zip(ctx.names, tensors))}
+        softmax = args["SCORE_FN"] == SCORE_FN_IDS["softmax"]
+        dq, dk, dv, delta, dbias_rows = _backward(q, k, v, out, lse, dout, dlse if softmax else None, args)
+        needs = dict(zip(ctx.names, ctx.needs_input_grad[5:]))
+        grads = dict.fromkeys(ctx.names)
+        if needs.get("SINKS"):
+            # The sink is a key with logit sink_h and no value: dS_sink = P_sink · (0 − Δ), where Δ
+            # already includes the LSE's own gradient (Δ − dlse).
+            p_sink = torch.exp(args["SINKS"][None, :, None] - lse)
+            grads["SINKS"] = -(p_sink * delta).sum(dim=(0, 2))
+        if needs.get("BIAS"):
+            grads["BIAS"] = dbias_rows.sum(dim=(0, 2))
+        return dq, dk, dv, None, None, *grads.values()
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: AttentionVariant
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton forward, with its backward through autograd, on validated inputs: ``(out, lse)`` as
+    :func:`~tokenlab.kernels.attention.reference.attention_reference` returns them.
+
+    Raises:
+        ValueError: a head dim outside [16, 256]; an ``initial_token_scale`` that requires grad (it is
+            a constant here) while grad is enabled.
+    """
+    D = q.shape[-1]
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={D} is not supported by the Triton kernel (needs {MIN_HEAD_DIM}..{MAX_HEAD_DIM})"
+        )
+    gamma = variant.initial_token_scale
+    if gamma is not None and gamma.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "`initial_token_scale` has no gradient on the Triton path; detach it or use backend='reference'"
+        )
+    args = _kernel_args(variant, q)
+    tensors = {name: a for name, a in args.items() if isinstance(a, torch.Tensor)}
+    consts = {name: a for name, a in args.items() if name not in tensors}
+    out, lse = _FlashAttentionFn.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), consts, tuple(tensors), *tensors.values()
+    )
+    return out, lse if variant.score_fn == "softmax" else None
