@@ -57,7 +57,7 @@ def tokenlab_rows(world, vocab, constraint, samples, max_new, device, quick) -> 
         ("tokenlab AWRS (recursive)", "awrs", "recursive"),
         ("tokenlab masking", "mask", "two_loop"),
     ]
-    for stop in ("eos", "complete"):
+    for stop in ("complete",) if quick else ("eos", "complete"):
         for name, method, estimator in methods:
             out = constrained_generate(
                 world.target, vocab, batch.input_ids, constraint, attention_mask=batch.attention_mask,
