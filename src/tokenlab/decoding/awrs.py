@@ -118,11 +118,12 @@ def _race(logp: np.ndarray, generator: torch.Generator | None, do_sample: bool) 
     from ``generator``; sorted lazily: the top 16, then 4× more each time the walk gets past them),
     or by descending ``logp`` (ties: lower id first) when not sampling."""
     n = len(logp)
-    if do_sample:
-        noise = torch.empty(n, dtype=torch.float64).exponential_(generator=generator).numpy()
-        keys = logp - np.log(noise)
-    else:
-        keys = logp
+    if not do_sample:  # one stable sort: exact ties (equal logits) keep a fixed order
+        order = np.argsort(-logp, kind="stable")
+        yield from order[: int(np.isfinite(logp).sum())].tolist()
+        return
+    noise = torch.empty(n, dtype=torch.float64).exponential_(generator=generator).numpy()
+    keys = logp - np.log(noise)
     done, k = 0, min(16, n)
     while done < n:
         top = np.argpartition(-keys, k - 1)[:k] if k < n else np.arange(n)
