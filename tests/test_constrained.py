@@ -241,9 +241,10 @@ def test_greedy_dead_ends_and_no_estimate():
         assert greedy.token == 0  # the most likely allowed token ('a' at 0.3; '(' has 0.2)
         dead = constrained_sample(P, FiniteSetConstraint(["zz"]), VOCAB, "", method=method)
         assert dead.token == -1 and dead.log_weight == -math.inf
-    tied = torch.tensor([0.2] * 5 + [0.0] * 3, dtype=torch.float64)  # '(' (id 3) is not allowed first
-    for method in ("awrs", "mask"):  # ties go to the lowest id, as argmax (and HF greedy) does
-        assert constrained_sample(tied, REGEX, VOCAB, method=method, do_sample=False).token == 0
+    tied = torch.tensor([0, 0, 0.25, 0.25, 0.25, 0.25, 0, 0], dtype=torch.float64)  # c ( x1 _
+    for method in ("awrs", "mask"):  # ties go to the lowest allowed id, as argmax (HF greedy) does
+        assert constrained_sample(tied, REGEX, VOCAB, "b", method=method, do_sample=False).token == 2
+        assert constrained_sample(tied, REGEX, VOCAB, method=method, do_sample=False).token == 2
     assert math.isnan(constrained_sample(P, REGEX, VOCAB, "", estimator=None).log_weight)
     assert math.isnan(constrained_sample(P, REGEX, VOCAB, "", do_sample=False).log_weight)
 
