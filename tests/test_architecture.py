@@ -25,7 +25,13 @@ GROUND = ("_checks", "backend")
 
 # Cross-family imports allowed because the imported module is a mechanism both families share;
 # each entry: (importing family, imported module) → why.
-SHARED_MECHANISMS: dict[tuple[str, str], str] = {}
+SHARED_MECHANISMS: dict[tuple[str, str], str] = {
+    ("decoding", "tokenlab.tokenization.byte_level"): (
+        "the byte view of a byte-level BPE vocabulary (ByteLevelBPE: the exact bytes of every token, the "
+        "tokens starting with given bytes): constraints judge tokens by their bytes, and token healing "
+        "backs a prompt up to tokens that some vocabulary token extends"
+    ),
+}
 
 
 def _module_name(path: Path) -> str:
