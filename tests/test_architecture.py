@@ -1,10 +1,10 @@
 """The import rule of docs/architecture.md, enforced on every ``import`` in ``src/tokenlab`` (also the
 ones inside functions): layers point one way, families do not import each other.
 
-    tour, testing  →  families  →  kernels  →  backend, _checks, _atomic  →  torch, triton, …
+    tour, testing  →  families  →  kernels  →  backend, _checks, _atomic, _hf  →  torch, transformers, …
 
-* ``tokenlab._checks`` and ``tokenlab._atomic`` import no tokenlab module; ``tokenlab.backend`` only
-  ``_checks``;
+* ``tokenlab._checks``, ``tokenlab._atomic`` and ``tokenlab._hf`` import no tokenlab module;
+  ``tokenlab.backend`` only ``_checks``;
 * ``tokenlab.kernels`` imports only itself and the ground modules — no family;
 * a family (attention, tokenization, decoding, alignment, merging) imports itself, ``kernels`` and the
   ground modules, never ``tour`` or ``testing``, and another family only through a shared mechanism
@@ -22,7 +22,7 @@ import tokenlab
 
 ROOT = Path(tokenlab.__file__).parent
 FAMILIES = ("attention", "tokenization", "decoding", "alignment", "merging")
-GROUND = ("_checks", "backend", "_atomic")
+GROUND = ("_checks", "backend", "_atomic", "_hf")
 
 # Cross-family imports allowed because the imported module is a mechanism both families share;
 # each entry: (importing family, imported module) → why.
@@ -63,7 +63,7 @@ def _allowed(importer: str, imported: str) -> bool:
     src, dst = _layer(importer), _layer(imported)
     if src == dst:
         return True
-    if src in ("_checks", "_atomic"):
+    if src in ("_checks", "_atomic", "_hf"):
         return False
     if src == "backend":
         return dst == "_checks"

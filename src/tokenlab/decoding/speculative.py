@@ -36,6 +36,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from tokenlab._checks import check_choice, check_int
+from tokenlab._hf import cache_kwargs
 from tokenlab.backend import Backend, resolve_backend
 from tokenlab.kernels.speculative_verify import verify_block
 from tokenlab.kernels.warping import Warping
@@ -180,7 +181,7 @@ def _forward(model: PreTrainedModel, ids, mask, cache: DynamicCache, logits_to_k
         input_ids=ids[:, start:],
         attention_mask=mask,
         position_ids=positions[:, start:],
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=logits_to_keep,
     )
