@@ -30,7 +30,7 @@ def test_the_docs_have_examples():
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e.path.name}:{e.start_line}")
 def test_example(example: CodeExample, eval_example: EvalExample, tiny_world, tmp_path, monkeypatch):
     if example.prefix_settings().get("requires") == "gpu" and not torch.cuda.is_available():
-        pytest.skip("the block is marked requires=\"gpu\"")
+        pytest.skip('the block is marked requires="gpu"')
     monkeypatch.setenv("TOKENLAB_CACHE", str(tiny_world.path.parent))
     if sys.version_info[:2] == (3, 11):
         # pytest-examples 0.0.18 rebuilds a failing block's traceback with a 3.10-style line table,

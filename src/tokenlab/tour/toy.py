@@ -442,7 +442,9 @@ def load_toy_world(
             start = time.perf_counter()
             with atomic_directory(path, "building") as tmp:
                 _build(config, tmp, device, progress)
-                publish(tmp, path, replace=False)  # False: another process finished the same build first
+                # not published: another process finished the same build first (or left a broken entry)
+                if not publish(tmp, path, replace=False) and not (path / "metrics.json").exists():
+                    raise FileExistsError(f"{path} exists but holds no complete toy world: remove it")
             if progress:
                 print(f"tokenlab: {name} built in {time.perf_counter() - start:.0f} s", flush=True)
 
