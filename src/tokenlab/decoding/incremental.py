@@ -24,6 +24,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from tokenlab._hf import cache_kwargs
+
 
 def check_causal_lm(name: str, model: object) -> PreTrainedModel:
     """``model`` if it is a Hugging Face causal LM (a ``PreTrainedModel`` with an LM head)."""
@@ -96,8 +98,8 @@ class CachedStream:
             input_ids=self.ids[:, start:],
             attention_mask=self.mask,
             position_ids=positions[:, start:],
-            cache=self.cache,
             use_cache=True,
+            **cache_kwargs(self.model, self.cache),
             logits_to_keep=1,
         ).logits[:, -1]
         return logits if logits.dtype == torch.float64 else logits.float()
