@@ -63,10 +63,11 @@ def _set_based_and_carope(world: ToyWorld) -> list[str]:
     text = tokenizer.decode(next(iter(continuations)))
 
     torch.manual_seed(0)
-    carope = ContextAwareRotaryEmbedding(64, 4, 16)  # initialised from RoPE: W = 0
+    carope = ContextAwareRotaryEmbedding(64, 4, 16)  # initialised from RoPE: W = 0, the paper's exponents
     x, q, k = torch.randn(1, 32, 64), torch.randn(1, 4, 32, 16), torch.randn(1, 4, 32, 16)
     theta_1 = float(carope.frequencies(x)[0, 0, 0])
-    rope = apply_rope(q, positions=torch.arange(1, 33), base=theta_1 ** (-16 / 2))
+    # exponents i = 1 … D/2: m·θ_1^i is RoPE at the positions θ_1·m
+    rope = apply_rope(q, positions=theta_1 * torch.arange(1, 33), base=theta_1 ** (-16 / 2))
     error = relative_error(carope(x, q, k)[0], rope)
     return [
         f"set-based prompting, 4 parts × 24 orders: next-token logits differ by at most "
