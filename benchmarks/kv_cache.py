@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import tokenlab.attention.hf  # noqa: E402, F401  (registers "tokenlab")
+from tokenlab._hf import cache_kwargs  # noqa: E402
 from tokenlab.attention import HeavyHitterCache, SinkCache  # noqa: E402
 from tokenlab.tour.toy import load_toy_world  # noqa: E402
 
@@ -58,13 +59,14 @@ def bench_generation(model, prompt, new_tokens, budget, device, quick) -> list[d
     kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     rows, outputs = [], {}
     for name, make in makers.items():
-        model.generate(prompt, cache=make(), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        warm_up = {**kw, "max_new_tokens": 4, "min_new_tokens": 4}
+        model.generate(prompt, **cache_kwargs(model, make()), **warm_up)
         result = {}
 
         def run(make=make, result=result):
             cache = make()
             start = time.perf_counter()
-            result["out"] = model.generate(prompt, cache=cache, **kw)
+            result["out"] = model.generate(prompt, **cache_kwargs(model, cache), **kw)
             harness.synchronize(device)
             result["seconds"] = time.perf_counter() - start
             result["cache"] = cache
@@ -86,7 +88,8 @@ def bench_generation(model, prompt, new_tokens, budget, device, quick) -> list[d
     if quick:  # a budget above the whole sequence evicts nothing: token-identical to DynamicCache
         total = prompt.shape[1] + new_tokens
         for make in (lambda: SinkCache(model, total), lambda: HeavyHitterCache(model, total)):
-            assert torch.equal(model.generate(prompt, cache=make(), **kw), outputs["DynamicCache"])
+            out = model.generate(prompt, **cache_kwargs(model, make()), **kw)
+            assert torch.equal(out, outputs["DynamicCache"])
     return rows
 
 
@@ -95,8 +98,8 @@ def stream_loss(model, stream: torch.Tensor, cache) -> torch.Tensor:
     """Next-token cross-entropy of every token of ``stream [T]`` after the first, fed one at a time."""
     nll = torch.empty(stream.numel() - 1)
     for t in range(stream.numel() - 1):
-        logits = model(stream[None, t : t + 1], cache=cache, use_cache=True).logits[0, -1].float()
-        nll[t] = F.cross_entropy(logits, stream[t + 1])
+        logits = model(stream[None, t : t + 1], **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
+        nll[t] = F.cross_entropy(logits.float(), stream[t + 1])
     return nll
 
 
