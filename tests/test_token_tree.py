@@ -29,6 +29,7 @@ from scipy.stats import chisquare
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import tokenlab.attention.hf
+from tokenlab._hf import cache_kwargs
 from tokenlab.attention import AttentionVariant, flash_attention
 from tokenlab.decoding import speculative_generate, token_tree
 from tokenlab.decoding.speculative import _Clock, _commit, _Group, _Sampling, _tree_step
@@ -591,7 +592,7 @@ def test_caches_after_a_tree_step_equal_a_plain_forward(pairs, mode):
                 real = group.mask[b, :length].bool()
                 tokens = group.ids[b, :length][real]
                 plain = DynamicCache(config=model.config)
-                model(tokens[None], cache=plain)
+                model(tokens[None], **cache_kwargs(model, plain))
                 for layer, fresh in zip(cache.layers, plain.layers):
                     torch.testing.assert_close(layer.keys[b][:, real], fresh.keys[0], rtol=1e-10, atol=1e-10)
                     torch.testing.assert_close(

@@ -49,6 +49,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokenlab._checks import check_choice, check_int
+from tokenlab._hf import cache_kwargs
 from tokenlab.backend import Backend
 from tokenlab.kernels.attention import MAX_TREE_NODES
 from tokenlab.kernels.warping import Warping
@@ -421,8 +422,8 @@ def tree_forward(
     out = model(
         input_ids=inputs,
         position_ids=position_ids,
-        cache=cache,
         use_cache=True,
+        **cache_kwargs(model, cache),
         logits_to_keep=logits_to_keep,
         **_attention_kwargs(model, mask, region, inputs.shape[1]),
     )
