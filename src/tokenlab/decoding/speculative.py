@@ -43,9 +43,15 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from tokenlab._checks import check_choice, check_int
-from tokenlab._hf import cache_kwargs
 from tokenlab.backend import Backend, resolve_backend
-from tokenlab.decoding.token_tree import DraftModelOracle, TreeSpec, draft_tree, score_tree, tree_spec
+from tokenlab.decoding.token_tree import (
+    DraftModelOracle,
+    TreeSpec,
+    draft_tree,
+    score_tree,
+    tree_forward,
+    tree_spec,
+)
 from tokenlab.kernels.speculative_verify import verify_block
 from tokenlab.kernels.tree_verify import child_links, verify_tree_block
 from tokenlab.kernels.warping import Warping
@@ -216,21 +222,6 @@ def _empty_cache(model: PreTrainedModel) -> DynamicCache:
 
 
 # ------------------------------------------------------------------------------------- steps
-def _forward(model: PreTrainedModel, ids, mask, cache: DynamicCache, logits_to_keep: int) -> torch.Tensor:
-    """Feed the columns of ``ids`` the cache does not cover; logits of the last ``logits_to_keep``."""
-    start = cache.get_seq_length()
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids[:, start:],
-        attention_mask=mask,
-        position_ids=positions[:, start:],
-        **cache_kwargs(model, cache),
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    )
-    return out.logits
-
-
 def _step(
     target, draft, group: _Group, k: int, sampling: _Sampling, stats: SpeculativeStats, clock: _Clock
 ) -> _Verified:
@@ -242,7 +233,7 @@ def _step(
     ones = torch.ones(G, 1, dtype=mask.dtype, device=mask.device)
     draft_tokens, draft_probs = [], []
     for _ in range(k):
-        logits = _forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
+        logits = tree_forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
         if sampling.warping.do_sample:
             q = sampling.warping.probs(logits, backend=sampling.backend)
             token = torch.multinomial(q, 1, generator=sampling.generator)
@@ -253,7 +244,7 @@ def _step(
         ids, mask = torch.cat([ids, token], dim=1), torch.cat([mask, ones], dim=1)
     stats.draft_calls += k
     clock.lap("draft")
-    target_logits = _forward(target, ids, mask, group.target_cache, k + 1).float()
+    target_logits = tree_forward(target, ids, mask, group.target_cache, k + 1).float()
     stats.target_calls += 1
     clock.lap("target")
     uniforms = exponentials = q_all = None
