@@ -241,8 +241,7 @@ def magprune_keep(inputs: MergeInputs, density: Sequence[float], epsilon: Sequen
     if len(inputs.shape) >= 2:
 
         def keep(i: int, tau: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            rows = tau.reshape(b - a, -1)
-            return magprune_probabilities(rows, density[i], epsilon[i]).reshape(tau.shape)
+            return magprune_probabilities(tau.flatten(1), density[i], epsilon[i]).reshape(tau.shape)
 
         return keep
     rows = inputs.shape[0] if inputs.shape else 1
@@ -320,7 +319,7 @@ def drop_sparsifier(
     "l1" matches the L1 norm (:func:`l1_rescaled`), "none" leaves it."""
     if masks is None:
         masks = draw_masks(inputs, density, generator, keep)
-    masks = masks.reshape(inputs.n, -1, *inputs.shape[1:])
+    masks = masks.reshape(inputs.n, *(inputs.shape or (1,)))  # 0-d tensors are read as one row
     scale = torch.tensor(density, dtype=inputs.compute_dtype).view(-1, *([1] * len(masks.shape[1:])))
 
     def drop(tau: torch.Tensor, a: int, b: int) -> torch.Tensor:
