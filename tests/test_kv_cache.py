@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import tokenlab.attention.hf  # noqa: F401  (registers "tokenlab")
-from tokenlab.attention import HeavyHitterCache, SinkCache
+from tokenlab.attention import HeavyHitterCache, SinkCache, register_attention
 
 GREEDY = {"do_sample": False, "pad_token_id": 0}
 
 
 def _llama(layers=2, kv_heads=2, dtype=torch.float32, attn="tokenlab", seed=0):
+    if attn == "tokenlab":
+        register_attention()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
@@ -46,7 +47,7 @@ def test_budget_above_the_sequence_is_dynamic_cache(make_cache, family):
         torch.manual_seed(0)
         config = Qwen2Config(
             vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, attn_implementation="tokenlab",
+            num_key_value_heads=1, attn_implementation=register_attention(),
         )  # fmt: skip
         model = Qwen2ForCausalLM(config).eval()
     ids = _ids()

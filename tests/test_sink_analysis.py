@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenlab.attention import analyze_sinks, attention_map, bos_decorrelation_loss
+from tokenlab.attention import analyze_sinks, attention_map, bos_decorrelation_loss, register_attention
 from tokenlab.attention.hf import configure_attention
 from tokenlab.attention.sink_analysis import SinkAnalysis
 
 
 def _llama(seed=0, attn="eager"):
+    if attn == "tokenlab":
+        register_attention()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,8 +63,6 @@ def test_importance_and_top_key_on_constructed_key_scores():
 
 @pytest.mark.parametrize("method", ["eager", "fused"])
 def test_scores_equal_those_recomputed_from_output_attentions(method):
-    import tokenlab.attention.hf  # noqa: F401  (registers "tokenlab" for the fused path)
-
     model = _llama()
     ids = _ids()
     analysis = analyze_sinks(model, ids, method=method)

@@ -1,11 +1,17 @@
 """Hugging Face integration: run transformers models on :func:`tokenlab.attention.flash_attention`.
 
-Importing this module registers the implementation ``"tokenlab"`` with transformers'
-``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives)::
+:func:`register_attention` registers the implementation ``"tokenlab"`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives),
+explicitly, as transformers' own pattern for custom attention is (``AttentionInterface.register``):
+those registries are process-wide, so importing tokenlab changes nothing in them::
 
-    import tokenlab.attention.hf  # registers "tokenlab"
+    from tokenlab.attention import register_attention
+    register_attention()  # idempotent; returns "tokenlab"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tokenlab")
     model.set_attn_implementation("tokenlab")  # or switch an existing model
+
+Entry points that switch a model's implementation themselves (``analyze_sinks(method="fused")``)
+register it first.
 
 How masks reach the kernel:
 
@@ -59,7 +65,7 @@ __all__ = [
     "KeyScoreHook",
     "attention_modules",
     "configure_attention",
-    "register",
+    "register_attention",
     "set_key_score_hook",
     "set_layer_flag",
     "tokenlab_attention_forward",
@@ -179,8 +185,11 @@ def set_key_score_hook(model: nn.Module, hook: KeyScoreHook | None) -> None:
         setattr(module, KEY_SCORE_HOOK_ATTR, None if hook is None else weakref.ref(hook))
 
 
-def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention and mask functions under ``name`` (idempotent); returns ``name``."""
+def register_attention(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the ``"tokenlab"`` attention function (:func:`tokenlab_attention_forward`) and its mask
+    function (:func:`tokenlab_attention_mask`) with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` under ``name`` (idempotent); returns ``name``, so that
+    ``attn_implementation=register_attention()`` reads as one step."""
     AttentionInterface.register(name, tokenlab_attention_forward)
     AttentionMaskInterface.register(name, tokenlab_attention_mask)
     return name
@@ -264,6 +273,3 @@ def configure_attention(
             set_layer_flag(module, name, value)
         setattr(module, BACKEND_ATTR, backend)
     return selected
-
-
-register()

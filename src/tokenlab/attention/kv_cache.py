@@ -245,8 +245,9 @@ class _HeavyHitterLayer(_EvictingLayer):
         if self.awaiting_scores:
             raise RuntimeError(
                 "HeavyHitterCache received no attention scores for the previous call: run the model with "
-                f"attn_implementation={ATTN_IMPLEMENTATION!r} (tokenlab.attention.hf), and build the cache "
-                "for this model right before using it (the newest cache of a model receives the scores)"
+                f"attn_implementation={ATTN_IMPLEMENTATION!r} (tokenlab.attention.register_attention), and "
+                "build the cache for this model right before using it (the newest cache of a model "
+                "receives the scores)"
             )
         B, H = self.keys.shape[:2]
         self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, query_length)], dim=-1)
@@ -360,7 +361,7 @@ class HeavyHitterCache(_EvictingCache):
 
     Example::
 
-        model.set_attn_implementation("tokenlab")        # after `import tokenlab.attention.hf`
+        model.set_attn_implementation(register_attention())   # "tokenlab"
         cache = HeavyHitterCache(model, budget=256)      # 128 heavy hitters + 128 recent tokens
         out = model.generate(ids, cache=cache, max_new_tokens=2000)
 
@@ -388,7 +389,7 @@ class HeavyHitterCache(_EvictingCache):
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(
                 f"HeavyHitterCache needs the per-key attention scores of attn_implementation="
-                f"{ATTN_IMPLEMENTATION!r} (import tokenlab.attention.hf, then "
+                f"{ATTN_IMPLEMENTATION!r} (tokenlab.attention.register_attention(), then "
                 f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})); got "
                 f"{model.config._attn_implementation!r}"
             )

@@ -30,9 +30,9 @@ from transformers import PreTrainedModel
 
 from tokenlab._checks import check_choice, check_probability, check_tensor
 from tokenlab.attention.hf import (
-    ATTN_IMPLEMENTATION,
     KEY_SCORE_HOOK_ATTR,
     attention_modules,
+    register_attention,
     set_key_score_hook,
 )
 
@@ -194,8 +194,9 @@ def analyze_sinks(
         model: a causal LM. ``method="eager"`` switches it to eager attention for the call (the
             probabilities come from ``output_attentions``; ``"tokenlab"`` flags set with
             ``configure_attention`` do not apply there); ``method="fused"`` switches it to the
-            ``"tokenlab"`` implementation (import :mod:`tokenlab.attention.hf`), whose fused per-key
-            scores are used — its configured flags apply. The implementation is restored afterwards.
+            ``"tokenlab"`` implementation (registered with transformers on the way), whose fused
+            per-key scores are used — its configured flags apply. The implementation is restored
+            afterwards.
         input_ids: ``[B, T]`` token ids.
         method: ``"eager"`` or ``"fused"``.
         threshold: ``ε`` in ``(0, 1)`` for dormant heads and the sink rate (default 0.3).
@@ -206,7 +207,7 @@ def analyze_sinks(
     _check_model_inputs(model, input_ids)
     check_choice("method", method, METHODS)
     threshold = check_probability("threshold", threshold, zero=False, one=False)
-    implementation = "eager" if method == "eager" else ATTN_IMPLEMENTATION
+    implementation = "eager" if method == "eager" else register_attention()
     with (
         _attention_implementation(model, implementation),
         _recording_key_scores(model) as recorder,

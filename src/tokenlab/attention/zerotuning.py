@@ -85,8 +85,11 @@ def zerotuning_eager_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-AttentionInterface.register(ZEROTUNING_EAGER, zerotuning_eager_attention)
-AttentionMaskInterface.register(ZEROTUNING_EAGER, eager_mask)
+def _register_eager_fallback() -> None:
+    """Register :data:`ZEROTUNING_EAGER` with transformers (idempotent), when the fallback is used:
+    importing this module leaves transformers' process-wide registries alone."""
+    AttentionInterface.register(ZEROTUNING_EAGER, zerotuning_eager_attention)
+    AttentionMaskInterface.register(ZEROTUNING_EAGER, eager_mask)
 
 
 def _gamma_table(model: PreTrainedModel, gamma: float | torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
@@ -151,6 +154,7 @@ def initial_token_scaling(
         else:
             setattr(module, GAMMA_ATTR, row)
     if mode == "eager":
+        _register_eager_fallback()
         model.set_attn_implementation(ZEROTUNING_EAGER)
     try:
         yield model
