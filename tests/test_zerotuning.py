@@ -128,3 +128,14 @@ def test_bad_arguments_raise():
         zerotuning_calibrate(model, _ids(), grid=(1.0,))
     with pytest.raises(ValueError, match="groups"):
         zerotuning_calibrate(model, _ids(), groups=[[(5, 0)]])
+    # the objective is public too: it checks its arguments before running the model
+    for kwargs, error, match in [
+        ({"input_ids": _ids().float()}, TypeError, "input_ids"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([[1, 2]])}, ValueError, "candidates"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([1, 200])}, ValueError, "candidates"),
+        ({"input_ids": _ids(), "labels": torch.tensor([0, 1])}, ValueError, "labels"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([3, 4]), "labels": torch.tensor([0, 2])},
+         ValueError, "labels"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=match):
+            zerotuning_objective(model, **kwargs)

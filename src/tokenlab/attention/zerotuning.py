@@ -168,7 +168,53 @@ def initial_token_scaling(
                 setattr(module, GAMMA_ATTR, value)
 
 
+def _check_task(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    candidates: torch.Tensor | None,
+    labels: torch.Tensor | None,
+) -> None:
+    """The calibration task: prompts ``[N, T]`` (T ≥ 1), answer options ``[C]`` among the model's
+    ``V`` output logits, labels ``[N]`` indexing the options (given only with them)."""
+    check_tensor("input_ids", input_ids, ndim=2, integer=True)
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(
+            f"`input_ids` must hold at least one prompt of one token, got {tuple(input_ids.shape)}"
+        )
+    if candidates is not None:
+        check_tensor("candidates", candidates, ndim=1, integer=True)
+        V = model.config.get_text_config(decoder=True).vocab_size  # the width of the logits
+        if candidates.numel() < 1 or not bool(((candidates >= 0) & (candidates < V)).all()):
+            raise ValueError(f"`candidates` must be a non-empty [C] of token ids in [0, {V})")
+    if labels is not None:
+        if candidates is None:
+            raise ValueError("`labels` index into `candidates`: give both for the supervised mode")
+        check_tensor("labels", labels, ndim=1, integer=True)
+        if labels.shape[0] != input_ids.shape[0] or not bool(
+            ((labels >= 0) & (labels < len(candidates))).all()
+        ):
+            raise ValueError(f"`labels` must be [N] = [{input_ids.shape[0]}] indices into `candidates`")
+
+
 @torch.no_grad()
+def _objective(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    candidates: torch.Tensor | None,
+    labels: torch.Tensor | None,
+) -> float:
+    """:func:`zerotuning_objective` on checked arguments (the calibration's per-setting evaluation)."""
+    logits = model(input_ids, use_cache=False).logits[:, -1].float()
+    if candidates is not None:
+        logits = logits[:, candidates]
+    logp = logits.log_softmax(dim=-1)
+    if labels is None:
+        return (logp.exp() * logp).sum(dim=-1).mean().item()
+    correct = logp.gather(1, labels[:, None]).squeeze(1)
+    accuracy = (logp.argmax(dim=-1) == labels).float().mean()
+    return (accuracy + 1e-3 * correct.mean()).item()
+
+
 def zerotuning_objective(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -185,16 +231,13 @@ def zerotuning_objective(
       still ranks the settings);
     * unsupervised (no ``labels``): minus the mean entropy of the distribution (ZeroTuning's
       unsupervised mode minimises the output entropy).
+
+    Raises ``TypeError``/``ValueError`` naming the argument before running the model.
     """
-    logits = model(input_ids, use_cache=False).logits[:, -1].float()
-    if candidates is not None:
-        logits = logits[:, candidates]
-    logp = logits.log_softmax(dim=-1)
-    if labels is None:
-        return (logp.exp() * logp).sum(dim=-1).mean().item()
-    correct = logp.gather(1, labels[:, None]).squeeze(1)
-    accuracy = (logp.argmax(dim=-1) == labels).float().mean()
-    return (accuracy + 1e-3 * correct.mean()).item()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    _check_task(model, input_ids, candidates, labels)
+    return _objective(model, input_ids, candidates, labels)
 
 
 @dataclass(frozen=True)
@@ -274,17 +317,7 @@ def zerotuning_calibrate(
     """
     modules, _ = _gamma_table(model, 1.0)
     L, H = len(modules), modules[0].config.num_attention_heads
-    check_tensor("input_ids", input_ids, ndim=2, integer=True)
-    if candidates is not None:
-        check_tensor("candidates", candidates, ndim=1, integer=True)
-    if labels is not None:
-        if candidates is None:
-            raise ValueError("`labels` index into `candidates`: give both for the supervised mode")
-        check_tensor("labels", labels, ndim=1, integer=True)
-        if labels.shape[0] != input_ids.shape[0] or not bool(
-            ((labels >= 0) & (labels < len(candidates))).all()
-        ):
-            raise ValueError(f"`labels` must be [N] = [{input_ids.shape[0]}] indices into `candidates`")
+    _check_task(model, input_ids, candidates, labels)
     grid = tuple(check_positive(f"grid[{i}]", g) for i, g in enumerate(grid))
     grid = tuple(g for g in grid if g != 1.0)
     if not grid:
@@ -294,7 +327,7 @@ def zerotuning_calibrate(
 
     def objective(gamma: torch.Tensor) -> float:
         with initial_token_scaling(model, gamma, mode=mode):
-            return zerotuning_objective(model, input_ids, candidates=candidates, labels=labels)
+            return _objective(model, input_ids, candidates, labels)
 
     baseline = objective(torch.ones(L, H))
     profile = torch.empty(len(head_groups), len(grid))
