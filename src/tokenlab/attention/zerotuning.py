@@ -14,9 +14,12 @@ It equals adding ``log γ_h`` to the initial token's logit, which is how the fus
   ``[L, Hq]``) to a Hugging Face model: on the ``"tokenlab"`` implementation through each layer's
   ``tokenlab_initial_token_scale`` (the fused kernel's flag); on any other implementation by running
   eager attention with the multiply-and-renormalise step above for the duration.
-* :func:`zerotuning_calibrate` — the paper's calibration: profile each head (or layer group) under a
-  grid of ``γ``, keep the ones whose objective improves, and combine them; the objective is accuracy
-  on a few labelled examples (supervised mode) or the output entropy (unsupervised mode).
+* :func:`zerotuning_calibrate` — calibration after the paper's: profile each head (or layer group)
+  under a grid of ``γ`` on a few examples (the paper's head profiling), with the paper's two
+  objectives — accuracy on labelled examples (supervised mode) or the output entropy (unsupervised
+  mode) — then keep the groups whose objective improves and combine them greedily, each kept only if
+  the joint objective improves. That selection-and-combination rule is tokenlab's: the paper's own
+  selection step (how it turns the profile into one setting) was not available to check against.
 """
 
 from __future__ import annotations
@@ -292,13 +295,15 @@ def zerotuning_calibrate(
 ) -> ZeroTuningCalibration:
     """ZeroTuning's calibration of head-specific ``γ`` on a few examples, without training.
 
-    1. *Head profiling*: for every group (a head, a layer's heads, or the given groups) and every
-       ``γ`` in ``grid``, the objective (:func:`zerotuning_objective`) with only that group scaled.
-    2. *Selection*: the groups whose best ``γ`` beats the unscaled objective, each with that ``γ``
-       (``γ > 1`` for heads that gain from more attention on the initial token, ``γ < 1`` otherwise —
-       the paper finds both kinds, and stronger effects in early layers).
-    3. *Combination*: the selected groups are added greedily, best first, each kept only if the
-       objective of the joint setting improves.
+    1. *Head profiling* (the paper's): for every group (a head, a layer's heads, or the given groups)
+       and every ``γ`` in ``grid``, the objective (:func:`zerotuning_objective`) with only that group
+       scaled.
+    2. *Selection* (tokenlab's rule): the groups whose best ``γ`` beats the unscaled objective, each
+       with that ``γ`` (``γ > 1`` for heads that gain from more attention on the initial token,
+       ``γ < 1`` otherwise — the paper finds both kinds, and stronger effects in early layers).
+    3. *Combination* (tokenlab's rule): the selected groups are added greedily, best first, each kept
+       only if the objective of the joint setting improves — so the result never scores below the
+       baseline on the calibration examples.
 
     Supervised mode (``labels`` given): accuracy on the labelled examples; unsupervised mode: output
     entropy (minimised). ``len(groups) × len(grid) + len(selected)`` forward passes of the batch.
