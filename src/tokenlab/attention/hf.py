@@ -41,12 +41,13 @@ analysis read them this way.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from tokenlab._checks import check_choice
@@ -63,7 +64,9 @@ LEARNABLE_FLAGS = ("sinks",)  # stored as an nn.Parameter; other tensor flags as
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "KeyScoreHook",
+    "attention_implementation",
     "attention_modules",
+    "check_pretrained_model",
     "configure_attention",
     "register_attention",
     "set_key_score_hook",
@@ -178,10 +181,7 @@ def set_key_score_hook(model: nn.Module, hook: KeyScoreHook | None) -> None:
     module of ``model``, or remove it with ``None``. The ``"tokenlab"`` implementation then computes
     the per-key scores of a layer whenever ``hook.wants_key_scores(layer_idx)`` and hands them to
     ``hook.record_key_scores``; other implementations never call it."""
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
-    for module in modules:
+    for module in attention_modules(model):
         setattr(module, KEY_SCORE_HOOK_ATTR, None if hook is None else weakref.ref(hook))
 
 
@@ -196,8 +196,33 @@ def register_attention(name: str = ATTN_IMPLEMENTATION) -> str:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order;
+    raises ``ValueError`` when there is none."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    if not modules:
+        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    return modules
+
+
+def check_pretrained_model(model: object) -> PreTrainedModel:
+    """``model`` if it is a transformers ``PreTrainedModel``, else ``TypeError`` naming ``model``."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return model
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """Run ``model`` on the (registered) attention implementation ``name`` while the context is open;
+    the previous one is restored on exit, also after an error."""
+    previous = model.config._attn_implementation
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
 
 
 def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -253,8 +278,6 @@ def configure_attention(
     check_choice("backend", backend, BACKENDS)
     flags = {"sinks": sinks, "softcap": softcap, "initial_token_scale": initial_token_scale}
     modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
     chosen = None if layers is None else set(layers)
     if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
         raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from tokenlab._checks import check_choice, check_int
-from tokenlab.attention.hf import ATTN_IMPLEMENTATION, set_key_score_hook
+from tokenlab.attention.hf import ATTN_IMPLEMENTATION, check_pretrained_model, set_key_score_hook
 from tokenlab.attention.rope import rotate_half
 
 __all__ = ["POSITIONS", "HeavyHitterCache", "SinkCache"]
@@ -280,8 +280,7 @@ class _EvictingCache(Cache):
 
     @staticmethod
     def _layer_args(model: PreTrainedModel, budget: int, positions: str) -> tuple[int, _KeyRotation | None]:
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+        check_pretrained_model(model)
         budget = check_int("budget", budget, low=1)
         check_choice("positions", positions, POSITIONS)
         config = model.config.get_text_config(decoder=True)

@@ -31,7 +31,9 @@ from transformers import PreTrainedModel
 from tokenlab._checks import check_choice, check_probability, check_tensor
 from tokenlab.attention.hf import (
     KEY_SCORE_HOOK_ATTR,
+    attention_implementation,
     attention_modules,
+    check_pretrained_model,
     register_attention,
     set_key_score_hook,
 )
@@ -112,18 +114,6 @@ class SinkAnalysis:
         return self.residual_norms.amax(dim=-1) / self.residual_norms.median(dim=-1).values
 
 
-@contextmanager
-def _attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    if previous != name:
-        model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        if previous != name:
-            model.set_attn_implementation(previous)
-
-
 class _KeyScoreRecorder:
     """A :class:`~tokenlab.attention.hf.KeyScoreHook` that keeps every layer's scores."""
 
@@ -172,8 +162,7 @@ def _recording_value_norms(model: PreTrainedModel) -> Iterator[dict[int, torch.T
 
 
 def _check_model_inputs(model: PreTrainedModel, input_ids: torch.Tensor) -> None:
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    check_pretrained_model(model)
     check_tensor("input_ids", input_ids, ndim=2, integer=True)
     if input_ids.shape[1] < 1:
         raise ValueError("`input_ids` must hold at least one token per row")
@@ -209,7 +198,7 @@ def analyze_sinks(
     threshold = check_probability("threshold", threshold, zero=False, one=False)
     implementation = "eager" if method == "eager" else register_attention()
     with (
-        _attention_implementation(model, implementation),
+        attention_implementation(model, implementation),
         _recording_key_scores(model) as recorder,
         _recording_value_norms(model) as value_norms,
     ):
@@ -237,7 +226,7 @@ def attention_map(model: PreTrainedModel, input_ids: torch.Tensor, layer: int, h
     """The attention probabilities ``[B, T, T]`` of one head (eager attention for the call), e.g. for
     :func:`tokenlab.attention.plots.plot_attention_map`."""
     _check_model_inputs(model, input_ids)
-    with _attention_implementation(model, "eager"):
+    with attention_implementation(model, "eager"):
         attentions = model(input_ids, output_attentions=True, use_cache=False).attentions
     if not (0 <= layer < len(attentions) and 0 <= head < attentions[layer].shape[1]):
         raise ValueError(

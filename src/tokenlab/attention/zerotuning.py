@@ -35,7 +35,13 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from tokenlab._checks import check_bool, check_choice, check_positive, check_tensor
-from tokenlab.attention.hf import ATTN_IMPLEMENTATION, attention_modules, set_layer_flag
+from tokenlab.attention.hf import (
+    ATTN_IMPLEMENTATION,
+    attention_implementation,
+    attention_modules,
+    check_pretrained_model,
+    set_layer_flag,
+)
 
 __all__ = [
     "DEFAULT_GRID",
@@ -97,11 +103,7 @@ def _register_eager_fallback() -> None:
 
 def _gamma_table(model: PreTrainedModel, gamma: float | torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
     """The attention modules and ``γ`` as ``[L, Hq]`` float32 (validated: finite, > 0)."""
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    modules = attention_modules(check_pretrained_model(model))
     L, H = len(modules), modules[0].config.num_attention_heads
     if isinstance(gamma, torch.Tensor):
         check_tensor("gamma", gamma, floating=True)
@@ -156,14 +158,14 @@ def initial_token_scaling(
             set_layer_flag(module, "initial_token_scale", row)
         else:
             setattr(module, GAMMA_ATTR, row)
-    if mode == "eager":
-        _register_eager_fallback()
-        model.set_attn_implementation(ZEROTUNING_EAGER)
     try:
-        yield model
-    finally:
         if mode == "eager":
-            model.set_attn_implementation(implementation)
+            _register_eager_fallback()
+            with attention_implementation(model, ZEROTUNING_EAGER):
+                yield model
+        else:
+            yield model
+    finally:
         for module, value in zip(modules, previous):
             if mode == "kernel":
                 set_layer_flag(module, "initial_token_scale", value)
@@ -237,9 +239,7 @@ def zerotuning_objective(
 
     Raises ``TypeError``/``ValueError`` naming the argument before running the model.
     """
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
-    _check_task(model, input_ids, candidates, labels)
+    _check_task(check_pretrained_model(model), input_ids, candidates, labels)
     return _objective(model, input_ids, candidates, labels)
 
 
