@@ -1,11 +1,17 @@
 """Hugging Face integration: run transformers models on :func:`tokenlab.attention.flash_attention`.
 
-Importing this module registers the implementation ``"tokenlab"`` with transformers'
-``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives)::
+:func:`register_attention` registers the implementation ``"tokenlab"`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives),
+explicitly, as transformers' own pattern for custom attention is (``AttentionInterface.register``):
+those registries are process-wide, so importing tokenlab changes nothing in them::
 
-    import tokenlab.attention.hf  # registers "tokenlab"
+    from tokenlab.attention import register_attention
+    register_attention()  # idempotent; returns "tokenlab"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tokenlab")
     model.set_attn_implementation("tokenlab")  # or switch an existing model
+
+Entry points that switch a model's implementation themselves (``analyze_sinks(method="fused")``)
+register it first.
 
 How masks reach the kernel:
 
@@ -41,12 +47,13 @@ analysis read them this way.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from tokenlab._checks import check_choice
@@ -63,9 +70,11 @@ LEARNABLE_FLAGS = ("sinks",)  # stored as an nn.Parameter; other tensor flags as
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "KeyScoreHook",
+    "attention_implementation",
     "attention_modules",
+    "check_pretrained_model",
     "configure_attention",
-    "register",
+    "register_attention",
     "set_key_score_hook",
     "set_layer_flag",
     "tokenlab_attention_forward",
@@ -181,23 +190,48 @@ def set_key_score_hook(model: nn.Module, hook: KeyScoreHook | None) -> None:
     module of ``model``, or remove it with ``None``. The ``"tokenlab"`` implementation then computes
     the per-key scores of a layer whenever ``hook.wants_key_scores(layer_idx)`` and hands them to
     ``hook.record_key_scores``; other implementations never call it."""
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
-    for module in modules:
+    for module in attention_modules(model):
         setattr(module, KEY_SCORE_HOOK_ATTR, None if hook is None else weakref.ref(hook))
 
 
-def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention and mask functions under ``name`` (idempotent); returns ``name``."""
+def register_attention(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the ``"tokenlab"`` attention function (:func:`tokenlab_attention_forward`) and its mask
+    function (:func:`tokenlab_attention_mask`) with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` under ``name`` (idempotent); returns ``name``, so that
+    ``attn_implementation=register_attention()`` reads as one step."""
     AttentionInterface.register(name, tokenlab_attention_forward)
     AttentionMaskInterface.register(name, tokenlab_attention_mask)
     return name
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order;
+    raises ``ValueError`` when there is none."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    if not modules:
+        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    return modules
+
+
+def check_pretrained_model(model: object) -> PreTrainedModel:
+    """``model`` if it is a transformers ``PreTrainedModel``, else ``TypeError`` naming ``model``."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return model
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """Run ``model`` on the (registered) attention implementation ``name`` while the context is open;
+    the previous one is restored on exit, also after an error."""
+    previous = model.config._attn_implementation
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
 
 
 def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -253,8 +287,6 @@ def configure_attention(
     check_choice("backend", backend, BACKENDS)
     flags = {"sinks": sinks, "softcap": softcap, "initial_token_scale": initial_token_scale}
     modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
     chosen = None if layers is None else set(layers)
     if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
         raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")
@@ -273,6 +305,3 @@ def configure_attention(
             set_layer_flag(module, name, value)
         setattr(module, BACKEND_ATTR, backend)
     return selected
-
-
-register()
