@@ -30,7 +30,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 
 import tokenlab.attention.hf
 from tokenlab._hf import cache_kwargs
-from tokenlab.attention import AttentionVariant, flash_attention
+from tokenlab.attention import AttentionVariant, flash_attention, register_attention
 from tokenlab.decoding import speculative_generate, token_tree
 from tokenlab.decoding.speculative import _Clock, _commit, _Group, _Sampling, _tree_step
 from tokenlab.decoding.token_tree import (
@@ -136,6 +136,8 @@ def _path_logits(model, prompt, tree, b, node):
 
 @pytest.mark.parametrize("attn", ["sdpa", "tokenlab"])
 def test_tree_forward_equals_each_path_alone(attn, monkeypatch):
+    if attn == "tokenlab":
+        register_attention()
     model = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=5, attn_implementation=attn)
     ids, mask = left_padded_prompts(2, 6, 64, seed=6)
     parents, valid = _random_parents(2, 9, seed=7, p_valid=0.8)
@@ -538,7 +540,8 @@ def test_greedy_tree_decoding_equals_hf_generate(pairs, name):
 def test_tokenlab_attention_models_verify_trees_through_the_tree_flag(pairs, monkeypatch):
     """Target and draft on ``attn_implementation="tokenlab"``: every tree forward reaches the
     attention with the packed ``tree`` flag and a 2-D mask, and greedy output equals generate."""
-    target = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0, attn_implementation="tokenlab")
+    attn = register_attention()
+    target = tiny_causal_lm(LlamaForCausalLM, LlamaConfig, 32, 2, 64, seed=0, attn_implementation=attn)
     draft = noisy_copy(target, 0.15, seed=2)
     seen = []
     original = tokenlab.attention.hf.tokenlab_attention_forward
