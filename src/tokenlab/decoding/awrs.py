@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tokenlab._checks import check_bool, check_choice, check_tensor
+from tokenlab._checks import check_bool, check_choice, check_generator, check_tensor
 from tokenlab.decoding.constraints import Constraint, TokenVocabulary, decode_text
 
 Method = Literal["awrs", "mask"]
@@ -226,8 +226,7 @@ def check_sampling(method: object, estimator: object, do_sample: object, generat
     check_choice("method", method, METHODS)
     check_choice("estimator", estimator, ESTIMATORS)
     check_bool("do_sample", do_sample)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator("generator", generator, "cpu")  # the draws run on CPU (numpy)
 
 
 def constrained_sample(
