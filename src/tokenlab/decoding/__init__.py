@@ -7,7 +7,6 @@ branching factor, turn-wise KL drift, unconditional token forcing); and the logi
 (temperature, top-k, top-p) every sampling loop shares (its home is :mod:`tokenlab.kernels.warping`;
 this package is its public face)."""
 
-
 from tokenlab.decoding.awrs import ConstrainedStep, constrained_sample
 from tokenlab.decoding.constrained import ConstrainedLogitsProcessor, ConstrainedOutput, constrained_generate
 from tokenlab.decoding.constraints import (

@@ -114,7 +114,12 @@ class _ContrastiveContextProcessor(LogitsProcessor):
         alpha = self.context_weight(logp_context, logp_free)
         self.alphas.append(alpha)
         alpha = alpha.unsqueeze(-1)
-        return ((1 + alpha) * logp_context - alpha * logp_free).log_softmax(dim=-1)
+        # (1 + α)·ℓ_c − α·ℓ_x written as ℓ_c + α·(ℓ_c − ℓ_x): α = 0 adds exactly nothing (no 0·∞ where
+        # the context-free side rules a token out), and a token the context rules out stays at −∞
+        # (no ∞ − ∞ where both sides do).
+        contrast = torch.where(alpha > 0, alpha * (logp_context - logp_free), 0.0)
+        combined = (logp_context + contrast).masked_fill(logp_context == float("-inf"), float("-inf"))
+        return combined.log_softmax(dim=-1)
 
     @property
     def alpha_history(self) -> torch.Tensor:
