@@ -118,11 +118,16 @@ def test_branching_factor_stops_at_eos_and_batches_prompts():
     )  # fmt: skip
     assert bf.value.shape == (2,) and bf.entropies.shape == (2, 40, 6)
     ended = bf.sequences == 3
+    assert ended.any(dim=-1).any() and not ended.any(dim=-1).all()  # some continuations end, some not
     for b, m in itertools.product(range(2), range(40)):
         hits = torch.nonzero(ended[b, m]).flatten()
-        if hits.numel():  # nothing is recorded after the first EOS
+        if hits.numel():  # nothing is recorded after the first EOS; the model's pad id follows it
             assert torch.isnan(bf.entropies[b, m, hits[0] + 1 :]).all()
             assert not torch.isnan(bf.entropies[b, m, : hits[0] + 1]).any()
+            assert (bf.sequences[b, m, hits[0] + 1 :] == model.generation_config.pad_token_id).all()
+    # The left-padded prompt is read as the prompt alone: its first-step entropy is the unpadded one.
+    alone = next_token_entropy(model, torch.tensor([[0, 3]]))[0, -1]
+    torch.testing.assert_close(bf.entropies[0, :, 0], alone.expand(40), rtol=1e-10, atol=1e-10)
 
 
 def test_turn_kl_drift_against_brute_force():
