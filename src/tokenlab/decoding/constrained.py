@@ -268,6 +268,7 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
     def reset(self) -> None:
         """Start afresh at the next call (only needed when a new prompt begins with the previous one)."""
         self.progress.reset()
+        self._vocab: TokenVocabulary | None = None
         self.log_weights = torch.zeros(0, dtype=torch.float64)
         self.constraint_calls = torch.zeros(0, dtype=torch.long)
 

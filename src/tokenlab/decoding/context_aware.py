@@ -198,8 +198,9 @@ class ContextAwareLogitsProcessor(_ContrastiveContextProcessor):
             ``context_free_attention_mask [B, Tx]`` is given.
         alpha: ``α ≥ 0``, the weight of the contrast (the paper uses 0.5 and 1).
 
-    Modes: greedy, sampling and beam search (see the module docstring). After a ``generate`` call,
-    ``stream`` holds the context-free ids/mask/cache and ``alpha_history`` the ``α`` per step.
+    Modes: greedy, sampling, beam search and assisted generation (see the module docstring). After a
+    ``generate`` call, ``stream`` holds the context-free ids/mask/cache and ``alpha_history`` the ``α``
+    per step.
     """
 
     def __init__(

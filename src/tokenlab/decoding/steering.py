@@ -146,6 +146,11 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
 
     Raising a category's bias, or lowering its threshold, can only raise its refusal rate.
 
+    The rule is the paper's code's: one refusal token refuses when ``p([refuse]) ≥ τ`` and otherwise
+    emits ``[respond]``; with categories the code compares the most probable category's probability
+    with ``τ`` — what this rule does when every category has the same ``τ`` (per-category ``τ_c`` is
+    the generalisation: among the categories at or above their threshold the most probable wins).
+
     Args:
         refusal_token_ids: the refusal tokens, one per category (e.g. ``RefusalTokens.refusal_ids``).
         respond_token_id: the ``[respond]`` token, emitted below threshold (optional).
