@@ -99,9 +99,10 @@ class GumbelSample:
     """A generation with its exogenous noise, replayable by :func:`counterfactual_generate`.
 
     ``sequences [B, P + N]``: the prompts as given, then the generated tokens (padded after EOS);
-    ``attention_mask [B, P]``: the prompts' left-padding mask; ``seeds [B]``: each row's noise seed
-    (position ``i`` of row ``b`` used :func:`gumbel_noise` ``(seeds[b], i)``); the warping and stop
-    settings of the run; ``max_new_tokens``: the budget a replay uses.
+    ``attention_mask [B, P]``: the prompts' left-padding mask (given, or inferred from the pad id);
+    ``seeds [B]``: each row's noise seed (position ``i`` of row ``b`` used :func:`gumbel_noise`
+    ``(seeds[b], i)``); the warping and stop settings of the run; ``max_new_tokens``: the budget a
+    replay uses.
     """
 
     sequences: torch.Tensor

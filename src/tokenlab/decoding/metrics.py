@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -294,7 +294,7 @@ def turn_kl_drift(
     return drift
 
 
-def _recording_greedy(log_probs: torch.Tensor):
+def _recording_greedy(log_probs: torch.Tensor) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A :func:`decode_loop` chooser: the most likely token, its log-probability written to
     ``log_probs[:, step]`` (a view of the caller's ``[rows, L]`` table)."""
 
