@@ -287,7 +287,8 @@ def turn_kl_drift(
     for b, ((tokens, turns, logq), (ref_tokens, ref_turns, logp)) in enumerate(zip(test, ref)):
         if not (torch.equal(tokens, ref_tokens) and torch.equal(turns, ref_turns)):
             raise ValueError(f"row {b}: the reference's scored tokens differ from the model's")
-        kl = (logq.exp() * (logq - logp)).sum(dim=-1).cpu()
+        q = logq.exp()
+        kl = torch.where(q > 0, q * (logq - logp), 0.0).sum(dim=-1).cpu()  # 0·log(0/p) = 0
         turns = turns.cpu()
         for k in turns.unique().tolist():
             drift[b, k] = kl[turns == k].mean()
