@@ -53,6 +53,12 @@ def vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) − 1`` (0 at padding): the positions of a left-padded batch ``[R, L]``, so that a
+    padded row computes what it would alone."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def _is_left_padding(mask: torch.Tensor) -> bool:
     return bool(
         ((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()
@@ -204,7 +210,7 @@ class CachedStream:
         self.cache = DynamicCache(config=model.config)
 
     def _forward(self, start: int) -> torch.Tensor:
-        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+        positions = position_ids(self.mask)
         logits = self.model(
             input_ids=self.ids[:, start:],
             attention_mask=self.mask,

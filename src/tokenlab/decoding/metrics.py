@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tokenlab._checks import check_bool, check_generator, check_int, check_positive, check_tensor
+from tokenlab._checks import check_bool, check_generator, check_int, check_tensor
 from tokenlab.decoding.incremental import (
     CachedStream,
     check_causal_lm,
@@ -38,6 +38,7 @@ from tokenlab.decoding.incremental import (
     eos_token_ids,
     model_device,
     pad_token_id_for,
+    position_ids,
     vocab_size,
 )
 from tokenlab.kernels.warping import Warping
@@ -61,7 +62,7 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _positions_logits(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
 
 
@@ -205,11 +206,11 @@ def _scored_log_probs(
     input_ids: torch.Tensor,
     turn_ids: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float,
+    warping: Warping,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per row: (tokens, turn index, log-distribution predicting them ``[n, V]`` float64) of the
     positions with ``turn_ids ≥ 0``."""
-    logp = torch.log_softmax(_positions_logits(model, input_ids, mask).double() / temperature, dim=-1)
+    logp = torch.log_softmax(warping.logits(_positions_logits(model, input_ids, mask).double()), dim=-1)
     rows = []
     for b in range(input_ids.shape[0]):
         where = torch.nonzero(turn_ids[b] >= 0).flatten()
@@ -278,10 +279,10 @@ def turn_kl_drift(
         raise ValueError(
             f"`model` and `reference` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}"
         )
-    temperature = check_positive("temperature", temperature)
+    warping = Warping(True, temperature)
 
-    test = _scored_log_probs(model, input_ids, turn_ids, mask, temperature)
-    ref = _scored_log_probs(reference, reference_input_ids, reference_turn_ids, ref_mask, temperature)
+    test = _scored_log_probs(model, input_ids, turn_ids, mask, warping)
+    ref = _scored_log_probs(reference, reference_input_ids, reference_turn_ids, ref_mask, warping)
     K = int(turn_ids.max()) + 1 if bool((turn_ids >= 0).any()) else 0
     drift = torch.full((input_ids.shape[0], K), float("nan"), dtype=torch.float64)
     for b, ((tokens, turns, logq), (ref_tokens, ref_turns, logp)) in enumerate(zip(test, ref)):
