@@ -376,6 +376,21 @@ def test_processor_sampling_weights_and_reset(tiny_world):
         processor.reset()
 
 
+def test_processor_object_serves_successive_generate_calls(tiny_world):
+    """As every processor of the family, one object serves successive ``generate`` calls with other
+    prompts and batch sizes (a new prompt starts a new generation), without ``reset()``."""
+    model, tokenizer = tiny_world.target, tiny_world.tokenizer
+    constraint = FiniteSetConstraint(["print(", "len(", "range(", "isinstance("])
+    processor = ConstrainedLogitsProcessor(constraint, tokenizer, do_sample=False)
+    for prompts in (["x = "] * 3, ["    value = ", "y = "]):
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(**batch, logits_processor=[processor], max_new_tokens=8, do_sample=False,
+                             pad_token_id=1)  # fmt: skip
+        texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        assert all(t in constraint.members for t in texts), texts
+        assert processor.log_weights.shape == (len(prompts),)
+
+
 def test_generate_bad_arguments(tiny_world):
     model, tokenizer = tiny_world.target, tiny_world.tokenizer
     ids = tokenizer(["x = "], return_tensors="pt").input_ids

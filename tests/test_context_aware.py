@@ -234,6 +234,35 @@ def test_contrast_moves_mass_toward_what_the_context_raises(world):
         previous = gained
 
 
+class RulesOutToken(ContextAwareLogitsProcessor):
+    """CAD whose context-free logits rule out ``token`` (as a model that masks a vocabulary entry)."""
+
+    token = 5
+
+    def _context_free_logits(self, input_ids):
+        logits = super()._context_free_logits(input_ids).clone()
+        logits[:, self.token] = float("-inf")
+        return logits
+
+
+@torch.no_grad()
+def test_ruled_out_tokens_never_give_nan(world):
+    """A token at −∞ on both sides stays at −∞ (no ∞ − ∞); with α = 0 a token ruled out only by the
+    context-free side changes nothing (no 0·∞): the output is exactly the contextual log-softmax."""
+    model, _, context, query = world
+    scores = CachedStream(model, context.input_ids, context.attention_mask).prefill()
+    both = scores.clone()
+    both[:, RulesOutToken.token] = float("-inf")
+    for alpha in (0.0, 0.5, 1.0):
+        processor = RulesOutToken(model, query.input_ids, query.attention_mask, alpha=alpha)
+        out = processor(context.input_ids, both)
+        assert not out.isnan().any()
+        assert (out[:, RulesOutToken.token] == float("-inf")).all()
+        assert out.isfinite().sum() == out.numel() - out.shape[0]
+    plain = RulesOutToken(model, query.input_ids, query.attention_mask, alpha=0.0)(context.input_ids, scores)
+    torch.testing.assert_close(plain, scores.log_softmax(-1), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["cad", "adacad"])
 def test_plain_loop_equals_generate(world, method):
     model, tok, context, query = world

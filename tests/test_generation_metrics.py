@@ -118,11 +118,16 @@ def test_branching_factor_stops_at_eos_and_batches_prompts():
     )  # fmt: skip
     assert bf.value.shape == (2,) and bf.entropies.shape == (2, 40, 6)
     ended = bf.sequences == 3
+    assert ended.any(dim=-1).any() and not ended.any(dim=-1).all()  # some continuations end, some not
     for b, m in itertools.product(range(2), range(40)):
         hits = torch.nonzero(ended[b, m]).flatten()
-        if hits.numel():  # nothing is recorded after the first EOS
+        if hits.numel():  # nothing is recorded after the first EOS; the model's pad id follows it
             assert torch.isnan(bf.entropies[b, m, hits[0] + 1 :]).all()
             assert not torch.isnan(bf.entropies[b, m, : hits[0] + 1]).any()
+            assert (bf.sequences[b, m, hits[0] + 1 :] == model.generation_config.pad_token_id).all()
+    # The left-padded prompt is read as the prompt alone: its first-step entropy is the unpadded one.
+    alone = next_token_entropy(model, torch.tensor([[0, 3]]))[0, -1]
+    torch.testing.assert_close(bf.entropies[0, :, 0], alone.expand(40), rtol=1e-10, atol=1e-10)
 
 
 def test_turn_kl_drift_against_brute_force():
@@ -147,6 +152,27 @@ def test_turn_kl_drift_against_brute_force():
         p_ref = torch.softmax(reference(ref_ids).logits[0], dim=-1).numpy()
     brute = sum(scipy_entropy(q[j - 1], p_ref[j]) for j in range(3, 7)) / 4
     assert math.isclose(reminded[0, 0].item(), brute, rel_tol=1e-10)
+
+
+def test_turn_kl_drift_with_masked_vocabulary_entries():
+    """A model that masks a vocabulary entry (its logit is −∞, as for padded vocabulary rows): the
+    entry contributes 0·log(0/p) = 0, so the drift against itself is 0 (not nan) and against another
+    model equals the brute-force sum over the entries with mass."""
+    model, reference = tiny_llama(17, 3, scale=3.0), tiny_llama(17, 4, scale=3.0)
+    masked = torch.tensor([2, 11])
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, masked, float("-inf")))
+    try:
+        ids, turn_ids = concat_turns([[0, 5, 6], [7, 8, 9, 10]], [False, True])
+        assert bool((turn_kl_drift(model, model, ids, turn_ids) == 0).all())
+        drift = turn_kl_drift(model, reference, ids, turn_ids)
+        with torch.no_grad():
+            q = torch.softmax(model(ids).logits[0], dim=-1).numpy()
+            p = torch.softmax(reference(ids).logits[0], dim=-1).numpy()
+    finally:
+        handle.remove()
+    assert (q[:, masked.numpy()] == 0).all()
+    brute = sum(scipy_entropy(q[j - 1], p[j - 1]) for j in range(3, 7)) / 4
+    assert math.isclose(drift[0, 0].item(), brute, rel_tol=1e-10)
 
 
 def test_turn_kl_drift_bad_arguments():

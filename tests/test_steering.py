@@ -266,3 +266,19 @@ def test_bad_arguments():
         RefusalTokenLogitsProcessor([3], threshold=1.5)
     with pytest.raises(ValueError, match="respond_token_id"):
         RefusalTokenLogitsProcessor([3], respond_token_id=3)
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tiny_world, prompts):
+    """Ids are checked against the scores' vocabulary at the first call of a generation (the processor
+    does not know the model before), with an error naming the argument rather than an IndexError."""
+    model, tok = tiny_world.target, tiny_world.tokenizer
+    V = model.get_output_embeddings().weight.shape[0]
+    processors = {
+        "refusal_token_ids": RefusalTokenLogitsProcessor([3, V], bias=1.0),
+        "respond_token_id": RefusalTokenLogitsProcessor([3], respond_token_id=V, threshold=0.5),
+        "reflection_token_ids": CyclicReflexLogitsProcessor([V + 2], amplitude=1.0, period=4),
+        "end_token_ids": CyclicReflexLogitsProcessor([3], amplitude=1.0, period=4, end_token_ids=[V]),
+    }
+    for name, processor in processors.items():
+        with pytest.raises(ValueError, match=rf"`{name}`.*\[0, {V}\)"):
+            _generate(model, tok, prompts, [processor], "greedy", max_new_tokens=2)

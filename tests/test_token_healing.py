@@ -69,3 +69,13 @@ def test_healing_restores_the_canonical_tokenization(tiny_world, prompt):
     hf = model.generate(torch.tensor([kept]), logits_processor=[processor], max_new_tokens=4, do_sample=False,
                         pad_token_id=1)  # fmt: skip
     assert hf[0, len(kept) :].tolist()[: len(generated)] == generated
+
+
+def test_bad_arguments_are_named_before_any_work(tiny_world):
+    model, tokenizer = tiny_world.target, tiny_world.tokenizer
+    with pytest.raises(TypeError, match="tokenizer"):
+        token_healing_generate(model, "gpt2", "x = No", max_new_tokens=2)
+    with pytest.raises(TypeError, match="model"):
+        token_healing_generate("gpt2", tokenizer, "x = No", max_new_tokens=2)
+    with pytest.raises(TypeError, match="prompt"):
+        token_healing_generate(model, tokenizer, ["x = No"], max_new_tokens=2)

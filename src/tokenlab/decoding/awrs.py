@@ -19,7 +19,8 @@ conditioned on the constraint, the weight sequential Monte Carlo resamples by.
   being rejected, so the accepted token follows ``p_A`` exactly, after on average far fewer
   than ``V`` checks (about ``1/Z`` when ``p`` puts its mass on few tokens). Weight estimators:
 
-  - ``estimator="two_loop"`` (the paper's): run a *second* race over the tokens not rejected by the
+  - ``estimator="two_loop"`` (the paper's, as in the authors' first release of genlm-control): run a
+    *second* race over the tokens not rejected by the
     first, again until an allowed token (the first accepted one is still in the pool, its verdict
     cached); with ``R₁`` the tokens rejected by the first loop and ``N`` the rejections of both
     loops, ``Ẑ = (1 − p(R₁)) / (N + 1)`` is unbiased for ``Z``;
@@ -43,7 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tokenlab._checks import check_bool, check_choice, check_tensor
+from tokenlab._checks import check_bool, check_choice, check_generator, check_tensor
 from tokenlab.decoding.constraints import Constraint, TokenVocabulary, decode_text
 
 Method = Literal["awrs", "mask"]
@@ -146,7 +147,9 @@ def allowed_tokens(p: np.ndarray, judge: TokenJudge) -> np.ndarray:
     return candidates[np.array(judge.many(candidates.tolist()), dtype=bool)]
 
 
-def _mask(p: np.ndarray, judge: TokenJudge, generator, do_sample: bool) -> ConstrainedStep:
+def _mask(
+    p: np.ndarray, judge: TokenJudge, generator: torch.Generator | None, do_sample: bool
+) -> ConstrainedStep:
     allowed = allowed_tokens(p, judge)
     if allowed.size == 0:
         return _dead(judge)
@@ -160,7 +163,9 @@ def _mask(p: np.ndarray, judge: TokenJudge, generator, do_sample: bool) -> Const
     return ConstrainedStep(int(token), math.log(total), judge.calls)
 
 
-def _awrs_two_loop(p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generator) -> ConstrainedStep:
+def _awrs_two_loop(
+    p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generator: torch.Generator | None
+) -> ConstrainedStep:
     rejected: list[int] = []
     first_loop_rejected = 0
     token = None
@@ -183,7 +188,9 @@ def _awrs_two_loop(p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generator
     return ConstrainedStep(token, math.log(float(kept.sum()) / (len(rejected) + 1)), judge.calls)
 
 
-def _awrs_recursive(p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generator) -> ConstrainedStep:
+def _awrs_recursive(
+    p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generator: torch.Generator | None
+) -> ConstrainedStep:
     log_multiplier, remaining = 0.0, 1.0
     race = _race(logp, generator, True)
     for v in race:
@@ -198,7 +205,9 @@ def _awrs_recursive(p: np.ndarray, logp: np.ndarray, judge: TokenJudge, generato
     return _dead(judge)
 
 
-def _awrs(p: np.ndarray, judge: TokenJudge, generator, do_sample: bool, estimator) -> ConstrainedStep:
+def _awrs(
+    p: np.ndarray, judge: TokenJudge, generator: torch.Generator | None, do_sample: bool, estimator: Estimator
+) -> ConstrainedStep:
     with np.errstate(divide="ignore"):
         logp = np.log(p)
     if not do_sample or estimator is None:
@@ -212,7 +221,12 @@ def _awrs(p: np.ndarray, judge: TokenJudge, generator, do_sample: bool, estimato
 
 
 def sample_step(
-    p: np.ndarray, judge: TokenJudge, method: str, estimator, do_sample: bool, generator
+    p: np.ndarray,
+    judge: TokenJudge,
+    method: Method,
+    estimator: Estimator,
+    do_sample: bool,
+    generator: torch.Generator | None,
 ) -> ConstrainedStep:
     """One draw from ``p`` (``[V]`` float64 numpy array summing to 1) restricted to what ``judge``
     allows. Arguments are trusted (checked by the public entry that calls this)."""
@@ -226,8 +240,7 @@ def check_sampling(method: object, estimator: object, do_sample: object, generat
     check_choice("method", method, METHODS)
     check_choice("estimator", estimator, ESTIMATORS)
     check_bool("do_sample", do_sample)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator("generator", generator, "cpu")  # the draws run on CPU (numpy)
 
 
 def constrained_sample(

@@ -19,13 +19,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokenlab._checks import check_bool, check_int
 from tokenlab.decoding.awrs import Estimator, Method, TokenJudge, allowed_tokens, check_sampling, sample_step
 from tokenlab.decoding.constraints import Constraint, TokenVocabulary, decode_text
-from tokenlab.decoding.incremental import CachedStream, check_causal_lm, check_prompts
+from tokenlab.decoding.incremental import (
+    CachedStream,
+    GenerationProgress,
+    check_causal_lm,
+    check_prompts,
+    decode_loop,
+    pad_token_id_for,
+    vocab_size,
+)
 from tokenlab.kernels.warping import Warping
 
 
@@ -147,67 +154,64 @@ def constrained_generate(
         :class:`ConstrainedOutput`.
     """
     check_causal_lm("model", model)
-    device = next(model.parameters()).device
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     if not isinstance(constraint, Constraint):
         raise TypeError(f"`constraint` must be a Constraint, got {type(constraint).__name__}")
-    size = model.get_output_embeddings().weight.shape[0]
-    vocab = _padded(_vocabulary(vocabulary), size)
+    vocab = _padded(_vocabulary(vocabulary), vocab_size(model))
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_sampling(method, estimator, do_sample, generator)
     warping = Warping(do_sample, temperature, top_k, top_p)
     check_bool("stop_when_complete", stop_when_complete)
     check_bool("progress", progress)
-    if pad_token_id is None:
-        pad_token_id = model.generation_config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = vocab.eos_token_ids[0] if vocab.eos_token_ids else 0
-    check_int("pad_token_id", pad_token_id, low=0, high=size - 1)
+    pad_token_id = pad_token_id_for(model, pad_token_id, vocab.eos_token_ids)
 
     start = time.perf_counter()
-    B = input_ids.shape[0]
-    stream = CachedStream(model, input_ids, mask)
-    logits = stream.prefill()
+    B, P = input_ids.shape
     generated = [b""] * B
-    new_tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
     step_log_weights = torch.zeros(B, max_new_tokens, dtype=torch.float64)
     calls = torch.zeros(B, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
-    active = list(range(B))
     sampling_seconds = 0.0
-    for step in tqdm(range(max_new_tokens), desc="constrained generation", disable=not progress):
+
+    def choose(step: int, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        nonlocal sampling_seconds
+        active = torch.nonzero(~done.cpu()).flatten().tolist()
         probs = _probabilities(logits[active], warping)
         sampling_start = time.perf_counter()
-        still = []
+        tokens = torch.full((B,), pad_token_id, dtype=torch.long)
         for row, p in zip(active, probs):
             judge = TokenJudge(constraint, vocab, generated[row])
             drawn = sample_step(p, judge, method, estimator, do_sample, generator)
             calls[row] += drawn.calls
             step_log_weights[row, step] = drawn.log_weight
-            if drawn.token < 0:  # a dead end: no allowed continuation
+            if drawn.token < 0:  # a dead end: no allowed continuation; the row ends without a token
+                done[row] = True
                 continue
-            new_tokens[row, step] = drawn.token
+            tokens[row] = drawn.token
             lengths[row] += 1
             generated[row] += vocab.token_bytes[drawn.token] or b""
-            if vocab.is_eos(drawn.token):
-                continue
-            if stop_when_complete and constraint.allows_end(decode_text(generated[row])):
-                continue
-            still.append(row)
+            if (
+                stop_when_complete
+                and not vocab.is_eos(drawn.token)
+                and constraint.allows_end(decode_text(generated[row]))
+            ):
+                done[row] = True  # the row keeps this token and ends
         sampling_seconds += time.perf_counter() - sampling_start
-        active = still
-        if not active:
-            break
-        logits = stream.advance(new_tokens[:, step].to(device))
-    width = int(lengths.max()) if B else 0
+        return tokens.to(logits.device)
+
+    stream = CachedStream(model, input_ids, mask)
+    sequences = decode_loop(
+        stream, choose, max_new_tokens=max_new_tokens, eos=vocab.eos_token_ids, pad_token_id=pad_token_id,
+        progress=progress, desc="constrained generation",
+    )  # fmt: skip
+    width = int(lengths.max())
     texts = [decode_text(g) for g in generated]
-    complete = torch.tensor([constraint.allows_end(t) for t in texts])
     return ConstrainedOutput(
-        sequences=torch.cat([input_ids, new_tokens[:, :width].to(device)], dim=1),
+        sequences=sequences[:, : P + width],
         texts=texts,
         log_weights=step_log_weights.sum(dim=1),
         step_log_weights=step_log_weights[:, :width],
-        complete=complete,
+        complete=torch.tensor([constraint.allows_end(t) for t in texts]),
         num_new_tokens=lengths,
         constraint_calls=calls,
         seconds=time.perf_counter() - start,
@@ -218,21 +222,24 @@ def constrained_generate(
 class ConstrainedLogitsProcessor(LogitsProcessor):
     """Constrained decoding inside ``model.generate`` (a ``LogitsProcessor``).
 
-    The first call records the prompt length; later calls read the tokens generated since from
-    ``input_ids``. Per row it draws a token with AWRS (``method="awrs"``) and returns scores that are
-    ``-inf`` except at that token, so ``generate`` (greedy or sampling) emits it; with
-    ``method="mask"`` it returns the warped log-probabilities with the disallowed tokens at ``-inf``,
-    and ``generate`` samples among them. ``generate`` applies its own warpers *after* the user's
-    processors, so put temperature/top-k/top-p here and leave ``generate``'s at their neutral values
-    (``temperature=1.0, top_k=0, top_p=1.0``). A row with no allowed token is forced to EOS (weight
-    ``-inf``). Rows that emitted EOS are left alone (``generate`` pads them).
+    Each call reads the text each row has generated since the prompt from ``input_ids`` (the prompt
+    width is tracked by :class:`~tokenlab.decoding.incremental.GenerationProgress`, so one object
+    serves successive ``generate`` calls). Per row it draws a token with AWRS (``method="awrs"``) and
+    returns scores that are ``-inf`` except at that token, so ``generate`` (greedy or sampling) emits
+    it; with ``method="mask"`` it returns the warped log-probabilities with the disallowed tokens at
+    ``-inf``, and ``generate`` samples among them. ``generate`` applies its own warpers *after* the
+    user's processors, so put temperature/top-k/top-p here and leave ``generate``'s at their neutral
+    values (``temperature=1.0, top_k=0, top_p=1.0``). A row with no allowed token is forced to EOS
+    (weight ``-inf``). Rows that emitted EOS are left alone (``generate`` pads them).
+
+    Modes: greedy and sampling (``num_return_sequences`` included). Under beam search or assisted
+    generation the generated texts stay constrained, but ``log_weights`` (accumulated per row and per
+    call) mean nothing: rows are reordered, candidates scored and dropped.
 
     Attributes:
         log_weights: ``[B]`` float64 accumulated ``log Ẑ`` per row (what :func:`constrained_generate`
-            returns as ``log_weights``).
+            returns as ``log_weights``), for the current ``generate`` call.
         constraint_calls: ``[B]`` constraint evaluations per row.
-
-    Call :meth:`reset` before reusing the processor for another ``generate`` call.
     """
 
     def __init__(
@@ -255,37 +262,32 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
         check_sampling(method, estimator, do_sample, generator)
         self.method, self.estimator, self.do_sample, self.generator = method, estimator, do_sample, generator
         self.warping = Warping(do_sample, temperature, top_k, top_p)
+        self.progress = GenerationProgress()
         self.reset()
 
     def reset(self) -> None:
-        """Forget the prompt length, texts, weights and counts of the previous ``generate`` call."""
-        self._prompt_length: int | None = None
+        """Start afresh at the next call (only needed when a new prompt begins with the previous one)."""
+        self.progress.reset()
         self._vocab: TokenVocabulary | None = None
         self.log_weights = torch.zeros(0, dtype=torch.float64)
         self.constraint_calls = torch.zeros(0, dtype=torch.long)
-        self._texts: list[bytes] = []
-        self._done: list[bool] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``input_ids [B, T]``, ``scores [B, V]`` → constrained scores ``[B, V]`` (a new tensor)."""
         B, V = scores.shape
-        if self._prompt_length is None:
-            self._prompt_length = input_ids.shape[1]
+        if self.progress.update(input_ids) == 0:
             self._vocab = _padded(self.vocabulary, V)
             self.log_weights = torch.zeros(B, dtype=torch.float64)
             self.constraint_calls = torch.zeros(B, dtype=torch.long)
-            self._texts, self._done = [b""] * B, [False] * B
-        elif input_ids.shape[1] > self._prompt_length:
-            for row, token in enumerate(input_ids[:, -1].tolist()):
-                if not self._done[row]:
-                    self._texts[row] += self._vocab.token_bytes[token] or b""
-                    self._done[row] = self._vocab.is_eos(token)
+        vocab = self._vocab
+        generated = input_ids[:, self.progress.prompt_length :].tolist()
         probs = _probabilities(scores, self.warping)
         out = torch.full_like(scores, float("-inf"))
         for row in range(B):
-            if self._done[row]:
+            if any(vocab.is_eos(t) for t in generated[row]):
                 out[row] = scores[row]
                 continue
-            judge = TokenJudge(self.constraint, self._vocab, self._texts[row])
+            judge = TokenJudge(self.constraint, vocab, vocab.decode(generated[row]))
             if self.method == "mask":  # generate samples among the allowed tokens
                 allowed = allowed_tokens(probs[row], judge)
                 dead = allowed.size == 0
@@ -299,8 +301,8 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
             self.constraint_calls[row] += judge.calls
             self.log_weights[row] += log_weight
             if dead:  # no allowed continuation: end the row with EOS (without an EOS id, leave it be)
-                if self._vocab.eos_token_ids:
-                    out[row, list(self._vocab.eos_token_ids)] = 0.0
+                if vocab.eos_token_ids:
+                    out[row, list(vocab.eos_token_ids)] = 0.0
                 else:
                     out[row] = scores[row]
         return out

@@ -39,14 +39,16 @@ from typing import Literal
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
-from tokenlab._checks import check_choice, check_int, check_number, check_shape, check_tensor
+from tokenlab._checks import check_choice, check_generator, check_int, check_number, check_shape, check_tensor
 from tokenlab.decoding.incremental import (
     CachedStream,
     GenerationProgress,
     check_causal_lm,
     check_prompts,
+    choose_token,
     decode_loop,
     eos_token_ids,
+    model_device,
     pad_token_id_for,
 )
 from tokenlab.kernels.warping import Warping
@@ -89,9 +91,12 @@ class _ContrastiveContextProcessor(LogitsProcessor):
         context_free_attention_mask: torch.Tensor | None,
     ) -> None:
         self.model = check_causal_lm("model", model)
-        device = next(model.parameters()).device
         self.context_free_ids, self.context_free_mask = check_prompts(
-            "context_free_ids", context_free_ids, context_free_attention_mask, device
+            model,
+            context_free_ids,
+            context_free_attention_mask,
+            name="context_free_ids",
+            mask_name="context_free_attention_mask",
         )
         self.progress = GenerationProgress()
         self.stream: CachedStream | None = None
@@ -109,7 +114,12 @@ class _ContrastiveContextProcessor(LogitsProcessor):
         alpha = self.context_weight(logp_context, logp_free)
         self.alphas.append(alpha)
         alpha = alpha.unsqueeze(-1)
-        return ((1 + alpha) * logp_context - alpha * logp_free).log_softmax(dim=-1)
+        # (1 + α)·ℓ_c − α·ℓ_x written as ℓ_c + α·(ℓ_c − ℓ_x): α = 0 adds exactly nothing (no 0·∞ where
+        # the context-free side rules a token out), and a token the context rules out stays at −∞
+        # (no ∞ − ∞ where both sides do).
+        contrast = torch.where(alpha > 0, alpha * (logp_context - logp_free), 0.0)
+        combined = (logp_context + contrast).masked_fill(logp_context == float("-inf"), float("-inf"))
+        return combined.log_softmax(dim=-1)
 
     @property
     def alpha_history(self) -> torch.Tensor:
@@ -188,8 +198,9 @@ class ContextAwareLogitsProcessor(_ContrastiveContextProcessor):
             ``context_free_attention_mask [B, Tx]`` is given.
         alpha: ``α ≥ 0``, the weight of the contrast (the paper uses 0.5 and 1).
 
-    Modes: greedy, sampling and beam search (see the module docstring). After a ``generate`` call,
-    ``stream`` holds the context-free ids/mask/cache and ``alpha_history`` the ``α`` per step.
+    Modes: greedy, sampling, beam search and assisted generation (see the module docstring). After a
+    ``generate`` call, ``stream`` holds the context-free ids/mask/cache and ``alpha_history`` the ``α``
+    per step.
     """
 
     def __init__(
@@ -275,37 +286,35 @@ def context_aware_generate(
         eos_token_id: id(s) that end a sequence (kept); ``None``: the model's generation config;
             ``[]``: never stop early.
         pad_token_id: fills a sequence after its EOS (default: generation config, first EOS, 0).
-        generator: random source of sampling.
+        generator: random source of sampling (a ``torch.Generator`` on the model's device).
 
     Returns:
         :class:`ContextAwareOutput`. Greedy output equals ``model.generate(input_ids,
         logits_processor=[ContextAwareLogitsProcessor(...)], do_sample=False)`` token for token.
     """
+    check_causal_lm("model", model)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     check_choice("method", method, METHODS)
-    if method == "cad":  # the processor validates the model, the context-free prompts and alpha
+    if method == "cad":  # the processor validates the context-free prompts and alpha
         processor: _ContrastiveContextProcessor = ContextAwareLogitsProcessor(
             model, context_free_ids, context_free_attention_mask, alpha=alpha
         )
     else:
         processor = AdaCADLogitsProcessor(model, context_free_ids, context_free_attention_mask)
-    device = next(model.parameters()).device
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
-    if context_free_ids.shape[0] != input_ids.shape[0]:
+    if processor.context_free_ids.shape[0] != input_ids.shape[0]:
         raise ValueError(
             f"`context_free_ids` must have one row per prompt ({input_ids.shape[0]}), "
-            f"got {context_free_ids.shape[0]}"
+            f"got {processor.context_free_ids.shape[0]}"
         )
     check_int("max_new_tokens", max_new_tokens, low=1)
     warping = Warping(do_sample, temperature, top_k, top_p)
     eos = eos_token_ids(model, eos_token_id)
     pad = pad_token_id_for(model, pad_token_id, eos)
+    check_generator("generator", generator, model_device(model))
     stream = CachedStream(model, input_ids, mask)
 
-    def choose(step: int, logits: torch.Tensor) -> torch.Tensor:
-        scores = processor(stream.ids, logits)
-        if not warping.do_sample:
-            return scores.argmax(dim=-1)
-        return torch.multinomial(warping.probs(scores), 1, generator=generator).view(-1)
+    def choose(step: int, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        return choose_token(processor(stream.ids, logits), warping, generator)
 
     sequences = decode_loop(stream, choose, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad)
     return ContextAwareOutput(sequences, processor.alpha_history)

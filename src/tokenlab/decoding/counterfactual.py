@@ -38,7 +38,9 @@ from tokenlab.decoding.incremental import (
     check_prompts,
     decode_loop,
     eos_token_ids,
+    model_device,
     pad_token_id_for,
+    vocab_size,
 )
 from tokenlab.kernels.warping import Warping
 
@@ -97,9 +99,10 @@ class GumbelSample:
     """A generation with its exogenous noise, replayable by :func:`counterfactual_generate`.
 
     ``sequences [B, P + N]``: the prompts as given, then the generated tokens (padded after EOS);
-    ``attention_mask [B, P]``: the prompts' left-padding mask; ``seeds [B]``: each row's noise seed
-    (position ``i`` of row ``b`` used :func:`gumbel_noise` ``(seeds[b], i)``); the warping and stop
-    settings of the run; ``max_new_tokens``: the budget a replay uses.
+    ``attention_mask [B, P]``: the prompts' left-padding mask (given, or inferred from the pad id);
+    ``seeds [B]``: each row's noise seed (position ``i`` of row ``b`` used :func:`gumbel_noise`
+    ``(seeds[b], i)``); the warping and stop settings of the run; ``max_new_tokens``: the budget a
+    replay uses.
     """
 
     sequences: torch.Tensor
@@ -151,15 +154,14 @@ def _run(
     max_new_tokens: int,
     forced: torch.Tensor | None,
 ) -> GumbelSample:
-    """The SCM's loop; ``forced [B, F]`` (−1: free) fixes the token of the first ``F`` positions."""
+    """The SCM's loop; ``forced [B, F]`` (the intervention) fixes the tokens of the first ``F`` positions."""
     stream = CachedStream(model, input_ids, mask)
 
-    def choose(step: int, logits: torch.Tensor) -> torch.Tensor:
-        noise = _gumbel_noise(seeds, step, logits.shape[-1], logits.dtype, logits.device)
-        token = gumbel_max_choice(warping.logits(logits), noise)
+    def choose(step: int, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         if forced is not None and step < forced.shape[1]:
-            token = torch.where(forced[:, step] >= 0, forced[:, step], token)
-        return token
+            return forced[:, step]
+        noise = _gumbel_noise(seeds, step, logits.shape[-1], logits.dtype, logits.device)
+        return gumbel_max_choice(warping.logits(logits), noise)
 
     sequences = decode_loop(stream, choose, max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad)
     return GumbelSample(sequences, mask, seeds, warping, eos, pad, max_new_tokens)
@@ -195,8 +197,7 @@ def gumbel_generate(
         logits (the Gumbel-Max trick), i.e. as ``generate(do_sample=True)`` samples.
     """
     model = check_causal_lm("model", model)
-    device = next(model.parameters()).device
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     check_int("max_new_tokens", max_new_tokens, low=1)
     seeds = _seeds(seed, input_ids.shape[0])
     warping = Warping(True, temperature, top_k, top_p)
@@ -234,14 +235,14 @@ def counterfactual_generate(
         raise TypeError(
             f"`factual` must be a GumbelSample (from gumbel_generate), got {type(factual).__name__}"
         )
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = factual.sequences.shape[0]
     if input_ids is None:
         if attention_mask is not None:
             raise ValueError("`attention_mask` goes with `input_ids` (a new prompt)")
         input_ids, mask = factual.prompt_ids, factual.attention_mask
     else:
-        input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
+        input_ids, mask = check_prompts(model, input_ids, attention_mask)
         if input_ids.shape[0] != batch:
             raise ValueError(
                 f"`input_ids` must have {batch} rows (one per factual sequence), got {input_ids.shape[0]}"
@@ -259,7 +260,7 @@ def counterfactual_generate(
             token = token.to(device=device, dtype=torch.long)
         else:
             token = torch.full((batch,), check_int("token", token, low=0), dtype=torch.long, device=device)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = vocab_size(model)
         if bool(((token < 0) | (token >= vocab)).any()):
             raise ValueError(f"`token` ids must be in [0, {vocab})")
         forced = torch.cat([generated[:, :position], token.view(-1, 1)], dim=1)

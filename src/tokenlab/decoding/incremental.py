@@ -9,11 +9,17 @@
   rolled back (:meth:`~CachedStream.crop`: rejected candidates of assisted generation).
 * :class:`GenerationProgress` — where a ``LogitsProcessor`` stands inside one ``generate`` call:
   the prompt width and the response position of each call, and whether a call starts a new
-  generation (a processor object reused across ``generate`` calls resets itself).
-  The sampling loops (constrained generation, branching factor, token forcing, token healing) step
-  it the same way.
+  generation (a processor object reused across ``generate`` calls resets itself). Every processor
+  of the family tracks its position with it (CAD/AdaCAD, refusal tokens, CyclicReflex, constrained
+  decoding).
 * :func:`decode_loop` — the plain loop (no ``generate``): one stream, a token chooser per step,
-  EOS handling and ``generate``-style output (the prompt, then new tokens, padded after EOS).
+  EOS handling and ``generate``-style output (the prompt, then new tokens, padded after EOS); every
+  sampling loop of the family runs on it (CAD/AdaCAD, the Gumbel-Max SCM, constrained generation,
+  branching factor, token forcing), and :func:`choose_token` is its greedy-or-warped-sample chooser.
+* The checks every public entry of the family shares, so a mistake gets the same error everywhere,
+  before any forward: :func:`check_causal_lm`, :func:`check_prompts` (token ids in range, a left-padding
+  mask — inferred from the pad id as ``generate`` does when none is given), :func:`eos_token_ids`,
+  :func:`pad_token_id_for` (generators: :func:`tokenlab._checks.check_generator`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from tokenlab._checks import ArgumentTypeError, check_int
 from tokenlab._hf import cache_kwargs
+from tokenlab.kernels.warping import Warping
 
 
 def check_causal_lm(name: str, model: object) -> PreTrainedModel:
@@ -34,48 +43,156 @@ def check_causal_lm(name: str, model: object) -> PreTrainedModel:
     return model
 
 
+def model_device(model: PreTrainedModel) -> torch.device:
+    """The device of the model's parameters (where prompts must be)."""
+    return next(model.parameters()).device
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """The number of token ids the model scores (rows of its LM head): the range of EOS and pad ids."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) − 1`` (0 at padding): the positions of a left-padded batch ``[R, L]``, so that a
+    padded row computes what it would alone."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _is_left_padding(mask: torch.Tensor) -> bool:
+    return bool(
+        ((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()
+    )
+
+
 def check_prompts(
-    name: str, input_ids: object, attention_mask: object, device: torch.device
+    model: PreTrainedModel,
+    input_ids: object,
+    attention_mask: object = None,
+    *,
+    name: str = "input_ids",
+    mask_name: str = "attention_mask",
+    pad_token_id: int | None = None,
+    eos: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T]`` int64 prompts on ``device`` and their 0/1 left-padding mask (all ones when ``None``)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"`{name}` must be a [B, T] int64 tensor")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"`{name}` must be non-empty, got shape {tuple(input_ids.shape)}")
+    """``[B, T]`` int64 prompts of token ids in ``[0, num_embeddings)`` on the model's device, and their
+    0/1 left-padding mask ``[B, T]`` (``name``/``mask_name``: the arguments' names in messages).
+
+    Without ``attention_mask`` the mask is decided as ``generate`` decides it, from ``pad_token_id``
+    (default: the model's ``generation_config``): a pad id that occurs in the prompts and is no EOS id
+    (``eos``, default: the generation config's) cannot be a prompt token, so the mask is
+    ``input_ids != pad_token_id`` — which must then be left padding (else ``ValueError``: pass the
+    mask). A pad id that is also an EOS id may be a real token: every token is taken as prompt, unless
+    the rows start with different numbers of it (that looks like left padding: ``ValueError``).
+    Otherwise the mask is all ones.
+    """
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.is_floating_point()
+        or input_ids.dtype != torch.long
+    ):
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ArgumentTypeError(f"`{name}` must be a [B, T] int64 tensor of token ids, got {got}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"`{name}` must be a non-empty [B, T] tensor, got shape {tuple(input_ids.shape)}")
+    device = model_device(model)
     if input_ids.device != device:
         raise ValueError(f"`{name}` is on {input_ids.device} but the model is on {device}")
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    mask_name = f"{name}'s attention_mask"
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"`{mask_name}` must be a tensor of shape {tuple(input_ids.shape)}")
-    if attention_mask.device != device:
-        raise ValueError(f"`{mask_name}` is on {attention_mask.device} but the model is on {device}")
-    mask = attention_mask.long()
-    if not (
-        ((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()
-    ):
-        raise ValueError(f"`{mask_name}` must be 0/1 with left padding (zeros only before the tokens)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`{mask_name}` must be a tensor of the shape of `{name}` {tuple(input_ids.shape)}"
+            )
+        if attention_mask.device != device:
+            raise ValueError(f"`{mask_name}` is on {attention_mask.device} but the model is on {device}")
+        mask = attention_mask.long()
+        if not _is_left_padding(mask):
+            raise ValueError(f"`{mask_name}` must be 0/1 with left padding (zeros only before the tokens)")
+    else:
+        mask = _generate_mask(model, input_ids, pad_token_id, eos, name, mask_name)
+    embedded = model.get_input_embeddings().num_embeddings
+    tokens = input_ids[mask.bool()]
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= embedded:
+        raise ValueError(
+            f"`{name}` must be token ids in [0, {embedded}) (the model's embeddings), got ids {low} to {high}"
+        )
     return input_ids, mask
 
 
-def eos_token_ids(model: PreTrainedModel, eos_token_id: int | Sequence[int] | None) -> list[int]:
-    """The EOS ids as a list: ``None`` takes the model's ``generation_config`` (as ``generate``)."""
+def _generate_mask(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    pad_token_id: int | None,
+    eos: Sequence[int] | None,
+    name: str,
+    mask_name: str,
+) -> torch.Tensor:
+    """The left-padding mask ``generate`` infers from the pad id (see :func:`check_prompts`)."""
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+    ones = torch.ones_like(input_ids)
+    if pad_token_id is None or not bool((input_ids == pad_token_id).any()):
+        return ones
+    is_pad = input_ids == pad_token_id
+    if pad_token_id not in (eos_token_ids(model, None) if eos is None else eos):
+        mask = (~is_pad).long()
+        if not _is_left_padding(mask):
+            raise ValueError(
+                f"`{name}` holds pad_token_id {pad_token_id} after a prompt token (or a row of padding "
+                f"only), which is not left padding: pass `{mask_name}`"
+            )
+        return mask
+    leading = is_pad.long().cumprod(dim=1).sum(dim=1)
+    if bool((leading != leading[0]).any()):
+        raise ValueError(
+            f"`{name}` rows start with different numbers of pad_token_id {pad_token_id}, which is also an "
+            f"EOS id (so it may be a prompt token): pass `{mask_name}`"
+        )
+    return ones
+
+
+def eos_token_ids(model: PreTrainedModel, eos_token_id: object) -> list[int]:
+    """The EOS ids as a list of ids in ``[0, vocab_size)``: ``None`` takes the model's
+    ``generation_config`` (as ``generate``), ``[]`` none (never stop early)."""
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-        raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
-    return eos
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    scalar = isinstance(eos_token_id, int)
+    values = [eos_token_id] if scalar else eos_token_id
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ArgumentTypeError(
+            f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}"
+        )
+    high = vocab_size(model) - 1
+    return [
+        check_int("eos_token_id" if scalar else f"eos_token_id[{i}]", e, low=0, high=high)
+        for i, e in enumerate(values)
+    ]
 
 
-def pad_token_id_for(model: PreTrainedModel, pad_token_id: int | None, eos: list[int]) -> int:
-    """``pad_token_id``, else the model's generation config, else the first EOS id, else 0."""
+def pad_token_id_for(model: PreTrainedModel, pad_token_id: object, eos: Sequence[int]) -> int:
+    """``pad_token_id``, else the model's generation config, else the first EOS id, else 0: an id in
+    ``[0, vocab_size)`` (it is fed to the model after a row ends)."""
     if pad_token_id is None:
         pad_token_id = model.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
-    return pad_token_id
+    return check_int("pad_token_id", pad_token_id, low=0, high=vocab_size(model) - 1)
+
+
+def choose_token(
+    logits: torch.Tensor, warping: Warping, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The next token of each row from ``logits [R, V]``: ``argmax`` for greedy decoding, else a draw
+    from the warped distribution (:class:`~tokenlab.kernels.warping.Warping`) with ``generator``
+    (on the logits' device). ``[R]`` int64."""
+    if not warping.do_sample:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(warping.probs(logits), 1, generator=generator).view(-1)
 
 
 class CachedStream:
@@ -93,7 +210,7 @@ class CachedStream:
         self.cache = DynamicCache(config=model.config)
 
     def _forward(self, start: int) -> torch.Tensor:
-        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+        positions = position_ids(self.mask)
         logits = self.model(
             input_ids=self.ids[:, start:],
             attention_mask=self.mask,
@@ -175,17 +292,22 @@ class GenerationProgress:
 
 def decode_loop(
     stream: CachedStream,
-    choose: Callable[[int, torch.Tensor], torch.Tensor],
+    choose: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     max_new_tokens: int,
     eos: Sequence[int],
     pad_token_id: int,
+    progress: bool = False,
+    desc: str = "decoding",
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens per row of ``stream`` (its prompt as it stands).
 
-    ``choose(step, logits [R, V]) -> tokens [R]`` picks the token of position ``step`` (0-based)
-    from the stream's next-token logits. A row that emits an EOS id keeps it and is padded with
-    ``pad_token_id`` afterwards; the loop stops when every row has ended.
+    ``choose(step, logits [R, V], done [R]) -> tokens [R]`` picks the token of position ``step``
+    (0-based) from the stream's next-token logits; ``done`` marks the rows that have ended (their
+    token is replaced by ``pad_token_id``). A row ends after emitting an EOS id (kept), or when
+    ``choose`` sets it in ``done`` (in place: the row keeps the token chosen at this step — e.g. a text
+    that is complete — or gets ``pad_token_id`` if ``choose`` returns that, e.g. at a dead end). The
+    loop stops when every row has ended; it advances the stream once per step except the last.
 
     Returns ``sequences [R, P + N]``: the prompt as given, then the new tokens (``N ≤ max_new_tokens``).
     """
@@ -194,8 +316,9 @@ def decode_loop(
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     new: list[torch.Tensor] = []
     logits = stream.prefill()
-    for step in range(max_new_tokens):
-        tokens = torch.where(done, pad_token_id, choose(step, logits))
+    for step in tqdm(range(max_new_tokens), desc=desc, disable=not progress):
+        ended = done.clone()
+        tokens = torch.where(ended, pad_token_id, choose(step, logits, done))
         new.append(tokens)
         done |= torch.isin(tokens, eos_ids)
         if bool(done.all()) or step + 1 == max_new_tokens:

@@ -22,15 +22,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from tokenlab._checks import check_bool, check_int, check_positive, check_tensor
-from tokenlab.decoding.incremental import CachedStream, check_causal_lm, check_prompts
+from tokenlab._checks import check_bool, check_generator, check_int, check_tensor
+from tokenlab.decoding.incremental import (
+    CachedStream,
+    check_causal_lm,
+    check_prompts,
+    decode_loop,
+    eos_token_ids,
+    model_device,
+    pad_token_id_for,
+    position_ids,
+    vocab_size,
+)
 from tokenlab.kernels.warping import Warping
 
 
@@ -52,7 +62,7 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 def _positions_logits(model: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
 
 
@@ -63,7 +73,7 @@ def next_token_entropy(
     """Per-step entropy along given sequences: ``[B, T]``, entry ``t`` the entropy of the model's
     distribution of token ``t + 1`` given tokens ``≤ t`` (``nan`` at padding)."""
     check_causal_lm("model", model)
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, next(model.parameters()).device)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     entropy = token_entropy(_positions_logits(model, input_ids, mask))
     return entropy.masked_fill(mask == 0, float("nan"))
 
@@ -88,7 +98,8 @@ class BranchingFactor:
         entropies: ``[B, M, N]`` entropy of the sampled-from distribution at each step (``nan`` after
             a continuation ended at EOS).
         log_probs: ``[B, M, N]`` log-probability of each sampled token (``nan`` after the end).
-        sequences: ``[B, M, N]`` the sampled tokens (``pad`` after the end).
+        sequences: ``[B, M, N]`` the sampled tokens (after the end: the model's pad id, else the
+            first EOS id, else 0).
     """
 
     value: torch.Tensor
@@ -127,42 +138,45 @@ def branching_factor(
         max_new_tokens: length of each continuation (``N``; shorter when it emits EOS).
         eos_token_id: token id(s) that end a continuation (counted as its last step); default the
             model's ``generation_config.eos_token_id``; ``[]`` never ends early.
-        generator: random source of the samples (on the model's device type).
+        generator: random source of the samples (a ``torch.Generator`` on the model's device).
 
     Returns:
         :class:`BranchingFactor`.
     """
     check_causal_lm("model", model)
-    device = next(model.parameters()).device
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     M = check_int("num_samples", num_samples, low=1)
     N = check_int("max_new_tokens", max_new_tokens, low=1)
     warping = Warping(True, temperature, top_k, top_p)
-    eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
-    eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
+    eos = eos_token_ids(model, eos_token_id)
+    pad = pad_token_id_for(model, None, eos)
+    check_generator("generator", generator, model_device(model))
     check_bool("progress", progress)
 
-    B = input_ids.shape[0]
+    B, P = input_ids.shape
     stream = CachedStream(model, input_ids.repeat_interleave(M, dim=0), mask.repeat_interleave(M, dim=0))
-    next_logits = stream.prefill()
     entropies = torch.full((B * M, N), float("nan"), dtype=torch.float64)
     log_probs = torch.full((B * M, N), float("nan"), dtype=torch.float64)
-    pad = int(eos_ids[0]) if eos_ids.numel() else 0
-    tokens = torch.full((B * M, N), pad, dtype=torch.long)
-    alive = torch.ones(B * M, dtype=torch.bool, device=device)
-    for t in tqdm(range(N), desc="branching factor", disable=not progress):
-        logits = warping.logits(next_logits.double())
-        logp = torch.log_softmax(logits, dim=-1)
+
+    def choose(step: int, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(warping.logits(logits.double()), dim=-1)
         token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-        live = alive.cpu()
-        entropies[live, t] = _entropy(logp)[alive].cpu()
-        log_probs[live, t] = logp.gather(1, token[:, None]).squeeze(1)[alive].cpu()
-        tokens[live, t] = token[alive].cpu()
-        alive &= ~torch.isin(token, eos_ids)
-        if not alive.any():
-            break
-        next_logits = stream.advance(token)
+        live = ~done
+        entropies[live.cpu(), step] = _entropy(logp)[live].cpu()
+        log_probs[live.cpu(), step] = logp.gather(1, token[:, None]).squeeze(1)[live].cpu()
+        return token
+
+    sequences = decode_loop(
+        stream,
+        choose,
+        max_new_tokens=N,
+        eos=eos,
+        pad_token_id=pad,
+        progress=progress,
+        desc="branching factor",
+    )
+    tokens = torch.full((B * M, N), pad, dtype=torch.long)
+    tokens[:, : sequences.shape[1] - P] = sequences[:, P:].cpu()
     entropies, log_probs = entropies.view(B, M, N), log_probs.view(B, M, N)
     return BranchingFactor(
         value=branching_factor_from_entropies(entropies),
@@ -192,11 +206,11 @@ def _scored_log_probs(
     input_ids: torch.Tensor,
     turn_ids: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float,
+    warping: Warping,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per row: (tokens, turn index, log-distribution predicting them ``[n, V]`` float64) of the
     positions with ``turn_ids ≥ 0``."""
-    logp = torch.log_softmax(_positions_logits(model, input_ids, mask).double() / temperature, dim=-1)
+    logp = torch.log_softmax(warping.logits(_positions_logits(model, input_ids, mask).double()), dim=-1)
     rows = []
     for b in range(input_ids.shape[0]):
         where = torch.nonzero(turn_ids[b] >= 0).flatten()
@@ -236,18 +250,23 @@ def turn_kl_drift(
     """
     for name, m in (("model", model), ("reference", reference)):
         check_causal_lm(name, m)
-    device = next(model.parameters()).device
-    input_ids, mask = check_prompts("input_ids", input_ids, attention_mask, device)
+    input_ids, mask = check_prompts(model, input_ids, attention_mask)
     check_tensor("turn_ids", turn_ids, integer=True)
     if turn_ids.shape != input_ids.shape:
         raise ValueError(f"`turn_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}")
+    if model_device(reference) != model_device(model):
+        raise ValueError(f"`reference` is on {model_device(reference)}, `model` on {model_device(model)}")
     if reference_input_ids is None:
         if reference_turn_ids is not None or reference_attention_mask is not None:
             raise ValueError("`reference_turn_ids`/`reference_attention_mask` need `reference_input_ids`")
         reference_input_ids, reference_turn_ids, ref_mask = input_ids, turn_ids, mask
     else:
         reference_input_ids, ref_mask = check_prompts(
-            "reference_input_ids", reference_input_ids, reference_attention_mask, device
+            reference,
+            reference_input_ids,
+            reference_attention_mask,
+            name="reference_input_ids",
+            mask_name="reference_attention_mask",
         )
         check_tensor("reference_turn_ids", reference_turn_ids, integer=True)
         if reference_turn_ids.shape != reference_input_ids.shape:
@@ -255,25 +274,38 @@ def turn_kl_drift(
     for name, ids in (("turn_ids", turn_ids), ("reference_turn_ids", reference_turn_ids)):
         if bool((ids[:, 0] >= 0).any()):
             raise ValueError(f"`{name}`: the first token has no prediction and cannot be scored (use -1)")
-    vocab = (model.get_output_embeddings().weight.shape[0], reference.get_output_embeddings().weight.shape[0])
+    vocab = (vocab_size(model), vocab_size(reference))
     if vocab[0] != vocab[1]:
         raise ValueError(
             f"`model` and `reference` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}"
         )
-    temperature = check_positive("temperature", temperature)
+    warping = Warping(True, temperature)
 
-    test = _scored_log_probs(model, input_ids, turn_ids, mask, temperature)
-    ref = _scored_log_probs(reference, reference_input_ids, reference_turn_ids, ref_mask, temperature)
+    test = _scored_log_probs(model, input_ids, turn_ids, mask, warping)
+    ref = _scored_log_probs(reference, reference_input_ids, reference_turn_ids, ref_mask, warping)
     K = int(turn_ids.max()) + 1 if bool((turn_ids >= 0).any()) else 0
     drift = torch.full((input_ids.shape[0], K), float("nan"), dtype=torch.float64)
     for b, ((tokens, turns, logq), (ref_tokens, ref_turns, logp)) in enumerate(zip(test, ref)):
         if not (torch.equal(tokens, ref_tokens) and torch.equal(turns, ref_turns)):
             raise ValueError(f"row {b}: the reference's scored tokens differ from the model's")
-        kl = (logq.exp() * (logq - logp)).sum(dim=-1).cpu()
+        q = logq.exp()
+        kl = torch.where(q > 0, q * (logq - logp), 0.0).sum(dim=-1).cpu()  # 0·log(0/p) = 0
         turns = turns.cpu()
         for k in turns.unique().tolist():
             drift[b, k] = kl[turns == k].mean()
     return drift
+
+
+def _recording_greedy(log_probs: torch.Tensor) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A :func:`decode_loop` chooser: the most likely token, its log-probability written to
+    ``log_probs[:, step]`` (a view of the caller's ``[rows, L]`` table)."""
+
+    def choose(step: int, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        best = torch.log_softmax(logits.double(), dim=-1).max(dim=-1)
+        log_probs[:, step] = best.values.cpu()
+        return best.indices
+
+    return choose
 
 
 @dataclass
@@ -319,8 +351,7 @@ def unconditional_token_forcing(
         batch_size: candidates per batched forward.
     """
     check_causal_lm("model", model)
-    device = next(model.parameters()).device
-    V = model.get_output_embeddings().weight.shape[0]
+    V = vocab_size(model)
     candidates = torch.arange(V) if candidate_tokens is None else torch.as_tensor(candidate_tokens).flatten()
     if (
         candidates.numel() == 0
@@ -331,25 +362,26 @@ def unconditional_token_forcing(
     if prefix_ids is None:
         bos = model.generation_config.bos_token_id
         prefix_ids = [] if bos is None else [bos]
-    prefix = torch.as_tensor(list(prefix_ids), dtype=torch.long)
+    embedded = model.get_input_embeddings().num_embeddings
+    prefix = torch.tensor(
+        [check_int(f"prefix_ids[{i}]", t, low=0, high=embedded - 1) for i, t in enumerate(prefix_ids)],
+        dtype=torch.long,
+    )
     L = check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("batch_size", batch_size, low=1)
     check_bool("progress", progress)
 
+    device = model_device(model)
     continuations = torch.empty(candidates.numel(), L, dtype=torch.long)
     log_probs = torch.empty(candidates.numel(), L, dtype=torch.float64)
     for lo in tqdm(range(0, candidates.numel(), batch_size), desc="token forcing", disable=not progress):
         chunk = candidates[lo : lo + batch_size].long()
+        rows = slice(lo, lo + chunk.numel())
         ids = torch.cat([prefix.expand(chunk.numel(), -1), chunk[:, None]], dim=1).to(device)
         stream = CachedStream(model, ids, torch.ones_like(ids))
-        next_logits = stream.prefill()
-        for t in range(L):
-            logp = torch.log_softmax(next_logits.double(), dim=-1)
-            best = logp.max(dim=-1)
-            continuations[lo : lo + chunk.numel(), t] = best.indices.cpu()
-            log_probs[lo : lo + chunk.numel(), t] = best.values.cpu()
-            if t + 1 < L:
-                next_logits = stream.advance(best.indices)
+        greedy = _recording_greedy(log_probs[rows])
+        sequences = decode_loop(stream, greedy, max_new_tokens=L, eos=[], pad_token_id=0)
+        continuations[rows] = sequences[:, ids.shape[1] :].cpu()
     scores = log_probs.mean(dim=-1)
     order = torch.sort(scores, descending=True, stable=True).indices
     return TokenForcingScan(candidates[order], continuations[order], log_probs[order], scores[order])

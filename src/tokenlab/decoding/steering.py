@@ -22,7 +22,7 @@ first response token), tracked per ``generate`` call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,18 @@ def _token_ids(name: str, ids: object) -> list[int]:
     return values
 
 
-def _per_token(name: str, value: object, count: int, check) -> list[float]:
+def _check_in_vocabulary(vocab: int, **ids: Sequence[int] | int | None) -> None:
+    """Each named id (or list of ids) in ``[0, vocab)``: checked at the first call of a generation, when
+    the scores' vocabulary size is known."""
+    for name, values in ids.items():
+        values = [] if values is None else [values] if isinstance(values, int) else values
+        if any(v >= vocab for v in values):
+            raise ValueError(
+                f"`{name}` must be token ids in [0, {vocab}) (the scores' vocabulary), got {values}"
+            )
+
+
+def _per_token(name: str, value: object, count: int, check: Callable[[str, object], float]) -> list[float]:
     """One number per token: a scalar is broadcast, a sequence must have ``count`` entries."""
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != count:
@@ -135,6 +146,11 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
 
     Raising a category's bias, or lowering its threshold, can only raise its refusal rate.
 
+    The rule is the paper's code's: one refusal token refuses when ``p([refuse]) ≥ τ`` and otherwise
+    emits ``[respond]``; with categories the code compares the most probable category's probability
+    with ``τ`` — what this rule does when every category has the same ``τ`` (per-category ``τ_c`` is
+    the generalisation: among the categories at or above their threshold the most probable wins).
+
     Args:
         refusal_token_ids: the refusal tokens, one per category (e.g. ``RefusalTokens.refusal_ids``).
         respond_token_id: the ``[respond]`` token, emitted below threshold (optional).
@@ -176,6 +192,9 @@ class RefusalTokenLogitsProcessor(LogitsProcessor):
         """``input_ids [R, T]``, ``scores [R, V]`` → steered scores ``[R, V]`` (a new tensor)."""
         if self.progress.update(input_ids) != 0:
             return scores
+        _check_in_vocabulary(
+            scores.shape[-1], refusal_token_ids=self.refusal_token_ids, respond_token_id=self.respond_token_id
+        )
         ids = torch.tensor(self.refusal_token_ids, device=scores.device)
         scores = scores.clone()
         scores[:, ids] += torch.tensor(self.bias, dtype=scores.dtype, device=scores.device)
@@ -260,6 +279,12 @@ class CyclicReflexLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``input_ids [R, T]``, ``scores [R, V]`` → biased scores ``[R, V]`` (a new tensor)."""
         position = self.progress.update(input_ids)
+        if position == 0:
+            _check_in_vocabulary(
+                scores.shape[-1],
+                reflection_token_ids=self.reflection_token_ids,
+                end_token_ids=self.end_token_ids,
+            )
         bias = float(_wave(position, self.amplitude, self.period, self.shift))
         ids = torch.tensor(self.reflection_token_ids, device=scores.device)
         scores = scores.clone()

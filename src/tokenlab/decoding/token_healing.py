@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokenlab._checks import check_int
 from tokenlab.decoding.constrained import ConstrainedOutput, constrained_generate
 from tokenlab.decoding.constraints import PredicateConstraint, TokenVocabulary
+from tokenlab.decoding.incremental import check_causal_lm, model_device
 from tokenlab.tokenization.byte_level import ByteLevelBPE
 
 
@@ -138,14 +139,17 @@ def token_healing_generate(
         max_backoff: most prompt tokens to back up.
         num_return_sequences: continuations of the prompt (a batch).
     """
+    check_causal_lm("model", model)
+    bpe = _bpe(tokenizer)
     if not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}")
     check_int("num_return_sequences", num_return_sequences, low=1)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    healed = heal_prompt(tokenizer, bos + ids, max_backoff=max_backoff)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([healed.input_ids] * num_return_sequences, dtype=torch.long, device=device)
+    healed = heal_prompt(bpe, bos + ids, max_backoff=max_backoff)
+    input_ids = torch.tensor(
+        [healed.input_ids] * num_return_sequences, dtype=torch.long, device=model_device(model)
+    )
     generate_kwargs.setdefault("do_sample", False)
     output = constrained_generate(
         model,
