@@ -7,8 +7,9 @@ Part 1 — exact next-byte law (Byte-Token Representation Lemma) at mid-token cu
 batched forwards and sequences per byte, ms per byte (total and model), next-byte accuracy / NLL vs
 naive token completion, and accuracy of token healing's first byte. Part 2 — the toy target
 transplanted to a tokenizer trained on another corpus slice with another vocabulary size, held-out
-bits/byte per method (OMP donor: a toy model trained with the new tokenizer). Goal: OMP and
-TokenAdapt beat mean-of-subtokens.
+bits/byte per method (OMP donor: a toy model trained with the new tokenizer; TokenAdapt in the donor's
+and in the base model's embedding space). Goal: OMP and TokenAdapt beat the mean and
+mean-of-subtokens baselines.
 """
 
 from __future__ import annotations
@@ -75,10 +76,9 @@ def main() -> None:
     print("\ntransplant to a new tokenizer, held-out loss:")
     harness.print_table(rows, ["model", "nats/token", "bits/byte", "seconds", "shared", "unique"])
     by_name = {r["model"].removeprefix("transplant: "): r["bits/byte"] for r in rows}
-    goal = (
-        by_name["omp"] < by_name["mean_of_subtokens"] and by_name["tokenadapt"] < by_name["mean_of_subtokens"]
-    )
-    print(f"goal (OMP and TokenAdapt beat mean-of-subtokens): {'met' if goal else 'NOT met'}")
+    baseline = min(by_name["mean_of_subtokens"], by_name["mean"])
+    goal = by_name["omp"] < baseline and by_name["tokenadapt (donor space)"] < baseline
+    print(f"goal (OMP and TokenAdapt beat mean and mean-of-subtokens): {'met' if goal else 'NOT met'}")
     if args.quick:
         assert all(torch.isfinite(torch.tensor(r["bits/byte"])) for r in rows)
     harness.finish(args, device, "transplant", byte_rows + rows)

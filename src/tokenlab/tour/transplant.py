@@ -143,9 +143,9 @@ def transplant_comparison(
 
     The OMP / TokenAdapt donor is a toy model of ``donor_size`` trained for ``donor_steps`` on
     ``new_docs`` with the new tokenizer (:func:`tokenlab.tour.toy.train_causal_lm`); without one
-    (``donor_size=None``) OMP is left out and TokenAdapt uses the base space. Rows: the original
-    target (its own tokenizer), the donor, then each method; each with nats/token, bits/byte,
-    shared/unique token counts and seconds.
+    (``donor_size=None``) OMP is left out. TokenAdapt runs in the base model's embedding space and,
+    with a donor, in the donor's too. Rows: the original target (its own tokenizer), the donor, then
+    each method; each with nats/token, bits/byte, shared/unique token counts and seconds.
     """
     new_tok = train_toy_tokenizer(new_docs, new_vocab)
     ctx = world.config.context_length
@@ -174,22 +174,26 @@ def transplant_comparison(
              "seconds": time.perf_counter() - start}
         )  # fmt: skip
     shared = len(set(new_tok.get_vocab()) & set(world.tokenizer.get_vocab()))
-    for method in TRANSPLANT_METHODS:
-        if method == "omp" and donor is None:
-            continue
+    runs = [(m, donor) for m in TRANSPLANT_METHODS if donor is not None or m != "omp"]
+    if donor is not None:  # TokenAdapt in both default auxiliary spaces
+        runs.insert(runs.index(("tokenadapt", donor)) + 1, ("tokenadapt", None))
+    for method, space in runs:
         start = time.perf_counter()
         model = transplant_tokenizer(
             copy.deepcopy(world.target),
             world.tokenizer,
             new_tok,
             method=method,
-            donor=donor,
+            donor=space,
             progress=progress,
         )
         seconds = time.perf_counter() - start
         loss, bpb = bits_per_byte(model, new_tok, heldout, ctx, eval_tokens)
+        label = f"transplant: {method}"
+        if method == "tokenadapt":
+            label += " (donor space)" if space is not None else " (base space)"
         rows.append(
-            {"model": f"transplant: {method}", "nats/token": loss, "bits/byte": bpb, "seconds": seconds,
+            {"model": label, "nats/token": loss, "bits/byte": bpb, "seconds": seconds,
              "shared": shared, "unique": len(new_tok) - shared}
         )  # fmt: skip
     return rows
