@@ -36,7 +36,7 @@ from tokenlab.merging import (
 from tokenlab.merging.cli import main as cli_main
 from tokenlab.merging.methods import DENSITY
 from tokenlab.merging.registry import Target, check_with
-from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
+from tokenlab.tour.merging import DOMAINS, domain_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
 PEFT_METHODS = {
@@ -406,8 +406,8 @@ def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
     models, _ = finetunes
     ctx = tiny_world.config.context_length
     probe = []
-    for subset in SUBSETS:
-        ids = subset_ids(tiny_world, "train", subset, 60_000)
+    for domain in DOMAINS:
+        ids = domain_ids(tiny_world, "train", domain, 60_000)
         windows = ids[: 4 * ctx].view(4, ctx)
         probe += [{"input_ids": w, "labels": w} for w in windows.split(2)]
     ft = list(models.values())
@@ -433,7 +433,7 @@ def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetu
     """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
     models, _ = finetunes
     ft = list(models.values())
-    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    ids = domain_ids(tiny_world, "train", "tests", 60_000)[: 2 * 64].view(2, 64)
     probe = [{"input_ids": ids, "labels": ids}]
     start, lr, h = [0.3, 0.6], 1e-3, 1e-2
     step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
@@ -671,9 +671,12 @@ def test_tour_section_runs(tiny_world):
     from tokenlab.tour.merging import tour_section
 
     lines = tour_section(tiny_world)
-    assert any(line.startswith("TIES merge") for line in lines)
-    values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
-    assert all(math.isfinite(v) and 0 < v < 10 for v in values)
+    rows = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in lines[4:8]}
+    assert list(rows) == ["base", "tuned on tests", "tuned on data", "TIES merge"]
+    assert all(math.isfinite(v) and 0 < v < 10 for values in rows.values() for v in values)
+    for column, domain in enumerate(DOMAINS):  # each fine-tune improves on its own domain
+        assert rows[f"tuned on {domain}"][column] < rows["base"][column] - 0.05, rows
+    assert lines[-1].startswith("the merge keeps ")
 
 
 def test_public_merging_functions_are_typed_and_documented():
