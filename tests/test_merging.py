@@ -7,7 +7,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tokenlab._atomic import _host
 from tokenlab._checks import check_number
 from tokenlab.merging import (
     MERGE_METHODS,
@@ -665,6 +672,89 @@ def test_checkpoint_bad_input(checkpoints, tmp_path):
     assert _tree_hash(inputs) == before
     assert not (ft0 / "merged").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_truncated_or_corrupt_input_file_is_named(checkpoints, tmp_path):
+    """safetensors' own error ("incomplete metadata") did not say which file of which input it was."""
+    base_dir, ft0, ft1, _ = checkpoints
+    truncated = _copy(ft1, tmp_path / "truncated") / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(
+        ValueError, match=re.escape(f"`finetuned_dirs[1]`: {str(truncated)!r}") + ".*truncated"
+    ):
+        merge_checkpoints(
+            "task_arithmetic", base_dir, [ft0, truncated.parent], tmp_path / "out", progress=False
+        )
+    index = _copy(ft0, tmp_path / "bad_index") / "model.safetensors.index.json"
+    index.write_text("{")
+    with pytest.raises(ValueError, match=re.escape(str(index))):
+        merge_checkpoints("task_arithmetic", base_dir, [index.parent], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_inputs_are_rejected_naming_the_tensor(checkpoints, tmp_path):
+    """A NaN in one task vector used to spread (task arithmetic) or, in TIES, to become the trim
+    threshold of the whole tensor, which then trimmed every other entry silently."""
+    base, finetuned = _models((6, 5), 2, torch.float32)
+    finetuned[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`finetuned\[1\]` 'layer.w' holds NaN"):
+        merge_tensors("ties", base, finetuned, density=0.5, name="layer.w")
+    with pytest.raises(ValueError, match=r"`base` 'w' holds NaN"):
+        merge_state_dicts("task_arithmetic", {"w": torch.tensor([math.inf])}, [{"w": torch.ones(1)}])
+    base_dir, ft0, ft1, _ = checkpoints
+    weights = load_file(ft1 / "model.safetensors")
+    weights["model.norm.weight"][7] = float("nan")
+    nan_dir = _rewrite(ft1, tmp_path / "nan", weights)
+    with pytest.raises(ValueError, match=r"merged tensor 'model\.norm\.weight' has NaN"):
+        merge_checkpoints("ties", base_dir, [ft0, nan_dir], tmp_path / "out", density=0.5, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+_TERMINATED_MERGE = """
+import os, signal, sys
+from tokenlab.merging import merge_checkpoints, register_merge_method, task_arithmetic
+
+@register_merge_method("test_terminated", paper="(test)")
+def terminated(inputs, weights):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the output is being written
+    yield from task_arithmetic(inputs, weights)
+
+merge_checkpoints("test_terminated", sys.argv[1], [sys.argv[2]], sys.argv[3], progress=False)
+"""
+
+
+def test_sigterm_during_a_merge_leaves_no_temporary_directory(checkpoints, tmp_path):
+    """Ctrl-C cleaned up, SIGTERM left a hidden temporary directory of the output's size behind."""
+    base_dir, ft0, _, _ = checkpoints
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_MERGE, str(base_dir), str(ft0), str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]  # the process still ends by SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_directories_are_swept_and_outputs_follow_the_umask(checkpoints, tmp_path):
+    """A temporary directory of the same output left by a dead process goes on the next run (one of a
+    live process stays); the output is created with the umask (it was drwx------)."""
+    base_dir, ft0, _, _ = checkpoints
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.merging-{dead.pid}@{_host()}-0123abcd"
+    live = tmp_path / f".out.merging-{os.getppid()}@{_host()}-4567cdef"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    previous = os.umask(0o027)
+    try:
+        out = merge_checkpoints("task_arithmetic", base_dir, [ft0], tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and live.exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
 
 
 def test_tour_section_runs(tiny_world):

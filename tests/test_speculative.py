@@ -365,6 +365,28 @@ def test_draft_equal_to_target_accepts_everything(pairs):
         assert out.stats.target_calls == 3  # ceil(13 / (k + 1)) steps, the whole batch each time
 
 
+@pytest.mark.parametrize("strategy", ["eqspec", "exspec"])
+def test_left_padded_batch_without_mask_equals_masked_call(pairs, strategy):
+    """As ``generate`` does, the mask is inferred from a pad id that is not an EOS id (it was silently
+    taken for prompt tokens); a pad id that is also an EOS id is ambiguous and raises."""
+    target, draft = pairs["llama-noisy"]
+    ids, mask = _prompts(4, 7, 64, seed=11)
+    assert (mask == 0).any()
+    kwargs = dict(max_new_tokens=9, num_draft_tokens=3, pad_token_id=0, eos_token_id=1, strategy=strategy)
+    masked = speculative_generate(target, draft, ids, attention_mask=mask, **kwargs).sequences
+    unmasked = speculative_generate(target, draft, ids, **kwargs).sequences
+    assert torch.equal(unmasked, masked)
+    # The pad id defaults to the target's generation config (0 here), as in generate.
+    kwargs.pop("pad_token_id")
+    assert torch.equal(speculative_generate(target, draft, ids, **kwargs).sequences, masked)
+    with pytest.raises(ValueError, match="attention_mask"):  # pad id 0 is also an EOS id
+        speculative_generate(target, draft, ids, **(kwargs | dict(pad_token_id=0, eos_token_id=[0, 1])))
+    inner = ids.clone()
+    inner[0, 3] = 0  # a pad id inside a prompt: not left padding
+    with pytest.raises(ValueError, match="attention_mask"):
+        speculative_generate(target, draft, inner, **kwargs)
+
+
 # --------------------------------------------------------------------------------- bad input
 def test_bad_input(pairs):
     target, draft = pairs["llama-noisy"]
@@ -399,6 +421,9 @@ def test_bad_input(pairs):
         speculative_generate(target, copy.deepcopy(draft).to("meta"), ids, max_new_tokens=3)
     with pytest.raises(ValueError, match="input_ids"):
         speculative_generate(target, draft, ids.to("meta"), max_new_tokens=3)
+    for bad in (64, -1):  # checked against both models' vocabularies before any forward
+        with pytest.raises(ValueError, match=r"`input_ids`.*vocabulary"):
+            speculative_generate(target, draft, torch.tensor([[5, bad, 7]]), max_new_tokens=3)
 
     logits, q, tokens, _, uniforms, noise = _verify_inputs(2, 3, 10, torch.float64, seed=0)
     with pytest.raises(ValueError, match="draft_tokens"):

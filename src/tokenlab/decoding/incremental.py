@@ -10,6 +10,8 @@
 * :class:`GenerationProgress` — where a ``LogitsProcessor`` stands inside one ``generate`` call:
   the prompt width and the response position of each call, and whether a call starts a new
   generation (a processor object reused across ``generate`` calls resets itself).
+  The sampling loops (constrained generation, branching factor, token forcing, token healing) step
+  it the same way.
 * :func:`decode_loop` — the plain loop (no ``generate``): one stream, a token chooser per step,
   EOS handling and ``generate``-style output (the prompt, then new tokens, padded after EOS).
 """
@@ -21,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+
+from tokenlab._hf import cache_kwargs
 
 
 def check_causal_lm(name: str, model: object) -> PreTrainedModel:
@@ -87,11 +91,6 @@ class CachedStream:
         self.ids = input_ids
         self.mask = attention_mask.long()
         self.cache = DynamicCache(config=model.config)
-        if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
-            raise ValueError(
-                f"{type(model).__name__} uses sliding-window or other non-full cache layers; incremental "
-                "decoding here needs full attention caches (DynamicLayer)"
-            )
 
     def _forward(self, start: int) -> torch.Tensor:
         positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
@@ -99,8 +98,8 @@ class CachedStream:
             input_ids=self.ids[:, start:],
             attention_mask=self.mask,
             position_ids=positions[:, start:],
-            cache=self.cache,
             use_cache=True,
+            **cache_kwargs(self.model, self.cache),
             logits_to_keep=1,
         ).logits[:, -1]
         return logits if logits.dtype == torch.float64 else logits.float()
@@ -124,7 +123,13 @@ class CachedStream:
         self.cache.reorder_cache(rows)
 
     def crop(self, length: int) -> None:
-        """Keep the first ``length`` columns (ids, mask and cache): a rollback."""
+        """Keep the first ``length`` columns (ids, mask and cache): a rollback (full-attention caches
+        only: a sliding window has already dropped the columns it would need)."""
+        if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            raise ValueError(
+                f"{type(self.model).__name__} uses sliding-window or other non-full cache layers, which "
+                "cannot be rolled back (assisted generation needs full attention caches)"
+            )
         if length < self.ids.shape[1]:
             self.cache.crop(length - self.ids.shape[1])  # a negative count: columns to remove
             self.ids, self.mask = self.ids[:, :length], self.mask[:, :length]

@@ -36,6 +36,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from tokenlab._checks import check_choice, check_int
+from tokenlab._hf import cache_kwargs
 from tokenlab.backend import Backend, resolve_backend
 from tokenlab.kernels.speculative_verify import verify_block
 from tokenlab.kernels.warping import Warping
@@ -180,7 +181,7 @@ def _forward(model: PreTrainedModel, ids, mask, cache: DynamicCache, logits_to_k
         input_ids=ids[:, start:],
         attention_mask=mask,
         position_ids=positions[:, start:],
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=logits_to_keep,
     )
@@ -286,8 +287,9 @@ def _model_vocab(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_models(target, draft) -> torch.device:
-    """Both HF causal LMs, one vocabulary, one device; returns the device."""
+def _check_models(target, draft) -> tuple[torch.device, int]:
+    """Both HF causal LMs, one vocabulary, one device; returns the device and the number of token ids
+    both models embed."""
     for name, model in (("target", target), ("draft", draft)):
         if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
             raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
@@ -299,25 +301,69 @@ def _check_models(target, draft) -> torch.device:
         raise ValueError(
             f"`target` and `draft` must be on one device, got {device} and {next(draft.parameters()).device}"
         )
-    return device
+    embedded = min(m.get_input_embeddings().num_embeddings for m in (target, draft))
+    return device, min(vocab[0], embedded)
 
 
-def _check_prompts(input_ids, attention_mask, device: torch.device) -> None:
-    """``[B, T]`` int64 prompts on ``device``, with an optional left-padding 0/1 mask."""
+def _check_prompts(input_ids, attention_mask, device: torch.device, vocab: int) -> None:
+    """``[B, T]`` int64 prompts of token ids in ``[0, vocab)`` on ``device``, with an optional
+    left-padding 0/1 mask."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("`input_ids` must be a [B, T] int64 tensor")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"`input_ids` must be non-empty, got shape {tuple(input_ids.shape)}")
     if input_ids.device != device:
         raise ValueError(f"`input_ids` is on {input_ids.device} but the models are on {device}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"`input_ids` must be token ids in [0, {vocab}) (the models' vocabulary), got ids {low} to {high}"
+        )
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_ids.shape)}")
         if attention_mask.device != device:
             raise ValueError(f"`attention_mask` is on {attention_mask.device} but the models are on {device}")
-        m = attention_mask.long()
-        if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
+        if not _is_left_padding(attention_mask.long()):
             raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
+
+
+def _is_left_padding(mask: torch.Tensor) -> bool:
+    return bool(
+        ((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()
+    )
+
+
+def _prompt_mask(input_ids, attention_mask, pad_token_id: int | None, eos: list[int]) -> torch.Tensor:
+    """The prompts' left-padding mask: ``attention_mask`` when given, else decided as ``generate``
+    does from ``pad_token_id`` (the caller's or the target's generation config; ``None``: none).
+
+    A pad id that occurs in ``input_ids`` and is no EOS id cannot be a prompt token: the mask is
+    ``input_ids != pad_token_id``, which must be left padding. A pad id that is also an EOS id may be
+    a real token (``generate`` then takes every token as prompt): that is done unless the rows start
+    with different numbers of it, which looks like left padding and raises instead.
+    """
+    if attention_mask is not None:
+        return attention_mask.long()
+    ones = torch.ones_like(input_ids)
+    if pad_token_id is None or not bool((input_ids == pad_token_id).any()):
+        return ones
+    is_pad = input_ids == pad_token_id
+    if pad_token_id not in eos:
+        mask = (~is_pad).long()
+        if not _is_left_padding(mask):
+            raise ValueError(
+                f"`input_ids` holds pad_token_id {pad_token_id} after a prompt token (or a row of padding "
+                "only), which is not left padding: pass `attention_mask`"
+            )
+        return mask
+    leading = (is_pad.long().cumprod(dim=1)).sum(dim=1)
+    if bool((leading != leading[0]).any()):
+        raise ValueError(
+            f"`input_ids` rows start with different numbers of pad_token_id {pad_token_id}, which is also an "
+            "EOS id, so padding cannot be told from text: pass `attention_mask`"
+        )
+    return ones
 
 
 def _eos_ids(eos_token_id) -> list[int]:
@@ -354,15 +400,20 @@ def speculative_generate(
         target, draft: HF causal LMs with the same vocabulary, on one device (full-attention
             caches). Greedy output equals ``target.generate(do_sample=False)`` token for token;
             sampled output follows the target's warped distribution.
-        input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` ``[B, P]`` is given.
+        input_ids: ``[B, P]`` prompts (token ids of both models' vocabulary), left-padded.
+        attention_mask: ``[B, P]`` 0/1, zeros on the left padding. Without it, as in ``generate``,
+            padding is where ``input_ids`` holds the pad id (``pad_token_id`` or the target's
+            generation config) if that id is no EOS id; a pad id that is also an EOS id counts as
+            text, and raises when the rows start with different numbers of it (pass the mask).
         max_new_tokens: tokens to generate per sequence (fewer when it emits an EOS).
         num_draft_tokens: ``k ≥ 1`` draft tokens per target call.
         do_sample, temperature, top_k, top_p: the warping of :class:`tokenlab.kernels.warping.Warping`,
             applied identically to the target and the draft.
         eos_token_id: token id(s) that end a sequence (kept in the output); ``None`` takes the
             target's ``generation_config.eos_token_id``, as ``generate`` does; ``[]`` never stops.
-        pad_token_id: fills the output after a sequence ends (default: the target's generation
-            config, then the first EOS id, then 0).
+        pad_token_id: the prompts' padding (see ``attention_mask``) and the filler of the output
+            after a sequence ends (default: the target's generation config, then for the filler
+            only the first EOS id, then 0).
         generator: the random source of sampling (draft tokens, uniforms, Exp(1) noise).
         strategy: ``"eqspec"`` (lockstep with realignment) or ``"exspec"`` (same-length groups).
         group_size: EXSPEC's largest group (default: the batch size); ignored by EQSPEC.
@@ -371,8 +422,8 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
-    device = _check_models(target, draft)
-    _check_prompts(input_ids, attention_mask, device)
+    device, vocab = _check_models(target, draft)
+    _check_prompts(input_ids, attention_mask, device, vocab)
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("num_draft_tokens", num_draft_tokens, low=1)
     eos = _eos_ids(target.generation_config.eos_token_id if eos_token_id is None else eos_token_id)
@@ -386,12 +437,13 @@ def speculative_generate(
     warping = Warping(do_sample, temperature, top_k, top_p)
     if pad_token_id is None:
         pad_token_id = target.generation_config.pad_token_id
-        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    vocab = _model_vocab(target)
-    check_int("pad_token_id", pad_token_id, low=0, high=vocab - 1)
+    declared_pad = pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    check_int("pad_token_id", pad_token_id, low=0, high=_model_vocab(target) - 1)
+    mask = _prompt_mask(input_ids, attention_mask, declared_pad, eos)
     sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids))
     B = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     stats = SpeculativeStats()
     generated: list[list[int]] = [[] for _ in range(B)]
     eos_set = set(eos)

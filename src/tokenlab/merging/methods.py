@@ -862,7 +862,9 @@ def slerp(
 
 # ---------------------------------------------------------------------------------- entry points
 def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "tensor") -> None:
-    """Same shape and dtype across ``base`` and every fine-tuned tensor; errors name ``name``."""
+    """Same shape and dtype across ``base`` and every fine-tuned tensor, floating point and finite
+    (NaN or infinity in a task vector would reach the merge: TIES' trim threshold, DARE's rescale);
+    errors name ``name``."""
     check_tensor("base", base)
     if isinstance(finetuned, torch.Tensor) or not isinstance(finetuned, Sequence) or not finetuned:
         raise TypeError("`finetuned` must be a non-empty sequence of tensors")
@@ -876,6 +878,9 @@ def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: s
             raise ValueError(f"dtype mismatch for {name!r}: base {base.dtype} vs model {i} {t.dtype}")
     if not base.is_floating_point():
         raise TypeError(f"{name!r} has dtype {base.dtype}: only floating-point tensors can be merged")
+    for who, t in (("base", base), *((f"finetuned[{i}]", t) for i, t in enumerate(finetuned))):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{who}` {name!r} holds NaN or infinite values (a merge would spread them)")
 
 
 def _merge(

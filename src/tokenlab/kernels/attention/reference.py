@@ -42,8 +42,11 @@ def attention_reference(
     v: torch.Tensor,
     variant: AttentionVariant | None = None,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]`` (``None`` unless softmax).
+    *,
+    return_key_scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Attention output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]`` (``None`` unless softmax), and
+    with ``return_key_scores`` the per-key scores ``[B, Hq, S]`` (see below).
 
     Computed in at least float32 (float64 inputs stay float64); the output is cast back to ``q``'s
     dtype, the LSE stays in the accumulation dtype. Inputs are assumed validated by the caller
@@ -58,6 +61,12 @@ def attention_reference(
        ``sigmoid``: ``out_i = Σ_j σ(s_ij + b_h) v_j``; ``relu``: ``out_i = Σ_j max(s_ij, 0) v_j``.
 
     A row with no visible key gets output 0 and ``L = sink_h`` (``−inf`` without sinks).
+
+    The per-key score of key ``j`` is the attention it receives summed over the queries,
+    ``Σ_i P_ij`` (the column sums of ``P``; the sink, which is no key, is not included), in the
+    accumulation dtype and without gradient: the statistic of H2O's heavy hitters (*H2O:
+    Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models*) and of the
+    attention-sink metrics.
     """
     variant = AttentionVariant() if variant is None else variant
     B, Hq, T, D = q.shape
@@ -97,4 +106,6 @@ def attention_reference(
     else:  # "relu"
         p = torch.relu(s).masked_fill(~visible, 0.0)
     out = torch.einsum("bhts,bhsd->bhtd", p, vv)
+    if return_key_scores:
+        return out.to(q.dtype), lse, p.detach().sum(dim=2)
     return out.to(q.dtype), lse
