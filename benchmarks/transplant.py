@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 
 import harness
 from tokenlab.tokenization import ByteLevelLM, transplant_tokenizer
 from tokenlab.tour.toy import ToyModelSize, load_toy_world, stdlib_documents
-from tokenlab.tour.transplant import next_byte_bias, transplant_comparison
+from tokenlab.tour.transplant import DonorRecipe, next_byte_bias, train_donor, transplant_comparison
 
 
 def check(world, heldout: list[str]) -> None:
@@ -59,20 +60,27 @@ def main() -> None:
     print("exact next-byte law at mid-token cuts (vs naive token completion):")
     harness.print_table(byte_rows, list(byte_rows[0]))
 
-    # the new tokenizer's corpus: the training-split documents after the world's own training slice
-    skip = world.metrics["train_bytes"]
-    docs = [t for _, t in stdlib_documents("train", max_bytes=skip + (150_000 if args.quick else 2_000_000))]
-    offset = int((torch.tensor([len(t.encode()) for t in docs]).cumsum(0) < skip).sum()) + 1
+    # the new tokenizer and its donor: other stdlib training files than the world's; a target-sized donor
+    recipe = DonorRecipe(
+        new_vocab_size=world.config.vocab_size + (64 if args.quick else 512),
+        new_corpus_bytes=150_000 if args.quick else 2_000_000,
+        size=ToyModelSize(32, 1, 2, 1, 64) if args.quick else world.config.target,
+        steps=20 if args.quick else world.config.train_steps,
+        learning_rate=world.config.learning_rate,
+    )
+    start = time.perf_counter()
+    new_tok, donor = train_donor(world, recipe, progress=not args.quick)
+    donor_seconds = time.perf_counter() - start
     rows = transplant_comparison(
         world,
-        docs[offset:],
+        new_tok,
         heldout,
-        new_vocab=world.config.vocab_size + (64 if args.quick else 512),
-        donor_size=ToyModelSize(32, 1, 2, 1, 64) if args.quick else world.config.target,
-        donor_steps=20 if args.quick else world.config.train_steps,
+        donor=donor,
         eval_tokens=2048 if args.quick else 32_768,
         progress=not args.quick,
     )
+    rows[1]["seconds"] = donor_seconds
+    rows[1]["model"] = f"donor ({recipe.steps} steps)"
     print("\ntransplant to a new tokenizer, held-out loss:")
     harness.print_table(rows, ["model", "nats/token", "bits/byte", "seconds", "shared", "unique"])
     by_name = {r["model"].removeprefix("transplant: "): r["bits/byte"] for r in rows}

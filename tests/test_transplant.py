@@ -340,10 +340,13 @@ def test_bad_input(toks):
 
 
 def test_tour_lines_on_tiny_world(tiny_world):
-    from tokenlab.tour.transplant import byte_level_and_transplant_lines
+    from tokenlab.tour.transplant import byte_level_and_transplant_lines, load_transplant_donor
 
     lines = byte_level_and_transplant_lines(tiny_world)
     text = "\n".join(lines)
     assert "exact next-byte law" in text and "naive token completion" in text
-    for method in set(TRANSPLANT_METHODS) - {"omp"}:  # the tour trains no donor
+    for method in TRANSPLANT_METHODS:
         assert f"transplant: {method}" in text
+    assert "tokenadapt (donor space)" in text and "tokenadapt (base space)" in text
+    new_tok, donor = load_transplant_donor(tiny_world, progress=False)  # cached: the same donor again
+    assert donor.config.vocab_size == len(new_tok) == len(tiny_world.tokenizer) + 64
