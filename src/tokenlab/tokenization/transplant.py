@@ -244,9 +244,10 @@ def _tokenadapt_local(problem: TransplantProblem, old: torch.Tensor, query: torc
         ids[i, : len(subs)] = torch.tensor(subs, dtype=torch.long)
         share[i, : len(subs)] = torch.tensor(lengths, dtype=torch.float64) / max(1, sum(lengths))
         present[i, : len(subs)] = True
-    cos = torch.einsum("nd,nld->nl", query, problem.auxiliary.old[0][ids])
+    keys = problem.auxiliary.old[0]  # similarities on the auxiliary space's device, rows on old's
+    cos = torch.einsum("nd,nld->nl", query, keys[ids.to(keys.device)]).cpu()
     score = (((cos + share) / 2) / problem.temperature).masked_fill(~present, -torch.inf)
-    weights = torch.softmax(score, dim=1).nan_to_num(0.0).to(old.dtype)  # rows without subtokens: 0
+    weights = torch.softmax(score, dim=1).nan_to_num(0.0).to(old.device, old.dtype)  # no subtokens: 0
     local = torch.einsum("nl,nld->nd", weights, old[ids.to(old.device)])
     return torch.where(present.any(1, keepdim=True).to(old.device), local, old.mean(0))
 
@@ -257,20 +258,22 @@ def _tokenadapt_global(
     """``(e_glob rows, found (n,))``: top-``k`` old tokens by ``cos(φ(s), φ(t_j))`` over the whole old
     vocabulary, those with ``cos_j ≥ θ`` weighted by ``softmax_j(cos_j / τ)``."""
     keys, valid = problem.auxiliary.old
-    sim = (query @ keys.T).masked_fill(~valid, -torch.inf)
+    sim = (query @ keys.T).masked_fill(~valid.to(keys.device), -torch.inf)
     top = sim.topk(min(problem.top_k, int(valid.sum())), dim=1)
-    kept = (top.values >= problem.similarity_threshold) & has_query.unsqueeze(1)
+    kept = (top.values >= problem.similarity_threshold) & has_query.to(keys.device).unsqueeze(1)
     weights = torch.softmax((top.values / problem.temperature).masked_fill(~kept, -torch.inf), dim=1)
-    weights = weights.nan_to_num(0.0).to(old.dtype)  # rows with no neighbour at or above θ: 0
+    weights = weights.nan_to_num(0.0).to(old.device, old.dtype)  # no neighbour at or above θ: 0
     found = kept.any(1).to(old.device)
     return torch.einsum("nk,nkd->nd", weights, old[top.indices.to(old.device)]), found
 
 
 def _tokenadapt(problem: TransplantProblem, old: torch.Tensor) -> torch.Tensor:
     has_bytes = torch.tensor([b is not None for b in problem.unique_bytes])
-    query = torch.zeros(len(problem.unique), problem.auxiliary.old[0].shape[1], dtype=torch.float64)
+    keys = problem.auxiliary.old[0]
+    query = keys.new_zeros(len(problem.unique), keys.shape[1])
     if has_bytes.any():  # special tokens have no string: no local or global estimate (mean row)
-        query[has_bytes] = problem.auxiliary.vectors([b for b in problem.unique_bytes if b is not None])
+        found = problem.auxiliary.vectors([b for b in problem.unique_bytes if b is not None])
+        query[has_bytes.to(keys.device)] = found.to(keys.device)
     local = _tokenadapt_local(problem, old, query)
     global_, found = _tokenadapt_global(problem, old, query, has_bytes)
     hybrid = (1 - problem.global_weight) * local + problem.global_weight * global_
@@ -367,17 +370,18 @@ def transplant_tokenizer(
     if outputs is not None and getattr(outputs, "bias", None) is not None:
         raise ValueError("output layers with a bias are not supported")
     old_matrices = [inputs.weight.detach().clone()]
-    if text_embedder is not None:
-        auxiliary = AuxiliarySpace.from_text_embedder(text_embedder, old_bpe.token_bytes)
-    elif donor_rows is not None:
-        auxiliary = AuxiliarySpace.from_embeddings(new_bpe, donor_rows.double(), old_bpe.token_bytes)
-    else:
-        auxiliary = AuxiliarySpace.from_embeddings(old_bpe, old_matrices[0].double(), old_bpe.token_bytes)
     if outputs is not None and not tied:
         old_matrices.append(outputs.weight.detach().clone())
     new_matrices = [m.new_empty(new_size, m.shape[1]) for m in old_matrices]
     for old, new in zip(old_matrices, new_matrices):
         new[anchor_new] = old[anchor_old]
+    old_float64 = [m.double() for m in old_matrices]  # the methods compute in float64
+    if text_embedder is not None:
+        auxiliary = AuxiliarySpace.from_text_embedder(text_embedder, old_bpe.token_bytes)
+    elif donor_rows is not None:
+        auxiliary = AuxiliarySpace.from_embeddings(new_bpe, donor_rows.double(), old_bpe.token_bytes)
+    else:
+        auxiliary = AuxiliarySpace.from_embeddings(old_bpe, old_float64[0], old_bpe.token_bytes)
 
     fn = TRANSPLANT_METHODS[method]
     bar = tqdm(total=len(unique), desc=f"transplant ({method})", unit="token", disable=not progress)
@@ -401,8 +405,8 @@ def transplant_tokenizer(
             similarity_threshold=similarity_threshold,
             global_weight=global_weight,
         )
-        for old, new in zip(old_matrices, new_matrices):
-            new[problem.unique] = fn(problem, old.double()).to(old.dtype)
+        for old, new in zip(old_float64, new_matrices):
+            new[problem.unique] = fn(problem, old).to(new.dtype)
         bar.update(len(ids))
     bar.close()
 
