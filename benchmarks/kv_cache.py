@@ -29,9 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-import tokenlab.attention.hf  # noqa: E402, F401  (registers "tokenlab")
 from tokenlab._hf import cache_kwargs  # noqa: E402
-from tokenlab.attention import HeavyHitterCache, SinkCache  # noqa: E402
+from tokenlab.attention import HeavyHitterCache, SinkCache, register_attention  # noqa: E402
 from tokenlab.tour.toy import load_toy_world  # noqa: E402
 
 SINKS = 4
@@ -132,7 +131,7 @@ def main() -> None:
     preset = "tiny" if args.quick else ("gpu" if device.type == "cuda" else "default")
     world = load_toy_world(preset, device=device, progress=not args.quick)
     model = world.target
-    model.set_attn_implementation("tokenlab")
+    model.set_attn_implementation(register_attention())
     bos = torch.tensor([world.tokenizer.bos_token_id])
     heldout = torch.cat([bos, world.heldout_ids]).to(device)  # streams and prompts start with BOS
     prompt_len, new_tokens, gen_budget = (16, 32, 16) if args.quick else (64, 2000, 256)

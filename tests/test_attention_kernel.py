@@ -35,6 +35,16 @@ def _segments(B, S, seed):
     return torch.randint(0, 3, (B, S), generator=g)
 
 
+def _tree(B, n, seed):
+    """Packed ancestor bitmasks ``[B, n]`` of random trees (node ``i``'s parent is a random earlier node)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.zeros(B, n, dtype=torch.int64)
+    for i in range(n):
+        parent = torch.randint(0, max(i, 1), (B,), generator=g)
+        bits[:, i] = (bits.gather(1, parent[:, None])[:, 0] if i else 0) | (1 << i)
+    return bits
+
+
 def _run(backend, q, k, v, dout, **kw):
     """Output and gradients of every tensor input that requires grad."""
     out = flash_attention(q, k, v, backend=backend, **kw)
@@ -91,6 +101,13 @@ FLAG_CASES = {
         "segment_ids": lambda B, S: _segments(B, S, 10),
     },
     "relu_window_causal": {"score_fn": "relu", "causal": True, "window": 20},
+    "tree": {"tree": lambda B, S: _tree(B, 20, 11)},
+    "causal_tree_segments_sinks": {
+        "causal": True,
+        "tree": lambda B, S: _tree(B, 40, 12),
+        "segment_ids": lambda B, S: _segments(B, S, 13),
+        "sinks": lambda H: _per_head(H, 14),
+    },
 }
 
 
@@ -98,7 +115,7 @@ def _materialise(flags, B, Hq, S):
     out = {}
     for name, value in flags.items():
         if callable(value):
-            value = value(B, S) if name == "segment_ids" else value(Hq)
+            value = value(B, S) if name in ("segment_ids", "tree") else value(Hq)
         out[name] = value
     return out
 

@@ -20,6 +20,15 @@ def _qkv(B, Hq, Hkv, T, S, D, seed):
     return [torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for H, L in shapes]
 
 
+def _tree_bits(B, n, g):
+    """Packed ancestor bitmasks of random trees (node i's parent a random earlier node)."""
+    bits = torch.zeros(B, n, dtype=torch.int64)
+    for i in range(n):
+        parent = torch.randint(0, max(i, 1), (B,), generator=g)
+        bits[:, i] = (bits.gather(1, parent[:, None])[:, 0] if i else 0) | (1 << i)
+    return bits
+
+
 def _flags(name, B, Hq, S):
     g = torch.Generator().manual_seed(len(name))
     per_head = torch.rand(Hq, generator=g, dtype=torch.float64)
@@ -34,6 +43,7 @@ def _flags(name, B, Hq, S):
             "initial_token_scale": per_head * 3 + 0.2,
             "segment_ids": torch.randint(0, 3, (B, S), generator=g),
         },
+        "causal_tree": {"causal": True, "tree": _tree_bits(B, 12, g)},  # a draft tree after a prefix
     }[name]
 
 
@@ -46,6 +56,7 @@ def _flags(name, B, Hq, S):
         ("window_bidirectional", 1, 1, 1, 20, 37, 16),
         ("sinks_softcap", 1, 3, 1, 1, 37, 80),  # one decoding step, non-power-of-two head dim
         ("gamma_segments", 2, 2, 1, 20, 29, 16),
+        ("causal_tree", 2, 2, 1, 15, 40, 16),
     ],
 )
 def test_key_scores_kernel_matches_reference_float64(name, B, Hq, Hkv, T, S, D):

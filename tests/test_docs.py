@@ -3,8 +3,9 @@ seconds, and prints what its ``#>`` lines say it prints.
 
 A block fenced ```python requires="gpu" runs only where CUDA is available. Blocks that need a
 model use ``load_toy_world("tiny")``, here the tests' cached build (``TOKENLAB_CACHE``); each block
-runs in a fresh temporary working directory, and merge methods a block registers are unregistered
-after it. Nothing is linted or reformatted.
+runs in a fresh temporary working directory, and what a block registers — merge methods, attention
+implementations with transformers — is unregistered after it, so every block registers what it uses
+itself. Nothing is linted or reformatted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 import pytest_examples.run_code
 import torch
 from pytest_examples import CodeExample, EvalExample, find_examples
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from tokenlab.merging import MERGE_METHODS
 
@@ -38,6 +41,9 @@ def test_example(example: CodeExample, eval_example: EvalExample, tiny_world, tm
         monkeypatch.setattr(pytest_examples.run_code, "create_example_traceback", lambda *args: None)
     monkeypatch.chdir(tmp_path)
     registered = dict(MERGE_METHODS)
+    interfaces = [(i, dict(i._global_mapping)) for i in (AttentionInterface, AttentionMaskInterface)]
+    for interface, mapping in interfaces:  # as in a fresh process: no tokenlab implementation yet
+        interface._global_mapping = {k: v for k, v in mapping.items() if not k.startswith("tokenlab")}
     try:
         if "#>" in example.source:
             eval_example.run_print_check(example)
@@ -46,3 +52,5 @@ def test_example(example: CodeExample, eval_example: EvalExample, tiny_world, tm
     finally:
         MERGE_METHODS.clear()
         MERGE_METHODS.update(registered)
+        for interface, mapping in interfaces:
+            interface._global_mapping = mapping

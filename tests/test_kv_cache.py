@@ -9,13 +9,14 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import tokenlab.attention.hf  # noqa: F401  (registers "tokenlab")
-from tokenlab.attention import HeavyHitterCache, SinkCache
+from tokenlab.attention import HeavyHitterCache, SinkCache, register_attention
 
 GREEDY = {"do_sample": False, "pad_token_id": 0}
 
 
 def _llama(layers=2, kv_heads=2, dtype=torch.float32, attn="tokenlab", seed=0):
+    if attn == "tokenlab":
+        register_attention()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
@@ -46,7 +47,7 @@ def test_budget_above_the_sequence_is_dynamic_cache(make_cache, family):
         torch.manual_seed(0)
         config = Qwen2Config(
             vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, attn_implementation="tokenlab",
+            num_key_value_heads=1, attn_implementation=register_attention(),
         )  # fmt: skip
         model = Qwen2ForCausalLM(config).eval()
     ids = _ids()
@@ -166,6 +167,47 @@ def test_heavy_hitter_positions_match_a_one_layer_model_without_cache():
     with torch.no_grad():
         expected = model(ids[:, attended], position_ids=attended[None]).logits[0, -1]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make_cache",
+    [lambda m: SinkCache(m, budget=10, sinks=2), lambda m: HeavyHitterCache(m, budget=10, window=4, sinks=1)],
+    ids=["sink", "h2o"],
+)
+def test_beam_reordering_and_expansion_follow_the_rows_they_select(make_cache):
+    """Beam search calls ``reorder_cache(beam_idx)`` between steps (and ``batch_repeat_interleave``
+    to expand rows): afterwards each row must continue as the row it now holds — the same logits, kept
+    positions and (H2O) accumulated scores as a cache that ran that row's history from the start.
+    Eviction is under way (14-token prompt, budget 10) and H2O keeps different tokens per row."""
+    model = _llama()
+    g = torch.Generator().manual_seed(7)
+    prompt, steps, after = (torch.randint(0, 97, (3, n), generator=g) for n in (14, 3, 3))
+    select = torch.tensor([2, 2, 0, 0, 2, 2])  # reorder [2, 0, 2], then repeat each row twice
+
+    def run(cache, rows, edit):
+        logits = []
+        with torch.no_grad():
+            model(prompt[rows], cache=cache)
+            for t in range(3):
+                model(steps[rows, t : t + 1], cache=cache)
+            edit(cache)
+            for t in range(3):
+                logits.append(model(after[select, t : t + 1], cache=cache).logits)
+        state = [cache.positions(i).clone() for i in range(2)]
+        if isinstance(cache, HeavyHitterCache):
+            state += [cache.heavy_hitter_scores(i).clone() for i in range(2)]
+        return torch.cat(logits, dim=1), state
+
+    def reorder_then_expand(cache):
+        cache.reorder_cache(torch.tensor([2, 0, 2]))
+        cache.batch_repeat_interleave(2)
+
+    got, got_state = run(make_cache(model), slice(None), reorder_then_expand)
+    want, want_state = run(make_cache(model), select, lambda cache: None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_state, want_state):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got_state[0].shape == (6, 2, 10)
 
 
 def test_size_stays_within_budget_over_1000_generated_tokens():

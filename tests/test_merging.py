@@ -153,6 +153,21 @@ def test_row_blocks_do_not_change_the_result(method, params):
         assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
 
 
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 4)], ids=str)
+def test_every_method_merges_0d_and_empty_tensors(method, shape):
+    """Scalars (e.g. a learned temperature) and tensors with no entries (a zero-width layer) merge
+    like any other: same shape and dtype, finite, an empty result for an empty tensor."""
+    entry = MERGE_METHODS[method]
+    n = 1 if method == "slerp" else 3
+    base, finetuned = _models(shape, n, torch.float32)
+    params = {name: value for name, value in (("density", 0.5), ("t", 0.3)) if entry.param(name)}
+    if entry.random:
+        params["generator"] = torch.Generator().manual_seed(0)
+    out = merge_tensors(method, base, finetuned, **params)
+    assert out.shape == base.shape and out.dtype == base.dtype and torch.isfinite(out).all()
+
+
 def test_trim_keeps_ties_at_the_threshold():
     base = torch.zeros(4)
     out = merge_tensors("magnitude_prune", base, [torch.tensor([1.0, -1.0, 1.0, 0.5])], density=0.5)

@@ -8,14 +8,16 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tokenlab.attention import analyze_sinks, attention_map, bos_decorrelation_loss
+from tokenlab.attention import analyze_sinks, attention_map, bos_decorrelation_loss, register_attention
 from tokenlab.attention.hf import configure_attention
 from tokenlab.attention.sink_analysis import SinkAnalysis
 
 
 def _llama(seed=0, attn="eager"):
+    if attn == "tokenlab":
+        register_attention()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,8 +63,6 @@ def test_importance_and_top_key_on_constructed_key_scores():
 
 @pytest.mark.parametrize("method", ["eager", "fused"])
 def test_scores_equal_those_recomputed_from_output_attentions(method):
-    import tokenlab.attention.hf  # noqa: F401  (registers "tokenlab" for the fused path)
-
     model = _llama()
     ids = _ids()
     analysis = analyze_sinks(model, ids, method=method)
@@ -85,6 +85,30 @@ def test_scores_equal_those_recomputed_from_output_attentions(method):
             analysis.value_norms[:, layer], v.view(2, T, 2, 16).norm(dim=-1).transpose(1, 2)
         )
     torch.testing.assert_close(attention_map(model, ids, 1, 3), attentions[:, 1, 3])
+
+
+@pytest.mark.parametrize("method", ["eager", "fused"])
+def test_sliding_window_layers_average_over_the_queries_that_see_the_key(method):
+    """In a sliding-window layer (window w) key k is seen by min(T − k, w) queries, not T − k: the
+    importance (and the sink score α_0) averages over those. Qwen2 with layer 0 sliding (w = 4) and
+    layer 1 full, T = 11; the counts come from the eager attention mask itself."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager",
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    ids = _ids()
+    analysis = analyze_sinks(model, ids, method=method)
+    with torch.no_grad():
+        attentions = torch.stack(model(ids, output_attentions=True).attentions, dim=1)  # [B, L, H, T, T]
+    seen_by = (attentions[0, :, 0] > 0).sum(-2)  # [L, T]: queries that see each key
+    assert seen_by[0].tolist() == [4] * 8 + [3, 2, 1] and seen_by[1].tolist() == list(range(11, 0, -1))
+    torch.testing.assert_close(
+        analysis.importance, attentions.sum(-2) / seen_by[None, :, None], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(analysis.sink_scores[:, 0], attentions[:, 0, :, :4, 0].mean(-1))
 
 
 def test_bos_decorrelation_loss_equals_a_loop_over_tokens():

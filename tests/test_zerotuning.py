@@ -8,8 +8,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tokenlab.attention.hf  # noqa: F401  (registers "tokenlab")
-from tokenlab.attention import initial_token_scaling, zerotuning_calibrate, zerotuning_objective
+from tokenlab.attention import (
+    initial_token_scaling,
+    register_attention,
+    zerotuning_calibrate,
+    zerotuning_objective,
+)
 
 
 def _llama():
@@ -32,7 +36,7 @@ def test_gamma_one_leaves_logits_unchanged():
     expected = model(ids).logits
     with initial_token_scaling(model, 1.0):  # eager fallback
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
-    model.set_attn_implementation("tokenlab")
+    model.set_attn_implementation(register_attention())
     with initial_token_scaling(model, torch.ones(4)):  # fused flag
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert model.model.layers[0].self_attn.tokenlab_initial_token_scale is None  # restored
@@ -67,7 +71,7 @@ def test_fused_flag_equals_eager_fallback():
     with initial_token_scaling(model, gamma):
         eager = model(ids).logits
         eager_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    model.set_attn_implementation("tokenlab")
+    model.set_attn_implementation(register_attention())
     with initial_token_scaling(model, gamma):
         fused = model(ids).logits
         fused_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -124,3 +128,14 @@ def test_bad_arguments_raise():
         zerotuning_calibrate(model, _ids(), grid=(1.0,))
     with pytest.raises(ValueError, match="groups"):
         zerotuning_calibrate(model, _ids(), groups=[[(5, 0)]])
+    # the objective is public too: it checks its arguments before running the model
+    for kwargs, error, match in [
+        ({"input_ids": _ids().float()}, TypeError, "input_ids"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([[1, 2]])}, ValueError, "candidates"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([1, 200])}, ValueError, "candidates"),
+        ({"input_ids": _ids(), "labels": torch.tensor([0, 1])}, ValueError, "labels"),
+        ({"input_ids": _ids(), "candidates": torch.tensor([3, 4]), "labels": torch.tensor([0, 2])},
+         ValueError, "labels"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=match):
+            zerotuning_objective(model, **kwargs)

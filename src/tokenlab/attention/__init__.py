@@ -3,6 +3,7 @@ scores, ZeroTuning's initial-token scale, segment ids), RoPE/CARoPE, set-based p
 TokenFormer, KV-cache eviction policies and attention-sink analysis (catalogue section A)."""
 
 from tokenlab.attention.flash import flash_attention
+from tokenlab.attention.hf import register_attention
 from tokenlab.attention.kv_cache import HeavyHitterCache, SinkCache
 from tokenlab.attention.rope import (
     ContextAwareRotaryEmbedding,
@@ -58,6 +59,7 @@ __all__ = [
     "flash_attention",
     "initial_token_scaling",
     "pattention_scores",
+    "register_attention",
     "rope_cos_sin",
     "rotary_frequencies",
     "rotate_half",

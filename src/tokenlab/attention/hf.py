@@ -1,11 +1,17 @@
 """Hugging Face integration: run transformers models on :func:`tokenlab.attention.flash_attention`.
 
-Importing this module registers the implementation ``"tokenlab"`` with transformers'
-``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives)::
+:func:`register_attention` registers the implementation ``"tokenlab"`` with transformers'
+``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask it receives),
+explicitly, as transformers' own pattern for custom attention is (``AttentionInterface.register``):
+those registries are process-wide, so importing tokenlab changes nothing in them::
 
-    import tokenlab.attention.hf  # registers "tokenlab"
+    from tokenlab.attention import register_attention
+    register_attention()  # idempotent; returns "tokenlab"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tokenlab")
     model.set_attn_implementation("tokenlab")  # or switch an existing model
+
+Entry points that switch a model's implementation themselves (``analyze_sinks(method="fused")``)
+register it first.
 
 How masks reach the kernel:
 
@@ -25,6 +31,12 @@ learnable; ``tokenlab_softcap``; ``tokenlab_initial_token_scale``, a buffer ``[H
 ``tokenlab_backend``. A set attribute overrides what the model passes (``s_aux`` as sinks,
 ``softcap``, ``scaling``, ``sliding_window``, ``is_causal``); an unset (``None``) one leaves it.
 
+A flag can also be given for one call, as the keyword ``tokenlab_<flag>`` of the model's forward
+(transformers hands unknown keywords down to the attention function); it overrides the attribute.
+Per-call data goes this way, e.g. a draft tree's ancestor bitmasks
+``model(input_ids, ..., tokenlab_tree=bits)`` (see ``AttentionVariant.tree``), so that tree
+verification runs on the fused kernel with the 2-D padding mask instead of a dense 4-D mask.
+
 Per-key scores: a :class:`KeyScoreHook` installed with :func:`set_key_score_hook` receives, for every
 layer that asks for them, the attention each key received summed over the queries of the call,
 ``[B, Hq, S]`` (``flash_attention(..., return_key_scores=True)``: on the Triton path from the LSE in
@@ -35,12 +47,13 @@ analysis read them this way.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
 from tokenlab._checks import check_choice
@@ -57,9 +70,11 @@ LEARNABLE_FLAGS = ("sinks",)  # stored as an nn.Parameter; other tensor flags as
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "KeyScoreHook",
+    "attention_implementation",
     "attention_modules",
+    "check_pretrained_model",
     "configure_attention",
-    "register",
+    "register_attention",
     "set_key_score_hook",
     "set_layer_flag",
     "tokenlab_attention_forward",
@@ -139,8 +154,11 @@ def tokenlab_attention_forward(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     flags = {"causal": causal, "window": sliding_window, "scale": scaling, "sinks": s_aux, "softcap": softcap}
-    for name in FLAGS:  # the layer's configured flags override the model's
-        if (configured := getattr(module, ATTR_PREFIX + name, None)) is not None:
+    for name in FLAGS:  # a flag passed to this call, else the layer's configured one, overrides the model's
+        configured = kwargs.get(ATTR_PREFIX + name)
+        if configured is None:
+            configured = getattr(module, ATTR_PREFIX + name, None)
+        if configured is not None:
             flags[name] = configured
     backend: Backend = getattr(module, BACKEND_ATTR, "auto")
     hook = _key_score_hook(module)
@@ -172,23 +190,48 @@ def set_key_score_hook(model: nn.Module, hook: KeyScoreHook | None) -> None:
     module of ``model``, or remove it with ``None``. The ``"tokenlab"`` implementation then computes
     the per-key scores of a layer whenever ``hook.wants_key_scores(layer_idx)`` and hands them to
     ``hook.record_key_scores``; other implementations never call it."""
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
-    for module in modules:
+    for module in attention_modules(model):
         setattr(module, KEY_SCORE_HOOK_ATTR, None if hook is None else weakref.ref(hook))
 
 
-def register(name: str = ATTN_IMPLEMENTATION) -> str:
-    """Register the attention and mask functions under ``name`` (idempotent); returns ``name``."""
+def register_attention(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register the ``"tokenlab"`` attention function (:func:`tokenlab_attention_forward`) and its mask
+    function (:func:`tokenlab_attention_mask`) with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` under ``name`` (idempotent); returns ``name``, so that
+    ``attn_implementation=register_attention()`` reads as one step."""
     AttentionInterface.register(name, tokenlab_attention_forward)
     AttentionMaskInterface.register(name, tokenlab_attention_mask)
     return name
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    """The self-attention modules of ``model`` (those with a ``layer_idx`` and ``q_proj``), in order;
+    raises ``ValueError`` when there is none."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    if not modules:
+        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    return modules
+
+
+def check_pretrained_model(model: object) -> PreTrainedModel:
+    """``model`` if it is a transformers ``PreTrainedModel``, else ``TypeError`` naming ``model``."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return model
+
+
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """Run ``model`` on the (registered) attention implementation ``name`` while the context is open;
+    the previous one is restored on exit, also after an error."""
+    previous = model.config._attn_implementation
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
 
 
 def _per_head(name: str, value: torch.Tensor | float, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -244,8 +287,6 @@ def configure_attention(
     check_choice("backend", backend, BACKENDS)
     flags = {"sinks": sinks, "softcap": softcap, "initial_token_scale": initial_token_scale}
     modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
     chosen = None if layers is None else set(layers)
     if chosen is not None and not chosen <= {m.layer_idx for m in modules}:
         raise ValueError(f"`layers` {sorted(chosen)} not all in {[m.layer_idx for m in modules]}")
@@ -264,6 +305,3 @@ def configure_attention(
             set_layer_flag(module, name, value)
         setattr(module, BACKEND_ATTR, backend)
     return selected
-
-
-register()

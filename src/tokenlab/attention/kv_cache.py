@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from tokenlab._checks import check_choice, check_int
-from tokenlab.attention.hf import ATTN_IMPLEMENTATION, set_key_score_hook
+from tokenlab.attention.hf import ATTN_IMPLEMENTATION, check_pretrained_model, set_key_score_hook
 from tokenlab.attention.rope import rotate_half
 
 __all__ = ["POSITIONS", "HeavyHitterCache", "SinkCache"]
@@ -245,8 +245,9 @@ class _HeavyHitterLayer(_EvictingLayer):
         if self.awaiting_scores:
             raise RuntimeError(
                 "HeavyHitterCache received no attention scores for the previous call: run the model with "
-                f"attn_implementation={ATTN_IMPLEMENTATION!r} (tokenlab.attention.hf), and build the cache "
-                "for this model right before using it (the newest cache of a model receives the scores)"
+                f"attn_implementation={ATTN_IMPLEMENTATION!r} (tokenlab.attention.register_attention), and "
+                "build the cache for this model right before using it (the newest cache of a model "
+                "receives the scores)"
             )
         B, H = self.keys.shape[:2]
         self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, query_length)], dim=-1)
@@ -279,8 +280,7 @@ class _EvictingCache(Cache):
 
     @staticmethod
     def _layer_args(model: PreTrainedModel, budget: int, positions: str) -> tuple[int, _KeyRotation | None]:
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+        check_pretrained_model(model)
         budget = check_int("budget", budget, low=1)
         check_choice("positions", positions, POSITIONS)
         config = model.config.get_text_config(decoder=True)
@@ -360,7 +360,7 @@ class HeavyHitterCache(_EvictingCache):
 
     Example::
 
-        model.set_attn_implementation("tokenlab")        # after `import tokenlab.attention.hf`
+        model.set_attn_implementation(register_attention())   # "tokenlab"
         cache = HeavyHitterCache(model, budget=256)      # 128 heavy hitters + 128 recent tokens
         out = model.generate(ids, cache=cache, max_new_tokens=2000)
 
@@ -388,7 +388,7 @@ class HeavyHitterCache(_EvictingCache):
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(
                 f"HeavyHitterCache needs the per-key attention scores of attn_implementation="
-                f"{ATTN_IMPLEMENTATION!r} (import tokenlab.attention.hf, then "
+                f"{ATTN_IMPLEMENTATION!r} (tokenlab.attention.register_attention(), then "
                 f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})); got "
                 f"{model.config._attn_implementation!r}"
             )

@@ -3,8 +3,9 @@ active/dormant heads, value-state drains, residual-state peaks, and the BOS-deco
 
 * *When Attention Sink Emerges in Language Models: An Empirical View* (Gu et al.) — the importance
   score of key ``k`` in head ``h`` of layer ``l``, the mean attention it receives from the queries that
-  see it, ``α_k = Σ_{i ≥ k} A_ik / (T − k)`` (0-based), and the sink rate ``Sink_k^ε``: the fraction of
-  heads with ``α_k > ε`` (``ε = 0.3``).
+  see it, ``α_k = Σ_{i ≥ k} A_ik / (T − k)`` (0-based; in a sliding-window layer of window ``w`` the
+  ``min(T − k, w)`` queries that see it), and the sink rate ``Sink_k^ε``: the fraction of heads with
+  ``α_k > ε`` (``ε = 0.3``).
 * *Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs* (Guo
   et al.) — a head is dormant on an input when it dumps its attention on the sink token (here: its
   sink score exceeds the threshold) and active otherwise; the extreme tokens also show small value
@@ -30,9 +31,11 @@ from transformers import PreTrainedModel
 
 from tokenlab._checks import check_choice, check_probability, check_tensor
 from tokenlab.attention.hf import (
-    ATTN_IMPLEMENTATION,
     KEY_SCORE_HOOK_ATTR,
+    attention_implementation,
     attention_modules,
+    check_pretrained_model,
+    register_attention,
     set_key_score_hook,
 )
 
@@ -63,6 +66,8 @@ class SinkAnalysis:
         max_activations: ``[B, L, T]``: ``max_d |h_jd|`` of the same residual states (massive
             activations are single features far above the rest).
         threshold: ``ε``, the sink-score threshold of :attr:`dormant` and :attr:`sink_rate`.
+        query_counts: ``[L, T]``: how many queries see key ``j`` in each layer — ``T − j``, or
+            ``min(T − j, w)`` in a layer with a sliding window ``w``; ``None``: ``T − j`` everywhere.
     """
 
     key_scores: torch.Tensor
@@ -70,13 +75,18 @@ class SinkAnalysis:
     residual_norms: torch.Tensor
     max_activations: torch.Tensor
     threshold: float = SINK_THRESHOLD
+    query_counts: torch.Tensor | None = None
 
     @property
     def importance(self) -> torch.Tensor:
-        """``[B, L, Hq, T]``: ``α_k = Σ_{i ≥ k} A_ik / (T − k)``, the mean attention key ``k`` receives from
-        the queries that see it (*When Attention Sink Emerges*)."""
+        """``[B, L, Hq, T]``: ``α_k = Σ_i A_ik / n_k``, the mean attention key ``k`` receives from the
+        ``n_k`` queries that see it (:attr:`query_counts`; ``T − k`` for causal attention) (*When
+        Attention Sink Emerges*)."""
         T = self.key_scores.shape[-1]
-        seen_by = torch.arange(T, 0, -1, device=self.key_scores.device, dtype=self.key_scores.dtype)
+        if self.query_counts is None:
+            seen_by = torch.arange(T, 0, -1, device=self.key_scores.device, dtype=self.key_scores.dtype)
+        else:
+            seen_by = self.query_counts.to(self.key_scores)[:, None, :]  # [L, 1, T]
         return self.key_scores / seen_by
 
     @property
@@ -110,18 +120,6 @@ class SinkAnalysis:
     def residual_peak_ratio(self) -> torch.Tensor:
         """``[B, L]``: the largest residual norm over the tokens divided by their median."""
         return self.residual_norms.amax(dim=-1) / self.residual_norms.median(dim=-1).values
-
-
-@contextmanager
-def _attention_implementation(model: PreTrainedModel, name: str) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    if previous != name:
-        model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        if previous != name:
-            model.set_attn_implementation(previous)
 
 
 class _KeyScoreRecorder:
@@ -171,9 +169,18 @@ def _recording_value_norms(model: PreTrainedModel) -> Iterator[dict[int, torch.T
             handle.remove()
 
 
+def _query_counts(model: PreTrainedModel, T: int) -> torch.Tensor | None:
+    """``[L, T]`` queries that see each key, from each attention module's ``sliding_window`` (query
+    ``i`` sees ``i − w < j ≤ i``, transformers' convention); ``None`` when no layer has a window."""
+    windows = [getattr(m, "sliding_window", None) for m in attention_modules(model)]
+    if all(w is None for w in windows):
+        return None
+    causal = torch.arange(T, 0, -1)
+    return torch.stack([causal if w is None else causal.clamp(max=w) for w in windows])
+
+
 def _check_model_inputs(model: PreTrainedModel, input_ids: torch.Tensor) -> None:
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+    check_pretrained_model(model)
     check_tensor("input_ids", input_ids, ndim=2, integer=True)
     if input_ids.shape[1] < 1:
         raise ValueError("`input_ids` must hold at least one token per row")
@@ -194,8 +201,9 @@ def analyze_sinks(
         model: a causal LM. ``method="eager"`` switches it to eager attention for the call (the
             probabilities come from ``output_attentions``; ``"tokenlab"`` flags set with
             ``configure_attention`` do not apply there); ``method="fused"`` switches it to the
-            ``"tokenlab"`` implementation (import :mod:`tokenlab.attention.hf`), whose fused per-key
-            scores are used — its configured flags apply. The implementation is restored afterwards.
+            ``"tokenlab"`` implementation (registered with transformers on the way), whose fused
+            per-key scores are used — its configured flags apply. The implementation is restored
+            afterwards.
         input_ids: ``[B, T]`` token ids.
         method: ``"eager"`` or ``"fused"``.
         threshold: ``ε`` in ``(0, 1)`` for dormant heads and the sink rate (default 0.3).
@@ -206,9 +214,9 @@ def analyze_sinks(
     _check_model_inputs(model, input_ids)
     check_choice("method", method, METHODS)
     threshold = check_probability("threshold", threshold, zero=False, one=False)
-    implementation = "eager" if method == "eager" else ATTN_IMPLEMENTATION
+    implementation = "eager" if method == "eager" else register_attention()
     with (
-        _attention_implementation(model, implementation),
+        attention_implementation(model, implementation),
         _recording_key_scores(model) as recorder,
         _recording_value_norms(model) as value_norms,
     ):
@@ -228,6 +236,7 @@ def analyze_sinks(
         residual_norms=residual.norm(dim=-1),
         max_activations=residual.abs().amax(dim=-1),
         threshold=threshold,
+        query_counts=_query_counts(model, input_ids.shape[1]),
     )
 
 
@@ -236,7 +245,7 @@ def attention_map(model: PreTrainedModel, input_ids: torch.Tensor, layer: int, h
     """The attention probabilities ``[B, T, T]`` of one head (eager attention for the call), e.g. for
     :func:`tokenlab.attention.plots.plot_attention_map`."""
     _check_model_inputs(model, input_ids)
-    with _attention_implementation(model, "eager"):
+    with attention_implementation(model, "eager"):
         attentions = model(input_ids, output_attentions=True, use_cache=False).attentions
     if not (0 <= layer < len(attentions) and 0 <= head < attentions[layer].shape[1]):
         raise ValueError(

@@ -13,7 +13,11 @@ GeLU — the ``l2_norm_gelu`` of the authors' code) in place of ``exp`` and L1 n
 **Growth.** :meth:`Pattention.grow` appends ``m`` key/value pairs with zero keys and keeps ``τ``: the
 new columns of ``A`` are 0, leave every ``‖A_i‖`` unchanged and give ``GeLU(0) = 0``, so the layer
 computes exactly the same function; training then continues from there (progressive scaling,
-Section 3.4 of the paper). Values default to zero as well; with zero keys *and* values the new pairs
+Section 3.4 of the paper). Keeping ``τ`` is tokenlab's choice: the authors' ``l2_norm_gelu``
+recomputes it from the current token count (``* math.sqrt(inputs.shape[dim])``), so after their
+growth ``τ`` is ``√(n + m)`` and the grown layer is the old one only up to that rescaling of its
+scores (set ``layer.scale.fill_(math.sqrt(layer.num_tokens))`` after :meth:`~Pattention.grow` to
+follow their code instead). Values default to zero as well; with zero keys *and* values the new pairs
 get no gradient at the first step (their keys' gradient is ``∝ V_new``), so ``value_std > 0`` draws the
 new values from ``N(0, value_std²)`` — still function-preserving, and the new keys learn at once.
 

@@ -14,9 +14,12 @@ It equals adding ``log γ_h`` to the initial token's logit, which is how the fus
   ``[L, Hq]``) to a Hugging Face model: on the ``"tokenlab"`` implementation through each layer's
   ``tokenlab_initial_token_scale`` (the fused kernel's flag); on any other implementation by running
   eager attention with the multiply-and-renormalise step above for the duration.
-* :func:`zerotuning_calibrate` — the paper's calibration: profile each head (or layer group) under a
-  grid of ``γ``, keep the ones whose objective improves, and combine them; the objective is accuracy
-  on a few labelled examples (supervised mode) or the output entropy (unsupervised mode).
+* :func:`zerotuning_calibrate` — calibration after the paper's: profile each head (or layer group)
+  under a grid of ``γ`` on a few examples (the paper's head profiling), with the paper's two
+  objectives — accuracy on labelled examples (supervised mode) or the output entropy (unsupervised
+  mode) — then keep the groups whose objective improves and combine them greedily, each kept only if
+  the joint objective improves. That selection-and-combination rule is tokenlab's: the paper's own
+  selection step (how it turns the profile into one setting) was not available to check against.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from tokenlab._checks import check_bool, check_choice, check_positive, check_tensor
-from tokenlab.attention.hf import ATTN_IMPLEMENTATION, attention_modules, set_layer_flag
+from tokenlab.attention.hf import (
+    ATTN_IMPLEMENTATION,
+    attention_implementation,
+    attention_modules,
+    check_pretrained_model,
+    set_layer_flag,
+)
 
 __all__ = [
     "DEFAULT_GRID",
@@ -85,17 +94,16 @@ def zerotuning_eager_attention(
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-AttentionInterface.register(ZEROTUNING_EAGER, zerotuning_eager_attention)
-AttentionMaskInterface.register(ZEROTUNING_EAGER, eager_mask)
+def _register_eager_fallback() -> None:
+    """Register :data:`ZEROTUNING_EAGER` with transformers (idempotent), when the fallback is used:
+    importing this module leaves transformers' process-wide registries alone."""
+    AttentionInterface.register(ZEROTUNING_EAGER, zerotuning_eager_attention)
+    AttentionMaskInterface.register(ZEROTUNING_EAGER, eager_mask)
 
 
 def _gamma_table(model: PreTrainedModel, gamma: float | torch.Tensor) -> tuple[list[nn.Module], torch.Tensor]:
     """The attention modules and ``γ`` as ``[L, Hq]`` float32 (validated: finite, > 0)."""
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
-    modules = attention_modules(model)
-    if not modules:
-        raise ValueError("`model` has no attention modules (modules with `layer_idx` and `q_proj`)")
+    modules = attention_modules(check_pretrained_model(model))
     L, H = len(modules), modules[0].config.num_attention_heads
     if isinstance(gamma, torch.Tensor):
         check_tensor("gamma", gamma, floating=True)
@@ -150,13 +158,14 @@ def initial_token_scaling(
             set_layer_flag(module, "initial_token_scale", row)
         else:
             setattr(module, GAMMA_ATTR, row)
-    if mode == "eager":
-        model.set_attn_implementation(ZEROTUNING_EAGER)
     try:
-        yield model
-    finally:
         if mode == "eager":
-            model.set_attn_implementation(implementation)
+            _register_eager_fallback()
+            with attention_implementation(model, ZEROTUNING_EAGER):
+                yield model
+        else:
+            yield model
+    finally:
         for module, value in zip(modules, previous):
             if mode == "kernel":
                 set_layer_flag(module, "initial_token_scale", value)
@@ -164,7 +173,53 @@ def initial_token_scaling(
                 setattr(module, GAMMA_ATTR, value)
 
 
+def _check_task(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    candidates: torch.Tensor | None,
+    labels: torch.Tensor | None,
+) -> None:
+    """The calibration task: prompts ``[N, T]`` (T ≥ 1), answer options ``[C]`` among the model's
+    ``V`` output logits, labels ``[N]`` indexing the options (given only with them)."""
+    check_tensor("input_ids", input_ids, ndim=2, integer=True)
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError(
+            f"`input_ids` must hold at least one prompt of one token, got {tuple(input_ids.shape)}"
+        )
+    if candidates is not None:
+        check_tensor("candidates", candidates, ndim=1, integer=True)
+        V = model.config.get_text_config(decoder=True).vocab_size  # the width of the logits
+        if candidates.numel() < 1 or not bool(((candidates >= 0) & (candidates < V)).all()):
+            raise ValueError(f"`candidates` must be a non-empty [C] of token ids in [0, {V})")
+    if labels is not None:
+        if candidates is None:
+            raise ValueError("`labels` index into `candidates`: give both for the supervised mode")
+        check_tensor("labels", labels, ndim=1, integer=True)
+        if labels.shape[0] != input_ids.shape[0] or not bool(
+            ((labels >= 0) & (labels < len(candidates))).all()
+        ):
+            raise ValueError(f"`labels` must be [N] = [{input_ids.shape[0]}] indices into `candidates`")
+
+
 @torch.no_grad()
+def _objective(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    candidates: torch.Tensor | None,
+    labels: torch.Tensor | None,
+) -> float:
+    """:func:`zerotuning_objective` on checked arguments (the calibration's per-setting evaluation)."""
+    logits = model(input_ids, use_cache=False).logits[:, -1].float()
+    if candidates is not None:
+        logits = logits[:, candidates]
+    logp = logits.log_softmax(dim=-1)
+    if labels is None:
+        return (logp.exp() * logp).sum(dim=-1).mean().item()
+    correct = logp.gather(1, labels[:, None]).squeeze(1)
+    accuracy = (logp.argmax(dim=-1) == labels).float().mean()
+    return (accuracy + 1e-3 * correct.mean()).item()
+
+
 def zerotuning_objective(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -181,16 +236,11 @@ def zerotuning_objective(
       still ranks the settings);
     * unsupervised (no ``labels``): minus the mean entropy of the distribution (ZeroTuning's
       unsupervised mode minimises the output entropy).
+
+    Raises ``TypeError``/``ValueError`` naming the argument before running the model.
     """
-    logits = model(input_ids, use_cache=False).logits[:, -1].float()
-    if candidates is not None:
-        logits = logits[:, candidates]
-    logp = logits.log_softmax(dim=-1)
-    if labels is None:
-        return (logp.exp() * logp).sum(dim=-1).mean().item()
-    correct = logp.gather(1, labels[:, None]).squeeze(1)
-    accuracy = (logp.argmax(dim=-1) == labels).float().mean()
-    return (accuracy + 1e-3 * correct.mean()).item()
+    _check_task(check_pretrained_model(model), input_ids, candidates, labels)
+    return _objective(model, input_ids, candidates, labels)
 
 
 @dataclass(frozen=True)
@@ -245,13 +295,15 @@ def zerotuning_calibrate(
 ) -> ZeroTuningCalibration:
     """ZeroTuning's calibration of head-specific ``γ`` on a few examples, without training.
 
-    1. *Head profiling*: for every group (a head, a layer's heads, or the given groups) and every
-       ``γ`` in ``grid``, the objective (:func:`zerotuning_objective`) with only that group scaled.
-    2. *Selection*: the groups whose best ``γ`` beats the unscaled objective, each with that ``γ``
-       (``γ > 1`` for heads that gain from more attention on the initial token, ``γ < 1`` otherwise —
-       the paper finds both kinds, and stronger effects in early layers).
-    3. *Combination*: the selected groups are added greedily, best first, each kept only if the
-       objective of the joint setting improves.
+    1. *Head profiling* (the paper's): for every group (a head, a layer's heads, or the given groups)
+       and every ``γ`` in ``grid``, the objective (:func:`zerotuning_objective`) with only that group
+       scaled.
+    2. *Selection* (tokenlab's rule): the groups whose best ``γ`` beats the unscaled objective, each
+       with that ``γ`` (``γ > 1`` for heads that gain from more attention on the initial token,
+       ``γ < 1`` otherwise — the paper finds both kinds, and stronger effects in early layers).
+    3. *Combination* (tokenlab's rule): the selected groups are added greedily, best first, each kept
+       only if the objective of the joint setting improves — so the result never scores below the
+       baseline on the calibration examples.
 
     Supervised mode (``labels`` given): accuracy on the labelled examples; unsupervised mode: output
     entropy (minimised). ``len(groups) × len(grid) + len(selected)`` forward passes of the batch.
@@ -270,17 +322,7 @@ def zerotuning_calibrate(
     """
     modules, _ = _gamma_table(model, 1.0)
     L, H = len(modules), modules[0].config.num_attention_heads
-    check_tensor("input_ids", input_ids, ndim=2, integer=True)
-    if candidates is not None:
-        check_tensor("candidates", candidates, ndim=1, integer=True)
-    if labels is not None:
-        if candidates is None:
-            raise ValueError("`labels` index into `candidates`: give both for the supervised mode")
-        check_tensor("labels", labels, ndim=1, integer=True)
-        if labels.shape[0] != input_ids.shape[0] or not bool(
-            ((labels >= 0) & (labels < len(candidates))).all()
-        ):
-            raise ValueError(f"`labels` must be [N] = [{input_ids.shape[0]}] indices into `candidates`")
+    _check_task(model, input_ids, candidates, labels)
     grid = tuple(check_positive(f"grid[{i}]", g) for i, g in enumerate(grid))
     grid = tuple(g for g in grid if g != 1.0)
     if not grid:
@@ -290,7 +332,7 @@ def zerotuning_calibrate(
 
     def objective(gamma: torch.Tensor) -> float:
         with initial_token_scaling(model, gamma, mode=mode):
-            return zerotuning_objective(model, input_ids, candidates=candidates, labels=labels)
+            return _objective(model, input_ids, candidates, labels)
 
     baseline = objective(torch.ones(L, H))
     profile = torch.empty(len(head_groups), len(grid))

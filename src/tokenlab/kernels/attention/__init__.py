@@ -12,10 +12,17 @@ from __future__ import annotations
 import torch
 
 from tokenlab.kernels.attention.reference import attention_reference, visible_keys
-from tokenlab.kernels.attention.variant import FLAGS, PER_HEAD_FLAGS, SCORE_FNS, AttentionVariant
+from tokenlab.kernels.attention.variant import (
+    FLAGS,
+    MAX_TREE_NODES,
+    PER_HEAD_FLAGS,
+    SCORE_FNS,
+    AttentionVariant,
+)
 
 __all__ = [
     "FLAGS",
+    "MAX_TREE_NODES",
     "PER_HEAD_FLAGS",
     "SCORE_FNS",
     "AttentionVariant",

@@ -70,11 +70,15 @@ def _scores(
     softcap,
     log_gamma,
     window,
+    TREE,
+    b,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -103,6 +107,13 @@ def _scores(
         sq = seg_q[:, None]
         sk = seg_k[None, :]
         visible = visible & ((sq == 0) | (sk == 0) | (sq == sk))
+    if HAS_TREE:
+        # Query rows before the tree read all bits set (-1): the tree does not restrict them.
+        node_q = rows - T + tree_n
+        ancestors = tl.load(TREE + b * tree_n + node_q, mask=(node_q >= 0) & (rows < T), other=-1)
+        node_k = cols - S + tree_n
+        bit = (ancestors[:, None] >> tl.where(node_k >= 0, node_k, 0)[None, :]) & 1
+        visible = visible & ((node_k[None, :] < 0) | (bit != 0))
     return s, visible, cap_grad
 
 
@@ -188,14 +199,17 @@ def _attn_fwd(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -238,8 +252,8 @@ def _attn_fwd(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, _cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         if SCORE_FN == 0:
             s = tl.where(visible, s, float("-inf"))
@@ -283,14 +297,17 @@ def _attn_bwd_dkdv(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -331,8 +348,9 @@ def _attn_bwd_dkdv(
             do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
             seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
             s, visible, cap_grad = _scores(
-                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE,
+                PRECISION,
             )  # fmt: skip
             lse, delta = _row_stats(LSE, DELTA, bh * T + rows, row_ok, SCORE_FN)
             dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
@@ -363,14 +381,17 @@ def _attn_bwd_dq(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -408,8 +429,8 @@ def _attn_bwd_dq(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
         _p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
@@ -436,14 +457,17 @@ def _attn_key_scores(
     GROUP,
     LOG_GAMMA,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     ACC: tl.constexpr,
@@ -477,8 +501,8 @@ def _attn_key_scores(
         q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
         seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
         s, visible, _cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         lse, _delta = _row_stats(LSE, LSE, bh * T + rows, row_ok, 0)  # no Δ here: LSE stands in
         scores += tl.sum(tl.where(visible, tl.exp(s - lse[:, None]), 0.0), 0)
@@ -551,6 +575,9 @@ def _kernel_args(variant: AttentionVariant, q: torch.Tensor) -> dict[str, object
         "HAS_GAMMA": gamma is not None,
         "SEG": None if variant.segment_ids is None else variant.segment_ids.to(torch.int32).contiguous(),
         "HAS_SEGMENTS": variant.segment_ids is not None,
+        "TREE": None if variant.tree is None else variant.tree.contiguous(),
+        "tree_n": 1 if variant.tree is None else variant.tree.shape[1],
+        "HAS_TREE": variant.tree is not None,
     }
 
 

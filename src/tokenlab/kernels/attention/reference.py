@@ -14,12 +14,14 @@ from tokenlab.kernels.attention.variant import AttentionVariant
 
 def visible_keys(variant: AttentionVariant, T: int, S: int, *, device: torch.device) -> torch.Tensor:
     """Boolean ``[B or 1, 1, T, S]``: whether query ``i`` may attend to key ``j`` under the variant's
-    ``causal``, ``window`` and ``segment_ids``.
+    ``causal``, ``window``, ``segment_ids`` and ``tree``.
 
     Query ``i`` sits at key position ``p = i + S − T`` (bottom-right alignment). ``causal``: ``j ≤ p``.
     ``window`` ``w``: ``p − w < j`` when causal (the ``w`` most recent keys, itself included), else
     ``|j − p| < w``. ``segment_ids [B, S]``: query ``i`` has segment ``segment_ids[:, p]``; ``i`` sees
-    ``j`` when either segment is 0 or both are equal.
+    ``j`` when either segment is 0 or both are equal. ``tree [B, n]``: the last ``n`` keys are tree
+    nodes; query ``i`` is node ``a = i − T + n`` (when ``a ≥ 0``) and sees tree key ``b = j − S + n`` only
+    if bit ``b`` of ``tree[:, a]`` is set.
     """
     p = torch.arange(T, device=device)[:, None] + (S - T)
     j = torch.arange(S, device=device)[None, :]
@@ -33,6 +35,13 @@ def visible_keys(variant: AttentionVariant, T: int, S: int, *, device: torch.dev
         seg_k = variant.segment_ids[:, None, None, :]
         seg_q = variant.segment_ids[:, S - T :][:, None, :, None]
         visible = visible & ((seg_q == 0) | (seg_k == 0) | (seg_q == seg_k))
+    if variant.tree is not None:
+        n = variant.tree.shape[1]
+        node_q = torch.arange(T, device=device) - T + n  # tree node of each query (< 0: before the tree)
+        node_k = torch.arange(S, device=device) - S + n  # tree node of each key
+        bits = variant.tree[:, node_q.clamp(min=0), None] >> node_k.clamp(min=0)  # [B, T, S]
+        in_tree = (node_q[:, None] >= 0) & (node_k[None, :] >= 0)
+        visible = visible & (~in_tree | (bits & 1).bool())[:, None]
     return visible
 
 
