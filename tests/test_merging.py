@@ -43,7 +43,7 @@ from tokenlab.merging import (
 from tokenlab.merging.cli import main as cli_main
 from tokenlab.merging.methods import DENSITY
 from tokenlab.merging.registry import Target, check_with
-from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
+from tokenlab.tour.merging import DOMAINS, domain_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
 PEFT_METHODS = {
@@ -425,11 +425,11 @@ def finetunes(tiny_world):
 
 
 def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
-    models, _ = finetunes
+    models = finetunes
     ctx = tiny_world.config.context_length
     probe = []
-    for subset in SUBSETS:
-        ids = subset_ids(tiny_world, "train", subset, 60_000)
+    for domain in DOMAINS:
+        ids = domain_ids(tiny_world, "train", domain, 60_000)
         windows = ids[: 4 * ctx].view(4, ctx)
         probe += [{"input_ids": w, "labels": w} for w in windows.split(2)]
     ft = list(models.values())
@@ -453,9 +453,9 @@ def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
 
 def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetunes):
     """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
-    models, _ = finetunes
+    models = finetunes
     ft = list(models.values())
-    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    ids = domain_ids(tiny_world, "train", "tests", 60_000)[: 2 * 64].view(2, 64)
     probe = [{"input_ids": ids, "labels": ids}]
     start, lr, h = [0.3, 0.6], 1e-3, 1e-2
     step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
@@ -772,13 +772,51 @@ def test_stale_temporary_directories_are_swept_and_outputs_follow_the_umask(chec
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
 
 
+def test_tour_domains_split_by_file(tmp_path, monkeypatch, tiny_world):
+    """Unit tests (.py under test dirs) vs text/data files; library .py and binary files belong to
+    neither; of every ten files in SHA-1 order the first is held out and the sixth is validation.
+    Without those files the tour section says so instead of running."""
+    from tokenlab.tour import merging
+
+    for i in range(20):
+        (tmp_path / "test" / "sub").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / "sub" / f"test_{i}.py").write_text(f"# test {i}\n")
+        (tmp_path / f"notes_{i}.txt").write_text(f"note {i}\n")
+    (tmp_path / "library.py").write_text("x = 1\n")
+    (tmp_path / "blob.txt").write_bytes(b"\xff\xfe\x00binary")
+    splits = {
+        split: merging.domain_texts(split, 10**6, tmp_path) for split in ("train", "validation", "heldout")
+    }
+    for domain in merging.DOMAINS:
+        texts = [t for split in splits.values() for t in split[domain]]
+        assert len(texts) == 20 == len(set(texts))  # the undecodable blob.txt is skipped
+    assert [len(splits[s]["tests"]) for s in ("train", "validation", "heldout")] == [16, 2, 2]
+    assert all(t.startswith("# test") for t in splits["train"]["tests"])
+    assert all(t.startswith("note") for t in splits["train"]["data"])
+
+    merging.domain_texts.cache_clear()
+    only_tests = tmp_path / "only_tests"
+    (only_tests / "test").mkdir(parents=True)
+    (only_tests / "test" / "test_a.py").write_text("pass\n")
+    monkeypatch.setattr(merging, "stdlib_root", lambda: only_tests)
+    try:
+        assert merging.tour_section(tiny_world) == [
+            "skipped: this Python's standard library ships no data files (no Lib/test)"
+        ]
+    finally:
+        merging.domain_texts.cache_clear()
+
+
 def test_tour_section_runs(tiny_world):
     from tokenlab.tour.merging import tour_section
 
     lines = tour_section(tiny_world)
-    assert any(line.startswith("TIES merge") for line in lines)
-    values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
-    assert all(math.isfinite(v) and 0 < v < 10 for v in values)
+    rows = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in lines[4:8]}
+    assert list(rows) == ["base", "tuned on tests", "tuned on data", "TIES merge"]
+    assert all(math.isfinite(v) and 0 < v < 10 for values in rows.values() for v in values)
+    for column, domain in enumerate(DOMAINS):  # each fine-tune improves on its own domain
+        assert rows[f"tuned on {domain}"][column] < rows["base"][column] - 0.05, rows
+    assert lines[-1].startswith("the merge keeps ")
 
 
 def test_public_merging_functions_are_typed_and_documented():

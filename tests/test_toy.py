@@ -14,6 +14,7 @@ from tokenlab.tour.toy import (
     PRESETS,
     ToyModelSize,
     ToyWorldConfig,
+    build_once,
     build_toy_model,
     load_toy_world,
     stdlib_documents,
@@ -143,3 +144,24 @@ def test_first_build_says_what_where_and_shows_one_bar_per_stage(tmp_path, capsy
     capsys.readouterr()
     load_toy_world(MICRO, cache=tmp_path / "quiet", device="cpu", progress=False)
     assert capsys.readouterr().out == "" and terminal.getvalue().count("\n") == 3
+
+
+def test_build_once_publishes_complete_entries_only(tmp_path):
+    entry, calls = tmp_path / "entry", []
+
+    def failing(out):
+        (out / "part").write_text("half")
+        raise RuntimeError("interrupted")
+
+    def good(out):
+        calls.append(out)
+        (out / "data").write_text("x")
+        (out / "done").write_text("")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_once(entry, failing, complete="done", name="test", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the entry nor a temporary directory
+    assert build_once(entry, good, complete="done", name="test", progress=False) == entry
+    assert build_once(entry, good, complete="done", name="test", progress=False) == entry
+    assert len(calls) == 1 and (entry / "data").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

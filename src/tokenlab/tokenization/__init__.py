@@ -21,6 +21,7 @@ from tokenlab.tokenization.pretokenize import (
 )
 from tokenlab.tokenization.transplant import (
     TRANSPLANT_METHODS,
+    hf_text_embedder,
     orthogonal_matching_pursuit,
     transplant_tokenizer,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "bytes_to_unicode",
     "fill_in_the_middle",
     "generate_bytes",
+    "hf_text_embedder",
     "make_pre_tokenizer",
     "orthogonal_matching_pursuit",
     "train_bpe",

@@ -33,7 +33,7 @@ import os
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +346,42 @@ def _transformers_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def build_once(
+    path: Path,
+    build: Callable[[Path], None],
+    *,
+    complete: str,
+    name: str,
+    took: str = "",
+    progress: bool = True,
+) -> Path:
+    """The cache entry ``path``, built on first use — the toy world's cache mechanism, also for artefacts
+    built from a toy world (the tour's transplant donor).
+
+    ``build(directory)`` fills a temporary directory beside ``path`` that is then renamed to ``path``
+    (:func:`tokenlab._atomic.atomic_directory`: removed on an error, ``Ctrl-C`` or ``SIGTERM``, swept
+    by a later build if its process died; created with the user's umask), so an interrupted or
+    concurrent build never leaves a half-written entry. The entry is complete when it holds the file
+    ``complete`` (written last by ``build``). With ``progress``, stdout says what is built (``name``),
+    roughly how long it takes (``took``), where it is cached and how long it took.
+    """
+    if (path / complete).exists():
+        return path
+    if progress:
+        print(f"tokenlab: building {name} once{f' ({took})' if took else ''}; cached in {path}", flush=True)
+    start = time.perf_counter()
+    with atomic_directory(path, "building") as tmp:
+        build(tmp)
+        # not published: another process finished the same build first (or left a broken entry)
+        if not publish(tmp, path, replace=False) and not (path / complete).exists():
+            raise FileExistsError(
+                f"{path} exists but holds no complete build ({complete} missing): remove it"
+            )
+    if progress:
+        print(f"tokenlab: {name} built in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
 def _build(config: ToyWorldConfig, out: Path, device: torch.device, progress: bool) -> None:
     start = time.perf_counter()
     with tqdm(total=4, desc="toy world: corpus and tokenizer", disable=_bars_off(progress)) as bar:
@@ -432,22 +468,16 @@ def load_toy_world(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(cache) if cache is not None else cache_dir()
     path = root / f"toy-{config.key()}"
+    name = f"toy world {preset!r}" if isinstance(preset, str) else "a custom toy world"
     with _transformers_bars_off():
-        if not (path / "metrics.json").exists():
-            name = f"toy world '{preset}'" if isinstance(preset, str) else "a custom toy world"
-            if progress:
-                took = BUILD_TIMES.get(preset, "") if isinstance(preset, str) else ""
-                took = f" ({took})" if took else ""
-                print(f"tokenlab: building {name} on {device.type} once{took}; cached in {path}", flush=True)
-            start = time.perf_counter()
-            with atomic_directory(path, "building") as tmp:
-                _build(config, tmp, device, progress)
-                # not published: another process finished the same build first (or left a broken entry)
-                if not publish(tmp, path, replace=False) and not (path / "metrics.json").exists():
-                    raise FileExistsError(f"{path} exists but holds no complete toy world: remove it")
-            if progress:
-                print(f"tokenlab: {name} built in {time.perf_counter() - start:.0f} s", flush=True)
-
+        build_once(
+            path,
+            lambda tmp: _build(config, tmp, device, progress),
+            complete="metrics.json",
+            name=f"{name} on {device.type}",
+            took=BUILD_TIMES.get(preset, "") if isinstance(preset, str) else "",
+            progress=progress,
+        )
         ids = load_file(str(path / "corpus_ids.safetensors"))
         return ToyWorld(
             config=config,
