@@ -8,11 +8,21 @@ and a batch into a :class:`TokenLogps` record; a loss from :data:`LOSSES` turns 
 
 from collections.abc import Callable
 
-from tokenlab.alignment.common import LossOutput, TokenLogps, sequence_kl, sequence_logratio
+from tokenlab.alignment.common import (
+    LossDeclaration,
+    LossOutput,
+    TokenLogps,
+    loss_declaration,
+    sequence_kl,
+    sequence_logratio,
+    token_loss,
+)
 from tokenlab.alignment.fused_linear import (
+    Completions,
     LinearHead,
     TokenStats,
     causal_lm_head,
+    chunked_loss,
     shift_for_next_token,
     token_stats,
 )
@@ -61,7 +71,9 @@ policy ones ``(tokens, advantages, ...)``."""
 __all__ = [
     "LOSSES",
     "NORMALIZATIONS",
+    "Completions",
     "LinearHead",
+    "LossDeclaration",
     "LossOutput",
     "RewardShift",
     "SparseTokenMask",
@@ -71,6 +83,7 @@ __all__ = [
     "bco_loss",
     "causal_lm_head",
     "cdpo_loss",
+    "chunked_loss",
     "clipped_surrogate",
     "completion_token_logps",
     "contrastive_token_rewards",
@@ -83,12 +96,14 @@ __all__ = [
     "icepop_loss",
     "ipo_loss",
     "kto_loss",
+    "loss_declaration",
     "sequence_kl",
     "sequence_logratio",
     "shift_for_next_token",
     "sparsepo_loss",
     "tdpo_loss",
     "token_level_margin",
+    "token_loss",
     "token_stats",
     "token_weighted_dpo_loss",
     "treg_loss",

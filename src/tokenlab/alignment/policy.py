@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_positive, check_tensor
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights, token_loss
 
 
 def _by_sequence(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
@@ -115,6 +115,7 @@ def _check_clip(epsilon_low: float, epsilon_high: float | None) -> float:
     return epsilon_high
 
 
+@token_loss(sum_over="tokens")
 def grpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
@@ -174,6 +175,7 @@ def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tenso
     return (same & opposite.unsqueeze(-1)).any(2).view(B, T)
 
 
+@token_loss(sum_over="sequences", needs=("entropy",))
 def gtpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
@@ -215,6 +217,7 @@ def gtpo_loss(
     return out
 
 
+@token_loss(sum_over="tokens")
 def icepop_loss(
     tokens: TokenLogps,
     advantages: Tensor,
