@@ -150,7 +150,10 @@ def main() -> None:
     p.add_argument(
         "--impls", nargs="*", default=None, help="candidates (default: chunked token_stats naive liger trl)"
     )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = harness.device_from(args)
     repeats = args.repeats or (1 if args.quick else 10)
     if args.quick:  # chunk 24 does not divide the 32-token sequences

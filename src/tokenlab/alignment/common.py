@@ -64,6 +64,27 @@ class TokenLogps:
         for name in ("logps", "ref_logps", "kl", "entropy"):
             check_finite(name, getattr(self, name))
 
+    @classmethod
+    def trusted(
+        cls,
+        logps: Tensor,
+        mask: Tensor,
+        ref_logps: Tensor | None = None,
+        kl: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> TokenLogps:
+        """A record built without the constructor's checks, for inner loops whose inputs were checked once
+        (``chunked_loss`` evaluates its loss once per group of tokens); ``mask`` is in ``logps``' dtype."""
+        record = object.__new__(cls)
+        record.logps, record.mask, record.ref_logps, record.kl, record.entropy = (
+            logps,
+            mask,
+            ref_logps,
+            kl,
+            entropy,
+        )
+        return record
+
     def require(self, *names: str) -> None:
         """Raise a ``ValueError`` naming the fields a loss needs that were not given."""
         missing = [n for n in names if getattr(self, n) is None]

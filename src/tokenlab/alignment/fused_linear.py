@@ -32,7 +32,7 @@ Two entry points run the same per-chunk code (:class:`_Heads`):
 
 ``backend="reference"`` materialises the logits and lets autograd differentiate the formulas
 (:func:`_distribution_terms`); it is the readable specification both chunked paths are tested against.
-:func:`causal_lm_head` runs a Hugging Face causal LM and returns its last hidden states with its LM head.
+The Hugging Face glue (a model and a batch in, :class:`Completions` out) is in :mod:`tokenlab.alignment.hf`.
 """
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ class Completions:
     labels: Tensor
     reference: LinearHead | None = None
     ref_logps: Tensor | None = None
+
+    def select(self, rows: slice) -> Completions:
+        """The completions of ``rows`` (views; the heads' weights are the same tensors), e.g. the chosen and
+        the rejected halves of a batch scored in one forward pass."""
+
+        def part(head: LinearHead | None) -> LinearHead | None:
+            return None if head is None else LinearHead(head.hidden[rows], head.weight, head.bias)
+
+        ref_logps = None if self.ref_logps is None else self.ref_logps[rows]
+        return Completions(part(self.head), self.labels[rows], part(self.reference), ref_logps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +228,15 @@ def _compiled(fn: Callable) -> Callable:
 # The chunk loop, shared by token_stats (recompute in backward) and chunked_loss (gradients in forward).
 
 Picks = list[Tensor]
-"""A set of tokens: per side (e.g. chosen, rejected), indices into that side's flattened tokens."""
+"""A set of tokens: per side (e.g. chosen, rejected), a CPU tensor of indices into that side's flat tokens."""
+Selection = list[slice | Tensor]
+"""The same set as used to index device tensors: a slice where a side's indices are contiguous (a view, no
+copy), else the indices on the device."""
+
+
+def _valid_indices(labels: Tensor) -> Tensor:
+    """Flat indices (CPU) of the tokens whose label is not ``-100``."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1).cpu()
 
 
 def _chunks(picks: Picks, chunk_size: int) -> list[Picks]:
@@ -234,9 +252,24 @@ def _chunks(picks: Picks, chunk_size: int) -> list[Picks]:
     ]
 
 
+def _selection(picks: Picks, device: torch.device) -> Selection:
+    def one(idx: Tensor) -> slice | Tensor:
+        if len(idx) == 0:
+            return slice(0, 0)
+        first, last = int(idx[0]), int(idx[-1])
+        return slice(first, last + 1) if last - first + 1 == len(idx) else idx.to(device)
+
+    return [one(idx) for idx in picks]
+
+
+def _sizes(selection: Selection) -> list[int]:
+    return [s.stop - s.start if isinstance(s, slice) else len(s) for s in selection]
+
+
 @dataclass
 class _Terms:
-    """One chunk's distributions (``log_p``, and ``log_q`` for the KL, ``[n, V]``) and quantities ``[n]``."""
+    """One chunk's distributions (``log_p``, and ``log_q`` for the KL, ``[n, V]``), quantities ``[n]``, and
+    its labels ``[n]`` and hidden states ``[n, H]`` (gathered once, used again in backward)."""
 
     log_p: Tensor | None
     log_q: Tensor | None
@@ -244,6 +277,8 @@ class _Terms:
     entropy: Tensor | None
     kl: Tensor | None
     ref_logps: Tensor | None
+    labels: Tensor
+    hidden: Tensor
 
 
 class _HeadGrads:
@@ -259,13 +294,13 @@ class _HeadGrads:
         if need_b:
             self.bias = torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32))
 
-    def add(self, grad_z: Tensor, hidden: Tensor, weight: Tensor, picks: Picks) -> None:
+    def add(self, grad_z: Tensor, hidden: Tensor, weight: Tensor, selection: Selection) -> None:
         """Accumulate ``grad_z @ W`` (input), ``grad_zᵀ @ h`` (weight) and ``Σ grad_z`` (bias) of a chunk."""
         if any(g is not None for g in self.hiddens):
             grad_h = grad_z.to(weight.dtype) @ weight
-            for dest, i, part in zip(self.hiddens, picks, grad_h.split([len(i) for i in picks])):
+            for dest, sel, part in zip(self.hiddens, selection, grad_h.split(_sizes(selection))):
                 if dest is not None:
-                    dest.index_copy_(0, i, part.to(dest.dtype))
+                    dest[sel] = part.to(dest.dtype)
         if self.weight is not None:
             same = hidden.dtype == self.weight.dtype == grad_z.dtype
             if same and not torch.is_autocast_enabled(hidden.device.type):
@@ -306,14 +341,14 @@ class _Heads:
         self.reference_terms, self.policy_terms, self.logits_grad = kernels
 
     @staticmethod
-    def gather(tensors: Sequence[Tensor], picks: Picks) -> Tensor:
-        parts = [t[i] for t, i in zip(tensors, picks)]
+    def gather(tensors: Sequence[Tensor], selection: Selection) -> Tensor:
+        parts = [t[s] for t, s in zip(tensors, selection)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
-    def scatter(dests: Sequence[Tensor], picks: Picks, values: Tensor) -> None:
-        for d, i, v in zip(dests, picks, values.split([len(i) for i in picks])):
-            d[i] = v.to(d.dtype)
+    def scatter(dests: Sequence[Tensor], selection: Selection, values: Tensor) -> None:
+        for d, s, v in zip(dests, selection, values.split(_sizes(selection))):
+            d[s] = v.to(d.dtype)
 
     def logits(self, which: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """:func:`_logits`, written into one buffer per head kept for the whole call when no dtype changes
@@ -332,28 +367,35 @@ class _Heads:
             return torch.mm(hidden, weight.T, out=buffer[:n])
         return torch.addmm(bias, hidden, weight.T, out=buffer[:n])
 
-    def forward(self, picks: Picks, want_entropy: bool, want_kl: bool, want_ref: bool) -> _Terms:
+    def forward(self, picks: Selection, want_entropy: bool, want_kl: bool, want_ref: bool) -> _Terms:
         """A chunk's terms. The reference's logits come first so that, without the KL, only one ``[n, V]``
         buffer exists at a time."""
         labels = self.gather(self.labels, picks)
         log_q = ref_logps = None
         if want_ref or want_kl:
             ref_hidden = self.gather(self.ref_hiddens, picks)
-            ref_logits = self.logits("reference", ref_hidden, self.ref_weight, self.ref_bias)
+            # without the KL, log q is done with before the policy's logits exist: one buffer serves both
+            ref_logits = self.logits(
+                "reference" if want_kl else "policy", ref_hidden, self.ref_weight, self.ref_bias
+            )
             log_q, ref_logps = self.reference_terms(ref_logits, labels, want_kl)
             del ref_logits
-        logits = self.logits("policy", self.gather(self.hiddens, picks), self.weight, self.bias)
+        hidden = self.gather(self.hiddens, picks)
+        logits = self.logits("policy", hidden, self.weight, self.bias)
         log_p, logps, entropy, kl = self.policy_terms(logits, labels, log_q, want_entropy)
-        return _Terms(log_p, log_q, logps, entropy, kl, ref_logps)
+        return _Terms(log_p, log_q, logps, entropy, kl, ref_logps, labels, hidden)
 
-    def backward(self, picks: Picks, terms: _Terms, grads: _HeadGrads, g: Sequence[Tensor | None]) -> None:
+    def backward(
+        self, picks: Selection, terms: _Terms, grads: _HeadGrads, g: Sequence[Tensor | None]
+    ) -> None:
         """Turn a chunk's ``g = (g_logps, g_entropy, g_kl)`` into logit gradients (in place of its
         distributions) and accumulate the input, weight and bias gradients."""
         g_logps, g_entropy, g_kl = g
-        labels = self.gather(self.labels, picks)
-        grad_z = self.logits_grad(terms.log_p, terms.log_q, labels, g_logps, g_entropy, terms.entropy, g_kl)
+        grad_z = self.logits_grad(
+            terms.log_p, terms.log_q, terms.labels, g_logps, g_entropy, terms.entropy, g_kl
+        )
         terms.log_p = terms.log_q = None
-        grads.add(grad_z, self.gather(self.hiddens, picks), self.weight, picks)
+        grads.add(grad_z, terms.hidden, self.weight, picks)
 
 
 class _ChunkedTokenStats(torch.autograd.Function):
@@ -370,7 +412,7 @@ class _ChunkedTokenStats(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
         )
         ctx.want_entropy, ctx.chunk_size, ctx.has_ref = want_entropy, chunk_size, ref_hidden is not None
-        valid = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+        chunks = [_selection(c, hidden.device) for c in _chunks([_valid_indices(labels)], chunk_size)]
         safe = labels.clamp(min=0)
         heads = _Heads([hidden], [safe], weight, bias, ([ref_hidden], ref_weight, ref_bias))
         dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -378,31 +420,37 @@ class _ChunkedTokenStats(torch.autograd.Function):
         logps = hidden.new_zeros(n, dtype=dtype)
         entropy = hidden.new_zeros(n if want_entropy else 0, dtype=dtype)
         kl = hidden.new_zeros(n if ctx.has_ref else 0, dtype=dtype)
-        for (idx,) in _chunks([valid], chunk_size):
-            terms = heads.forward([idx], want_entropy, ctx.has_ref, False)
+        for selection in chunks:
+            terms = heads.forward(selection, want_entropy, ctx.has_ref, False)
+            (idx,) = selection
             logps[idx] = terms.logps
             if want_entropy:
                 entropy[idx] = terms.entropy
             if ctx.has_ref:
                 kl[idx] = terms.kl
-        ctx.save_for_backward(hidden, weight, bias, safe, valid, ref_hidden, ref_weight, ref_bias, entropy)
+        ctx.chunks = chunks
+        ctx.save_for_backward(hidden, weight, bias, safe, ref_hidden, ref_weight, ref_bias, entropy)
         ctx.set_materialize_grads(False)
         return logps, entropy, kl
 
     @staticmethod
     def backward(ctx, g_logps, g_entropy, g_kl):
-        hidden, weight, bias, labels, valid, ref_hidden, ref_weight, ref_bias, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, entropy = ctx.saved_tensors
         device_type, autocast_on, autocast_dtype = ctx.autocast
         g_entropy = g_entropy if ctx.want_entropy else None
         g_kl = g_kl if ctx.has_ref else None
         heads = _Heads([hidden], [labels], weight, bias, ([ref_hidden], ref_weight, ref_bias))
         grads = _HeadGrads([hidden], weight, bias, ctx.needs_input_grad[:3])
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            for (idx,) in _chunks([valid], ctx.chunk_size):
-                terms = heads.forward([idx], False, g_kl is not None, False)
+            for selection in ctx.chunks:
+                terms = heads.forward(selection, False, g_kl is not None, False)
+                (idx,) = selection
                 terms.entropy = None if g_entropy is None else entropy[idx]
                 heads.backward(
-                    [idx], terms, grads, [None if g is None else g[idx] for g in (g_logps, g_entropy, g_kl)]
+                    selection,
+                    terms,
+                    grads,
+                    [None if g is None else g[idx] for g in (g_logps, g_entropy, g_kl)],
                 )
         return (*grads.final([hidden], weight, bias), *([None] * 6))
 
@@ -545,17 +593,18 @@ def _check_completions(completions: Sequence[Completions]) -> None:
             check_shape(
                 f"{name}.ref_logps", check_tensor(f"{name}.ref_logps", c.ref_logps), lead, of="labels"
             )
+            check_finite(f"{name}.ref_logps", c.ref_logps)
 
 
 def _groups(completions: Sequence[Completions], sum_over: str | None, chunk_size: int) -> list[Picks]:
     """Sets of tokens whose loss gradient is known once they are scored: chunks of ``chunk_size`` tokens
     (``sum_over="tokens"``); runs of whole sequences — row ``i`` of every side together — of at most
     ``chunk_size`` tokens, or a single longer sequence (``"sequences"``); all tokens (``None``)."""
-    valid = [c.labels != IGNORE_INDEX for c in completions]
     if sum_over == "tokens":
-        return _chunks([v.reshape(-1).nonzero().squeeze(-1) for v in valid], chunk_size)
+        return _chunks([_valid_indices(c.labels) for c in completions], chunk_size)
     if sum_over is None:
-        return [[v.reshape(-1).nonzero().squeeze(-1) for v in valid]]
+        return [[_valid_indices(c.labels) for c in completions]]
+    valid = [(c.labels != IGNORE_INDEX).cpu() for c in completions]
     counts = torch.stack([v.sum(-1) for v in valid]).sum(0).tolist()
     bounds, size = [0], 0
     for row, n in enumerate(counts):
@@ -576,24 +625,30 @@ class _LossOnQuantities:
 
     def __init__(self, loss_fn, loss_kwargs: dict, completions: Sequence[Completions], quantities, ref_logps):
         self.loss_fn, self.loss_kwargs = loss_fn, loss_kwargs
-        self.quantities, self.ref_logps = quantities, ref_logps
+        self.quantities = quantities
         self.shapes = [tuple(c.labels.shape) for c in completions]
-        self.masks = [c.labels != IGNORE_INDEX for c in completions]
+        dtype = quantities["logps"][0].dtype
+        self.masks = [(c.labels != IGNORE_INDEX).to(dtype) for c in completions]
+        self.ref_logps = [
+            None if r is None else r.view(shape).to(dtype) for r, shape in zip(ref_logps, self.shapes)
+        ]
 
-    def records(self, leaves: dict[tuple[str, int], tuple[Tensor, Tensor]] | None = None) -> list[TokenLogps]:
-        """One :class:`TokenLogps` per side; ``leaves[name, side] = (indices, values)`` replace entries."""
+    def records(
+        self, leaves: dict[tuple[str, int], tuple[slice | Tensor, Tensor]] | None = None
+    ) -> list[TokenLogps]:
+        """One :class:`TokenLogps` per side, checked; with ``leaves[name, side] = (selection, values)``
+        replacing entries, unchecked (every input was checked once by :func:`chunked_loss`)."""
         records = []
         for s, shape in enumerate(self.shapes):
             fields = {}
             for name, per_side in self.quantities.items():
                 value = per_side[s]
                 if leaves and (name, s) in leaves:
-                    value = value.index_put((leaves[name, s][0],), leaves[name, s][1])
+                    value = value.clone()
+                    value[leaves[name, s][0]] = leaves[name, s][1]
                 fields[name] = value.view(shape)
-            logps = fields.pop("logps")
-            ref = self.ref_logps[s]
-            ref = None if ref is None else ref.view(shape).to(logps.dtype)
-            records.append(TokenLogps(logps, self.masks[s].to(logps.dtype), ref_logps=ref, **fields))
+            make = TokenLogps.trusted if leaves is not None else TokenLogps
+            records.append(make(fields.pop("logps"), self.masks[s], self.ref_logps[s], **fields))
         return records
 
     def evaluate(self, records: list[TokenLogps]) -> LossOutput:
@@ -602,18 +657,19 @@ class _LossOnQuantities:
             raise TypeError(f"`loss_fn` must return a LossOutput, got {type(out).__name__}")
         return out
 
-    def grads(self, picks: Picks) -> dict[str, list[Tensor | None]]:
-        """``∂loss/∂quantity`` per quantity and side at the tokens of ``picks`` (None: no dependence)."""
+    def grads(self, selection: Selection) -> dict[str, list[Tensor | None]]:
+        """``∂loss/∂quantity`` per quantity and side at the tokens of ``selection`` (None: no dependence)."""
+        sizes = _sizes(selection)
         leaves = {
-            (name, s): (idx, per_side[s][idx].clone().requires_grad_(True))
+            (name, s): (sel, per_side[s][sel].clone().requires_grad_(True))
             for name, per_side in self.quantities.items()
-            for s, idx in enumerate(picks)
-            if len(idx)
+            for s, (sel, n) in enumerate(zip(selection, sizes))
+            if n
         }
         with torch.enable_grad():
             loss = self.evaluate(self.records(leaves)).loss
             found = torch.autograd.grad(loss, [leaf for _, leaf in leaves.values()], allow_unused=True)
-        g = {name: [None] * len(picks) for name in self.quantities}
+        g = {name: [None] * len(selection) for name in self.quantities}
         for (name, s), value in zip(leaves, found):
             g[name][s] = value
         return g
@@ -698,9 +754,10 @@ def chunked_loss(
     grads = _HeadGrads(hiddens, weight, bias, need)
     g_full = {name: [torch.zeros_like(q) for q in per_side] for name, per_side in quantities.items()}
 
+    device = first.head.hidden.device
     with torch.no_grad():
         for group in _groups(completions, declared.sum_over, chunk_size):
-            chunks = _chunks(group, chunk_size)
+            chunks = [_selection(c, device) for c in _chunks(group, chunk_size)]
             for picks in chunks:
                 terms = heads.forward(picks, want_entropy, want_kl, want_ref)
                 for name in names:
@@ -709,14 +766,14 @@ def chunked_loss(
                     heads.scatter(scored_ref, picks, terms.ref_logps)
             if not any(need):
                 continue
+            group = _selection(group, device)
             g_group = loss.grads(group)
             for name, per_side in g_group.items():
                 for s, value in enumerate(per_side):
                     if value is not None:
                         g_full[name][s][group[s]] = value
             present = [
-                name in g_group and any(v is not None for v in g_group[name])
-                for name in ("logps", "entropy", "kl")
+                any(v is not None for v in g_group.get(name, [])) for name in ("logps", "entropy", "kl")
             ]
             for k, picks in enumerate([chunks[-1], *chunks[:-1]]):
                 if k:  # the group's last chunk is still at hand; the others are recomputed
@@ -750,35 +807,3 @@ def _reference_record(c: Completions, want_entropy: bool, want_kl: bool) -> Toke
     )
     mask = (c.labels != IGNORE_INDEX).to(stats.logps.dtype)
     return TokenLogps(stats.logps, mask, ref_logps=ref_logps, kl=stats.kl, entropy=stats.entropy)
-
-
-def causal_lm_head(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
-) -> LinearHead:
-    """Run a Hugging Face causal LM's body and return its last hidden states ``[B, T, H]`` with its LM head.
-
-    Position ``t`` predicts token ``t + 1``; use :func:`shift_for_next_token` to align labels. Models that
-    post-process logits (final logit soft-capping, logit scaling) are refused, since the head alone would
-    not reproduce their logits.
-    """
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise ValueError(
-                f"`model` post-processes its logits ({attr}={getattr(config, attr)}); unsupported"
-            )
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"`model` must have an nn.Linear LM head, got {type(head).__name__}")
-    body = model.get_decoder()
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return LinearHead(out.last_hidden_state, head.weight, head.bias)
-
-
-def shift_for_next_token(
-    head: LinearHead, input_ids: Tensor, completion_mask: Tensor
-) -> tuple[LinearHead, Tensor]:
-    """Align a :func:`causal_lm_head` output with next-token labels: hidden ``[B, T−1, H]``, labels
-    ``[B, T−1]`` = ``input_ids[:, 1:]`` with ``-100`` where ``completion_mask[:, 1:]`` is 0."""
-    labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
-    return LinearHead(head.hidden[:, :-1], head.weight, head.bias), labels
