@@ -29,7 +29,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_positive, check_tensor
+from tokenlab._checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_positive,
+    check_tensor,
+)
 from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights, token_loss
 
 
@@ -126,6 +134,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     normalization: str = "sequence",
     max_completion_length: int | None = None,
+    kl_importance_weight: bool = False,
 ) -> LossOutput:
     """GRPO loss: clipped surrogate + β·k3 KL to the reference, length-normalised.
 
@@ -135,8 +144,11 @@ def grpo_loss(
         old_logps: log-probs at sampling time; default ``logps.detach()`` (one update per batch).
         beta: KL weight ≥ 0 (0: no reference needed).
         normalization: a key of :data:`NORMALIZATIONS`; ``max_completion_length`` is dr_grpo's constant.
+        kl_importance_weight: weight the k3 term by the token ratio ``ρ_t`` (with its gradient), the
+            importance-sampling-corrected KL estimate of *DeepSeek-V3.2* (TRL's ``use_bias_correction_kl``).
     """
     check_number("beta", beta, low=0.0)
+    check_bool("kl_importance_weight", kl_importance_weight)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     old = tokens.logps.detach() if old_logps is None else old_logps
@@ -145,8 +157,10 @@ def grpo_loss(
         tokens.require("ref_logps")
         d = tokens.ref_logps - tokens.logps
         kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
         token_metrics["kl"] = kl
+        if kl_importance_weight:
+            kl = kl * torch.exp(tokens.logps - old)
+        per_token = per_token + beta * kl
     return _finish(per_token, tokens.mask, normalization, max_completion_length, token_metrics)
 
 
