@@ -11,22 +11,31 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-import trl  # noqa: E402
-from datasets import Dataset  # noqa: E402
+import trl
+from datasets import Dataset
 
-from tokenlab.alignment import tdpo_loss  # noqa: E402
-from tokenlab.alignment.trainers import DPOTrainer, GRPOTrainer, KTOTrainer  # noqa: E402
-from tokenlab.testing import assert_relative_error  # noqa: E402
+from tokenlab.alignment import tdpo_loss
+from tokenlab.alignment.trainers import DPOTrainer, GRPOTrainer, KTOTrainer
+from tokenlab.testing import assert_relative_error
 
 PROMPTS = ["def f(x):", "import os", "class A:", "for i in"]
 
 
 def _config(cls, tmp_path, **kwargs):
     return cls(
-        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        use_cpu=True, logging_steps=1, save_strategy="no", bf16=False, gradient_checkpointing=False, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=0,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def _pairs() -> Dataset:
@@ -60,10 +69,12 @@ def _trains(trainer) -> list[float]:
 
 def test_dpo_trainer_equals_trl_and_trains(tiny_world, tmp_path):
     trainer = DPOTrainer(
-        model=copy.deepcopy(tiny_world.target), ref_model=copy.deepcopy(tiny_world.draft),
-        args=_config(trl.DPOConfig, tmp_path, beta=0.5), train_dataset=_pairs(),
+        model=copy.deepcopy(tiny_world.target),
+        ref_model=copy.deepcopy(tiny_world.draft),
+        args=_config(trl.DPOConfig, tmp_path, beta=0.5),
+        train_dataset=_pairs(),
         processing_class=tiny_world.tokenizer,
-    )  # fmt: skip
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     _equal_to_trl(trainer, trl.DPOTrainer, batch, False)
     _trains(trainer)
@@ -72,10 +83,14 @@ def test_dpo_trainer_equals_trl_and_trains(tiny_world, tmp_path):
 
 def test_token_level_loss_trains_and_lowers_its_objective(tiny_world, tmp_path):
     trainer = DPOTrainer(
-        model=copy.deepcopy(tiny_world.target), ref_model=copy.deepcopy(tiny_world.target),
-        args=_config(trl.DPOConfig, tmp_path, beta=0.5), train_dataset=_pairs(),
-        processing_class=tiny_world.tokenizer, loss=tdpo_loss, loss_kwargs={"alpha": 0.5},
-    )  # fmt: skip
+        model=copy.deepcopy(tiny_world.target),
+        ref_model=copy.deepcopy(tiny_world.target),
+        args=_config(trl.DPOConfig, tmp_path, beta=0.5),
+        train_dataset=_pairs(),
+        processing_class=tiny_world.tokenizer,
+        loss=tdpo_loss,
+        loss_kwargs={"alpha": 0.5},
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
     def objective() -> float:
@@ -85,7 +100,8 @@ def test_token_level_loss_trains_and_lowers_its_objective(tiny_world, tmp_path):
     before = objective()
     _trains(trainer)
     after = objective()
-    assert abs(before - 0.6931) < 1e-3 and after < before - 0.1, (before, after)  # policy = reference at start
+    assert abs(before - 0.6931) < 1e-3, before  # the policy starts as the reference
+    assert after < before - 0.1, (before, after)
     assert "kl/chosen" in trainer.state.log_history[0]
 
 
@@ -93,15 +109,27 @@ def test_kto_trainer_equals_trl_and_trains(tiny_world, tmp_path):
     data = Dataset.from_dict(
         {
             "prompt": PROMPTS * 2,
-            "completion": [" return x", "\nos os", "\n    pass", " in in in", " x x", "\nimport sys", " A", " range(3):"],
+            "completion": [
+                " return x",
+                "\nos os",
+                "\n    pass",
+                " in in",
+                " x x",
+                "\nimport os",
+                " A",
+                " range(3):",
+            ],
             "label": [True, False, True, False, False, True, False, True],
         }
     )
     config = _config(trl.KTOConfig, tmp_path, beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     trainer = KTOTrainer(
-        model=copy.deepcopy(tiny_world.target), ref_model=copy.deepcopy(tiny_world.draft), args=config,
-        train_dataset=data, processing_class=tiny_world.tokenizer,
-    )  # fmt: skip
+        model=copy.deepcopy(tiny_world.target),
+        ref_model=copy.deepcopy(tiny_world.draft),
+        args=config,
+        train_dataset=data,
+        processing_class=tiny_world.tokenizer,
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     _equal_to_trl(trainer, trl.KTOTrainer, batch, False)
     _trains(trainer)
@@ -114,16 +142,25 @@ def _reward(completions, **kwargs) -> list[float]:
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
 def test_grpo_trainer_equals_trl_and_trains(tiny_world, tmp_path, loss_type):
     config = _config(
-        trl.GRPOConfig, tmp_path, beta=0.04, loss_type=loss_type, num_generations=4, max_completion_length=8,
-        epsilon=0.1, temperature=0.8,
-    )  # fmt: skip
+        trl.GRPOConfig,
+        tmp_path,
+        beta=0.04,
+        loss_type=loss_type,
+        num_generations=4,
+        max_completion_length=8,
+        epsilon=0.1,
+        temperature=0.8,
+    )
     trainer = GRPOTrainer(
-        model=copy.deepcopy(tiny_world.target), reward_funcs=_reward, args=config,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}), processing_class=tiny_world.tokenizer,
-    )  # fmt: skip
+        model=copy.deepcopy(tiny_world.target),
+        reward_funcs=_reward,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 2}),
+        processing_class=tiny_world.tokenizer,
+    )
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     g = torch.Generator().manual_seed(0)
-    ref = inputs["ref_per_token_logps"]  # off-policy old log-probs and a distinct reference: clipping and KL act
+    ref = inputs["ref_per_token_logps"]  # off-policy old log-probs and another reference: clipping, KL act
     inputs["old_per_token_logps"] = ref + 0.3 * torch.randn(ref.shape, generator=g)
     inputs["ref_per_token_logps"] = ref + 0.3 * torch.randn(ref.shape, generator=g)
     trainer.model.train()
@@ -136,10 +173,12 @@ def test_grpo_trainer_equals_trl_and_trains(tiny_world, tmp_path, loss_type):
 def test_trl_loss_options_that_would_be_ignored_are_refused(tiny_world, tmp_path):
     def build(**kwargs):
         return DPOTrainer(
-            model=copy.deepcopy(tiny_world.target), ref_model=copy.deepcopy(tiny_world.target),
-            args=_config(trl.DPOConfig, tmp_path, **kwargs), train_dataset=_pairs(),
+            model=copy.deepcopy(tiny_world.target),
+            ref_model=copy.deepcopy(tiny_world.target),
+            args=_config(trl.DPOConfig, tmp_path, **kwargs),
+            train_dataset=_pairs(),
             processing_class=tiny_world.tokenizer,
-        )  # fmt: skip
+        )
 
     with pytest.raises(ValueError, match="label_smoothing"):
         build(label_smoothing=0.1)
@@ -147,7 +186,11 @@ def test_trl_loss_options_that_would_be_ignored_are_refused(tiny_world, tmp_path
         build(f_divergence_type="js_divergence")
     with pytest.raises(ValueError, match="loss_type"):
         GRPOTrainer(
-            model=copy.deepcopy(tiny_world.target), reward_funcs=_reward,
-            args=_config(trl.GRPOConfig, tmp_path, loss_type="dapo", num_generations=4, max_completion_length=8),
-            train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tiny_world.tokenizer,
-        )  # fmt: skip
+            model=copy.deepcopy(tiny_world.target),
+            reward_funcs=_reward,
+            args=_config(
+                trl.GRPOConfig, tmp_path, loss_type="dapo", num_generations=4, max_completion_length=8
+            ),
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+            processing_class=tiny_world.tokenizer,
+        )

@@ -1,12 +1,13 @@
-"""TRL trainers whose loss is a tokenlab loss, evaluated by :func:`~tokenlab.alignment.fused_linear.chunked_loss`.
+"""TRL trainers whose loss is a tokenlab loss, evaluated by
+:func:`~tokenlab.alignment.fused_linear.chunked_loss`.
 
 :class:`DPOTrainer`, :class:`KTOTrainer` and :class:`GRPOTrainer` subclass TRL's trainers of the same name
 (TRL ≥ 1.16, an optional dependency) and keep everything TRL does — data pipeline and collators, reference
 model (``ref_model``, or the PEFT model with its adapters disabled), generation and rewards (GRPO), gradient
-accumulation, logging — but compute the loss with ``chunked_loss`` on the model's last hidden states and LM head:
-any tokenlab loss of the trainer's kind, including the token-level ones TRL lacks (TDPO, SparsePO, cDPO, T-REG
-on pairs; GTPO, IcePop on groups), with the head's gradients computed during the forward pass. The hook is
-TRL's own per-trainer ``_compute_loss``; the extra constructor arguments are ``loss`` (a loss function),
+accumulation, logging — but compute the loss with ``chunked_loss`` on the model's last hidden states and LM
+head: any tokenlab loss of the trainer's kind, including the token-level ones TRL lacks (TDPO, SparsePO, cDPO,
+T-REG on pairs; GTPO, IcePop on groups), with the head's gradients computed during the forward pass. The hook
+is TRL's own per-trainer ``_compute_loss``; the extra constructor arguments are ``loss`` (a loss function),
 ``loss_kwargs`` (its options; β comes from the TRL config) and ``chunk_size``::
 
     trainer = DPOTrainer(model, ref_model=ref, args=DPOConfig(...), train_dataset=pairs,
@@ -21,6 +22,7 @@ refused at construction rather than silently ignored: write them as a tokenlab l
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,15 +60,16 @@ class _TokenlabLoss:
         changed = {name: value for name, (value, default) in settings.items() if value != default}
         if changed:
             raise ValueError(
-                f"{type(self).__name__} computes its loss with tokenlab (`loss=`); these TRL options change TRL's "
-                f"own loss formula and would be ignored: {changed}. Write the variant as a tokenlab loss instead."
+                f"{type(self).__name__} computes its loss with tokenlab (`loss=`); these TRL options change "
+                f"TRL's own loss formula and would be ignored: {changed}; write it as a tokenlab loss"
             )
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[nn.Module]:
-        """The reference model, as TRL's trainers define it: ``ref_model``, or the PEFT policy with its adapters
-        disabled (or its "ref" adapter), under ``no_grad`` with gradient checkpointing off."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        """The reference model, as TRL's trainers define it: ``ref_model``, or the PEFT policy with its
+        adapters disabled (or its "ref" adapter), under ``no_grad`` with gradient checkpointing off."""
+        checkpointing = self.args.gradient_checkpointing_kwargs
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, checkpointing):
             if self.ref_model is not None:
                 yield self.ref_model
                 return
@@ -153,7 +156,8 @@ class KTOTrainer(_TokenlabLoss, trl.KTOTrainer):
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False):
         if return_outputs:
             raise ValueError(f"{type(self).__name__} does not return outputs (it builds no logits)")
-        batch = {k: (v.to(self.accelerator.device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+        device = self.accelerator.device
+        batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
         ids, mask, attention = batch["input_ids"], batch["completion_mask"], batch["attention_mask"]
         scored = completions(model, ids, mask, attention_mask=attention)
         with torch.no_grad():
@@ -223,8 +227,10 @@ class GRPOTrainer(_TokenlabLoss, trl.GRPOTrainer):
                 max_completion_length=self.max_completion_length,
                 kl_importance_weight=self.args.use_bias_correction_kl,
             )
-        names = self.loss.__code__.co_varnames[: self.loss.__code__.co_argcount + self.loss.__code__.co_kwonlyargcount]
-        offered = {"old_logps": old, "completion_ids": inputs["completion_ids"], "group_size": self.num_generations}
+        names = inspect.signature(self.loss).parameters
+        offered = dict(
+            old_logps=old, completion_ids=inputs["completion_ids"], group_size=self.num_generations
+        )
         return {k: v for k, v in offered.items() if k in names and k not in self.loss_kwargs}
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Tensor]):
