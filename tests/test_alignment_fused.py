@@ -7,14 +7,18 @@ formula; upstream gradients scale the result; extra differentiable inputs get th
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from tokenlab.alignment import (
     LOSSES,
     Completions,
     LinearHead,
+    LossOutput,
     SparseTokenMask,
     TokenLogps,
     chunked_loss,
@@ -22,13 +26,15 @@ from tokenlab.alignment import (
     fused_linear,
     grpo_loss,
     gtpo_loss,
+    ipo_loss,
     loss_declaration,
+    sequence_logratio,
     sparsepo_loss,
     tdpo_loss,
     token_loss,
     token_stats,
 )
-from tokenlab.alignment.fused_linear import _log_softmax_
+from tokenlab.alignment.fused_linear import _log_softmax_, _reference_record
 from tokenlab.testing import assert_relative_error
 
 B, T, H, V = 4, 7, 6, 19
@@ -107,7 +113,15 @@ def _kwargs(name: str, b: Batch) -> tuple[int, dict]:
                 rejected_token_rewards=b.rand(*tokens, low=-1.0),
             ),
         ),
-        "kto": (1, dict(desirable=torch.tensor([1, 0, 1, 0]), kl_logratios=b.rand(3, low=0.1, high=2.0))),
+        "kto": (  # with class weights, which TRL's fused path dropped (TRL#7063)
+            1,
+            dict(
+                desirable=torch.tensor([1, 0, 1, 0]),
+                kl_logratios=b.rand(3, low=0.1, high=2.0),
+                desirable_weight=1.3,
+                undesirable_weight=0.7,
+            ),
+        ),
         "bco": (1, dict(desirable=torch.tensor([1, 1, 0, 0]), reward_shift=0.05, weights=b.rand(B))),
         "grpo": (1, dict(advantages=b.rand(B, low=-1.0), old_logps=near_ref, beta=0.04, epsilon_low=0.1)),
         "gtpo": (
@@ -339,3 +353,154 @@ def test_compiled_kernels_trace_and_stay_exact(monkeypatch):
         assert abs(got.loss.item() - want.loss.item()) <= TOL
         for g, w in zip(got_grads, want_grads):
             assert_relative_error(g, w, TOL, f"{name} gradient, compiled")
+
+
+# TRL#7063 lists restrictions of TRL's Liger-based fused path that exist because the loss math was written a
+# second time for it. chunked_loss runs the loss function itself, so none of these arise; each test below
+# runs one of them on the chunked path and compares it with the reference path and, where TRL has the
+# option, with TRL's own loss code (tokenlab.testing.trl).
+
+
+@token_loss(sum_over="sequences")
+def _dpo_plus_ipo(chosen: TokenLogps, rejected: TokenLogps, *, beta: float) -> LossOutput:
+    """Two loss types at once (TRL's fused path allowed a single `loss_type`)."""
+    dpo, ipo = dpo_loss(chosen, rejected, beta=beta), ipo_loss(chosen, rejected, beta=beta)
+    return LossOutput(dpo.loss + 0.5 * ipo.loss, dpo.metrics)
+
+
+@token_loss(sum_over="sequences")
+def _js_dpo(chosen: TokenLogps, rejected: TokenLogps, *, beta: float) -> LossOutput:
+    """f-DPO with the Jensen–Shannon divergence: f'(t) = log 2 + log σ(log t) on each log-ratio."""
+    score = [math.log(2) + F.logsigmoid(sequence_logratio(t)) for t in (chosen, rejected)]
+    return LossOutput(-F.logsigmoid(beta * (score[0] - score[1])).mean())
+
+
+@token_loss(sum_over="sequences")
+def _robust_dpo(
+    chosen: TokenLogps, rejected: TokenLogps, *, beta: float, label_smoothing: float
+) -> LossOutput:
+    """Robust DPO: labels flipped with probability ε, ((1 − ε) ℓ(u) − ε ℓ(−u)) / (1 − 2ε), ℓ = −log σ."""
+    u = beta * (sequence_logratio(chosen) - sequence_logratio(rejected))
+    eps = label_smoothing
+    return LossOutput(((-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)).mean())
+
+
+@token_loss(sum_over="sequences", needs=("entropy",))
+def _grpo_with_entropy_bonus(tokens: TokenLogps, advantages: Tensor, *, coef: float, **kwargs) -> LossOutput:
+    """GRPO minus ``coef`` × the mean entropy of the completion tokens (TRL's `entropy_coef`)."""
+    out = grpo_loss(tokens, advantages, **kwargs)
+    bonus = (tokens.entropy * tokens.mask).sum() / tokens.mask.sum()
+    return LossOutput(out.loss - coef * bonus, out.metrics)
+
+
+def _chunked_vs_reference(loss_fn, b: Batch, sides: int, chunk_sizes=(3, 8, 1000), **kwargs):
+    """The reference result and its gradients, after asserting every chunk size gives the same."""
+    want, want_grads = _run(loss_fn, b, sides, kwargs, backend="reference")
+    for chunk_size in chunk_sizes:
+        got, got_grads = _run(loss_fn, b, sides, kwargs, chunk_size=chunk_size)
+        assert abs(got.loss.item() - want.loss.item()) <= TOL * max(1.0, abs(want.loss.item()))
+        for g, w in zip(got_grads, want_grads):
+            assert_relative_error(g, w, TOL, f"gradient at chunk_size={chunk_size}")
+    return want, want_grads
+
+
+def test_restriction_single_loss_type_absent():
+    b = Batch(9)
+    want, _ = _chunked_vs_reference(_dpo_plus_ipo, b, 2, beta=0.3)
+    records = [_reference_record(b.completions(s), False, False) for s in range(2)]
+    direct = dpo_loss(*records, beta=0.3).loss + 0.5 * ipo_loss(*records, beta=0.3).loss
+    assert abs(want.loss.item() - direct.item()) <= TOL
+
+
+def _trl_value_and_grads(b: Batch, **trl_options):
+    """TRL's DPOTrainer loss code on the reference path's per-token log-probs, and its gradients."""
+    from tokenlab.testing.trl import trl_dpo_loss
+
+    records = [_reference_record(b.completions(s), False, False) for s in range(2)]
+    value = trl_dpo_loss(*records, **trl_options)
+    return value, torch.autograd.grad(value, [*b.hidden, b.weight, b.bias])
+
+
+@pytest.mark.parametrize(
+    "loss_fn,trl_options",
+    [
+        (_js_dpo, dict(f_divergence_type="js_divergence")),
+        (functools.partial(_robust_dpo, label_smoothing=0.2), dict(loss_type="robust", label_smoothing=0.2)),
+    ],
+    ids=["f_divergence", "label_smoothing"],
+)
+def test_restriction_f_divergence_and_label_smoothing_absent(loss_fn, trl_options):
+    pytest.importorskip("trl")
+    b = Batch(10)
+    want, want_grads = _chunked_vs_reference(loss_fn, b, 2, beta=0.3)
+    trl_value, trl_grads = _trl_value_and_grads(b, beta=0.3, **trl_options)
+    assert abs(want.loss.item() - trl_value.item()) <= TOL
+    for g, w in zip(want_grads, trl_grads):
+        assert_relative_error(g, w, TOL, "gradient vs TRL")
+
+
+def test_restriction_chunk_size_broadcasting_absent():
+    """Chunks holding one, two or all four pairs (Liger's `chunk_size > 1` broadcast was wrong)."""
+    b = Batch(11)
+    _chunked_vs_reference(dpo_loss, b, 2, chunk_sizes=(5, 14, 1000), beta=0.3)
+
+
+def test_restriction_entropy_bonus_absent():
+    pytest.importorskip("trl")
+    from tokenlab.testing.trl import trl_grpo_loss
+
+    b = Batch(12)
+    kwargs = dict(advantages=b.rand(B, low=-1.0), beta=0.0, normalization="sequence")
+    want, want_grads = _chunked_vs_reference(_grpo_with_entropy_bonus, b, 1, coef=0.05, **kwargs)
+    c = b.completions(0)
+    stats = token_stats(c.head, c.labels, entropy=True, backend="reference")
+    tokens = TokenLogps(stats.logps, b.mask(0), entropy=stats.entropy)
+    value = trl_grpo_loss(tokens, kwargs["advantages"], old_logps=stats.logps.detach(), beta=0.0,
+                          entropy=stats.entropy, entropy_coef=0.05)  # fmt: skip
+    assert abs(want.loss.item() - value.item()) <= TOL
+    for g, w in zip(want_grads, torch.autograd.grad(value, [b.hidden[0], b.weight, b.bias])):
+        assert_relative_error(g, w, TOL, "gradient vs TRL's entropy bonus")
+
+
+def test_lora_adapter_on_the_lm_head():
+    """A LoRA adapter on the LM head (which TRL's fused DPO could not train, TRL PR #7243) gets the gradients
+    of the model's own logits: chunked_loss through `completions` equals DPO from `model(ids).logits`, with
+    the reference scored by the same model with its adapters disabled."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenlab.alignment import completions
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(LlamaForCausalLM(config).double(), lora)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 61, (4, 9), generator=g)
+    mask = torch.zeros_like(ids)
+    mask[:, 4:] = 1
+    mask[3, 7:] = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    def ref_model_logps(model_logits):
+        logp = torch.log_softmax(model_logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return logp * mask[:, 1:]
+
+    with torch.no_grad(), model.disable_adapter():
+        ref_logps = ref_model_logps(model(ids).logits)
+        scored_ref = completions(model, ids, mask)
+    scored = completions(model, ids, mask)
+    scored = Completions(scored.head, scored.labels, reference=scored_ref.head)
+    got = chunked_loss(
+        dpo_loss, scored.select(slice(0, 2)), scored.select(slice(2, 4)), beta=0.5, chunk_size=5
+    )
+    logps = ref_model_logps(model(ids).logits)
+    margin = 0.5 * ((logps - ref_logps)[:2].sum(-1) - (logps - ref_logps)[2:].sum(-1))
+    want = -F.logsigmoid(margin).mean()
+    assert abs(got.loss.item() - want.item()) <= TOL
+    for a, w in zip(torch.autograd.grad(got.loss, params), torch.autograd.grad(want, params)):
+        assert_relative_error(a, w, 1e-11, "LoRA gradient")

@@ -194,3 +194,36 @@ def test_trl_loss_options_that_would_be_ignored_are_refused(tiny_world, tmp_path
             train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
             processing_class=tiny_world.tokenizer,
         )
+
+
+def test_kto_reference_under_peft_is_the_adapter_free_model(tiny_world, tmp_path):
+    """With a PEFT model and no `ref_model`, the reference is the model with its adapters disabled, as in TRL
+    (TRL#7063: the fused KTO path ignored the reference under PEFT)."""
+    peft = pytest.importorskip("peft")
+    data = Dataset.from_dict(
+        {
+            "prompt": PROMPTS * 2,
+            "completion": [
+                " return x",
+                "\nos os",
+                "\n    pass",
+                " in in",
+                " x x",
+                "\nimport os",
+                " A",
+                " range(3):",
+            ],
+            "label": [True, False, True, False, False, True, False, True],
+        }
+    )
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = KTOTrainer(
+        model=copy.deepcopy(tiny_world.target),
+        args=_config(trl.KTOConfig, tmp_path, beta=0.5),
+        train_dataset=data,
+        processing_class=tiny_world.tokenizer,
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    _equal_to_trl(trainer, trl.KTOTrainer, batch, False)
