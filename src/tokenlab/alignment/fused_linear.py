@@ -560,6 +560,14 @@ def token_stats(
     return TokenStats(*(None if t is None else t.reshape(lead) for t in (lp, ent, kl)))
 
 
+def _is_sharded(weight: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(weight, DTensor)
+
+
 def _check_completions(completions: Sequence[Completions]) -> None:
     if not completions:
         raise ValueError("`chunked_loss` needs at least one `Completions`")
@@ -575,6 +583,12 @@ def _check_completions(completions: Sequence[Completions]) -> None:
         if (c.labels == IGNORE_INDEX).all(-1).any():
             raise ValueError(f"`{name}.labels` marks no completion token in some sequence")
         check_finite(f"{name}.head.hidden", c.head.hidden)
+        if _is_sharded(c.head.weight):
+            raise ValueError(
+                f"`{name}.head.weight` is a sharded DTensor (FSDP2, outside the forward of the unit holding "
+                "the LM head): score the batch with the model's own forward and keep the head in the root "
+                "`fully_shard` unit, which FSDP2 does not reshard after its forward (see docs/alignment.md)"
+            )
         if c.head.weight is not first.head.weight or c.head.bias is not first.head.bias:
             raise ValueError("every `Completions` must share one LM head (the same weight and bias tensors)")
         if lead[0] != first.head.hidden.shape[0]:
