@@ -2,20 +2,24 @@
 
     python benchmarks/losses.py                  # full sizes: V ∈ {32k, 128k} × N ∈ {4k, 16k} (GPU)
     python benchmarks/losses.py --quick          # tiny sizes on CPU; asserts values and gradients agree
-    python benchmarks/losses.py --device cpu --shapes 2048x32768 --hidden 128 512   # CPU figures
+    python benchmarks/losses.py --device cpu --shapes 2048x32768 --hidden 128 512 --chunk-size 256 1024
 
 Each candidate computes the loss of N tokens (sequences of T tokens) from policy hidden states [N, H] and
 an LM head [V, H], and the gradients w.r.t. hidden states and head (forward + backward). DPO takes its
 reference log-probs from a reference head (hidden [N, H], weight [V, H], no gradient); GRPO takes them
-precomputed, as trainers pass them.
+precomputed, as trainers pass them. Candidates (``--impls``; tokenlab's run at each ``--chunk-size``):
 
-* ``chunked`` — :func:`tokenlab.alignment.token_stats` (``backend="chunked"``) + tokenlab's loss;
-* ``naive`` — the same with ``backend="reference"`` (``[N, V]`` logits and ``log_softmax``);
+* ``chunked`` — :func:`tokenlab.alignment.chunked_loss` (head gradients during the forward pass);
+* ``compiled`` — the same with ``compile=True`` (``torch.compile`` of the per-chunk formulas);
+* ``token_stats`` — :func:`tokenlab.alignment.token_stats` (recomputes logits in backward) + the loss;
+* ``naive`` — ``token_stats(backend="reference")``: ``[N, V]`` logits, ``log_softmax``, autograd;
 * ``liger`` — Liger-Kernel's ``LigerFusedLinearDPOLoss`` / ``LigerFusedLinearGRPOLoss`` (``compiled=False``
   off GPU), one pair / one sequence per chunk;
 * ``trl`` — TRL's chunked LM-head kernel (``trl.kernels.ChunkedLogProbFunction``) + TRL's trainer loss code.
 
-Reports time (median) and peak memory (above the inputs) per candidate, and the ratios to naive and Liger.
+Every candidate first runs once and is checked against ``naive`` (this run also warms up and compiles);
+then time (median of ``--repeats``) and peak memory (above the inputs) are measured, with ratios to naive
+and Liger.
 """
 
 from __future__ import annotations
@@ -152,8 +156,8 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.quick:  # tiny sizes: extra threads only contend
+        torch.set_num_threads(args.threads or 1)
     device = harness.device_from(args)
     repeats = args.repeats or (1 if args.quick else 10)
     if args.quick:  # chunk 24 does not divide the 32-token sequences
