@@ -48,6 +48,12 @@ def _pairs() -> Dataset:
     )
 
 
+def _unpaired() -> Dataset:
+    completions = [" return x", "\nos os", "\n    pass", " in in", " x x", "\nimport os", " A", " range(3):"]
+    labels = [True, False, True, False, False, True, False, True]
+    return Dataset.from_dict({"prompt": PROMPTS * 2, "completion": completions, "label": labels})
+
+
 def _equal_to_trl(trainer, trl_cls, inputs, *extra) -> None:
     """Our `_compute_loss` and TRL's own (run on the same trainer, model and inputs) agree in value and in
     every parameter's gradient."""
@@ -106,22 +112,7 @@ def test_token_level_loss_trains_and_lowers_its_objective(tiny_world, tmp_path):
 
 
 def test_kto_trainer_equals_trl_and_trains(tiny_world, tmp_path):
-    data = Dataset.from_dict(
-        {
-            "prompt": PROMPTS * 2,
-            "completion": [
-                " return x",
-                "\nos os",
-                "\n    pass",
-                " in in",
-                " x x",
-                "\nimport os",
-                " A",
-                " range(3):",
-            ],
-            "label": [True, False, True, False, False, True, False, True],
-        }
-    )
+    data = _unpaired()
     config = _config(trl.KTOConfig, tmp_path, beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     trainer = KTOTrainer(
         model=copy.deepcopy(tiny_world.target),
@@ -200,22 +191,7 @@ def test_kto_reference_under_peft_is_the_adapter_free_model(tiny_world, tmp_path
     """With a PEFT model and no `ref_model`, the reference is the model with its adapters disabled, as in TRL
     (TRL#7063: the fused KTO path ignored the reference under PEFT)."""
     peft = pytest.importorskip("peft")
-    data = Dataset.from_dict(
-        {
-            "prompt": PROMPTS * 2,
-            "completion": [
-                " return x",
-                "\nos os",
-                "\n    pass",
-                " in in",
-                " x x",
-                "\nimport os",
-                " A",
-                " range(3):",
-            ],
-            "label": [True, False, True, False, False, True, False, True],
-        }
-    )
+    data = _unpaired()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     trainer = KTOTrainer(
         model=copy.deepcopy(tiny_world.target),

@@ -46,17 +46,33 @@ GRPO_NORMALIZATIONS = {"grpo": "sequence", "bnpo": "token", "dr_grpo": "dr_grpo"
 
 
 class _TokenlabLoss:
-    """What the three trainers share: the loss and its options, TRL-option refusal, reference scoring and
-    metric logging in TRL's conventions."""
+    """What the three trainers share: the extra constructor arguments, the refusal of TRL options that would
+    be ignored, reference scoring and metric logging in TRL's conventions. A trainer states its default loss
+    and, in :meth:`_loss_options`, the TRL options that change TRL's loss formula."""
 
-    def _use_loss(self, loss: Callable[..., LossOutput], loss_kwargs: dict | None, chunk_size: int) -> None:
+    default_loss: Callable[..., LossOutput]
+
+    def __init__(
+        self,
+        *args,
+        loss: Callable[..., LossOutput] | None = None,
+        loss_kwargs: dict | None = None,
+        chunk_size: int = 1024,
+        **kwargs,
+    ) -> None:
+        loss = type(self).default_loss if loss is None else loss
         if not callable(loss):
             raise TypeError(f"`loss` must be a tokenlab loss function, got {type(loss).__name__}")
         check_int("chunk_size", chunk_size, low=1)
+        super().__init__(*args, **kwargs)
         self.loss, self.loss_kwargs, self.chunk_size = loss, dict(loss_kwargs or {}), chunk_size
+        self._refuse(self._loss_options())
 
-    def _refuse(self, **settings: tuple[Any, Any]) -> None:
-        """Raise for TRL options (``name=(value, default)``) that change TRL's own loss formula."""
+    def _loss_options(self) -> dict[str, tuple[Any, Any]]:
+        """``name: (value, default)`` of the TRL options that change TRL's own loss formula."""
+        raise NotImplementedError
+
+    def _refuse(self, settings: dict[str, tuple[Any, Any]]) -> None:
         changed = {name: value for name, (value, default) in settings.items() if value != default}
         if changed:
             raise ValueError(
@@ -94,18 +110,11 @@ class DPOTrainer(_TokenlabLoss, trl.DPOTrainer):
     """TRL's ``DPOTrainer`` with a tokenlab paired loss (``dpo_loss`` by default; any loss of
     ``(chosen, rejected, *, beta, ...)``) computed by ``chunked_loss``; β is ``args.beta``."""
 
-    def __init__(
-        self,
-        *args,
-        loss: Callable[..., LossOutput] = dpo_loss,
-        loss_kwargs: dict | None = None,
-        chunk_size: int = 1024,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._use_loss(loss, loss_kwargs, chunk_size)
+    default_loss = staticmethod(dpo_loss)
+
+    def _loss_options(self) -> dict[str, tuple[Any, Any]]:
         a = self.args
-        self._refuse(
+        return dict(
             loss_type=(list(a.loss_type), ["sigmoid"]),
             f_divergence_type=(str(getattr(a.f_divergence_type, "value", a.f_divergence_type)), "reverse_kl"),
             label_smoothing=(a.label_smoothing, 0.0),
@@ -137,17 +146,10 @@ class KTOTrainer(_TokenlabLoss, trl.KTOTrainer):
     ``chunked_loss``. KTO's reference point comes from TRL's mismatched (KL) completions, gathered across
     processes."""
 
-    def __init__(
-        self,
-        *args,
-        loss: Callable[..., LossOutput] = kto_loss,
-        loss_kwargs: dict | None = None,
-        chunk_size: int = 1024,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._use_loss(loss, loss_kwargs, chunk_size)
-        self._refuse(
+    default_loss = staticmethod(kto_loss)
+
+    def _loss_options(self) -> dict[str, tuple[Any, Any]]:
+        return dict(
             loss_type=(self.args.loss_type, "kto"),
             precompute_ref_log_probs=(self.args.precompute_ref_log_probs, False),
             aux_loss=(self.aux_loss_enabled, False),
@@ -189,20 +191,13 @@ class GRPOTrainer(_TokenlabLoss, trl.GRPOTrainer):
     ``grpo_loss``, β, ε and the normalisation come from the config (``loss_type`` grpo/bnpo/dr_grpo); other
     losses get ``group_size`` and ``completion_ids`` when their signature asks for them."""
 
-    def __init__(
-        self,
-        *args,
-        loss: Callable[..., LossOutput] = grpo_loss,
-        loss_kwargs: dict | None = None,
-        chunk_size: int = 1024,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._use_loss(loss, loss_kwargs, chunk_size)
+    default_loss = staticmethod(grpo_loss)
+
+    def _loss_options(self) -> dict[str, tuple[Any, Any]]:
         a = self.args
         if a.loss_type not in GRPO_NORMALIZATIONS:
             raise ValueError(f"`loss_type` must be one of {sorted(GRPO_NORMALIZATIONS)}, got {a.loss_type!r}")
-        self._refuse(
+        return dict(
             importance_sampling_level=(a.importance_sampling_level, "token"),
             top_entropy_quantile=(a.top_entropy_quantile, 1.0),
             entropy_coef=(a.entropy_coef, 0.0),
