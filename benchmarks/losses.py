@@ -18,8 +18,9 @@ precomputed, as trainers pass them. Candidates (``--impls``; tokenlab's run at e
 * ``trl`` — TRL's chunked LM-head kernel (``trl.kernels.ChunkedLogProbFunction``) + TRL's trainer loss code.
 
 Every candidate first runs once and is checked against ``naive`` (this run also warms up and compiles);
-then time (median of ``--repeats``) and peak memory (above the inputs) are measured, with ratios to naive
-and Liger.
+then time (median over ``--repeats`` rounds, each running every candidate once in turn, so that load from
+other work falls on all alike) and peak memory (above the inputs) are measured, with ratios to naive and
+Liger.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import harness
 harness.enable_interpreter_if_cpu()
 
 import importlib.util  # noqa: E402
+import statistics  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -143,6 +145,16 @@ def candidate(loss: str, impl: str, x: dict):
     return run
 
 
+def round_robin_ms(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median wall time (ms) of each candidate over ``repeats`` rounds that run every candidate once in turn,
+    so that load from other work on a shared machine falls on all of them alike."""
+    times = {impl: [] for impl in fns}
+    for _ in range(repeats):
+        for impl, fn in fns.items():
+            times[impl].append(harness.timed(fn, device)[1] * 1e3)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
 def main() -> None:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", default=None, help="NxV pairs (default: the full grid)")
@@ -182,18 +194,16 @@ def main() -> None:
                 fns = {impl: candidate(loss, impl, x) for impl in impls}
                 want = fns["naive"]() if "naive" in fns else None
                 errors = {}
-                for impl, fn in fns.items():
-                    if want is not None and impl != "naive":
-                        got = fn()
+                for impl, fn in fns.items():  # also the warm-up (and compilation) run
+                    got = fn() if impl != "naive" else None
+                    if want is not None and got is not None:
                         errors[impl] = max(
                             assert_relative_error(a, b, tol, f"{loss} {impl} vs naive")
                             for a, b in zip(got, want)
                         )
-                        del got
+                    del got
                 del want
-                ms = {
-                    impl: harness.time_fn(fn, device, warmup=1, repeats=repeats) for impl, fn in fns.items()
-                }
+                ms = round_robin_ms(fns, device, repeats)
                 mem = {impl: harness.peak_memory(fn, device) / 2**20 for impl, fn in fns.items()}
                 for impl in impls:
                     row = {"loss": loss, "N": N, "V": V, "H": H, "dtype": str(dtype).removeprefix("torch.")}
