@@ -25,6 +25,7 @@ from tokenlab.alignment import (
     infigfusion_loss,
     logits_at,
     scheduled_sampling_ratio,
+    shared_topk_kd,
     shared_vocabulary,
     topk_logits,
 )
@@ -305,6 +306,16 @@ def test_graph_distillation_bad_input():
         infigfusion_loss(h, [teacher], k=3, gld_weight=-1.0)
     with pytest.raises(TypeError, match="student"):
         graph_on_logits_loss(h, [teacher])
+    with torch.no_grad():
+        aligned = topk_logits(head(1), 3)
+    with pytest.raises(ValueError, match=r"vocab_maps\[0\]"):
+        infigfusion_loss(h, [aligned], k=3, vocab_maps=[torch.full((11,), 20)])
+    with pytest.raises(ValueError, match=r"vocab_maps\[0\]"):
+        infigfusion_loss(h, [aligned], k=3, vocab_maps=[torch.arange(5)])
+    with pytest.raises(ValueError, match="`shared`"):
+        shared_topk_kd(aligned, aligned, torch.ones(2, 5, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="`teacher`"):
+        shared_topk_kd(aligned, h, torch.ones(2, 5, 3, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------------------

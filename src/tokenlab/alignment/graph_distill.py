@@ -270,14 +270,13 @@ def _teacher_weights(weights: Sequence[float] | None, count: int) -> list[float]
     return [check_number(f"teacher_weights[{j}]", w, low=0.0) for j, w in enumerate(weights)]
 
 
-def _check_teachers(student: LogitSlice, teachers: Sequence[LogitSlice]) -> None:
+def _check_teachers(batch: int, teachers: Sequence[LogitSlice]) -> None:
     for j, teacher in enumerate(teachers):
         if not isinstance(teacher, LogitSlice):
             raise TypeError(f"`teachers[{j}]` must be a LogitSlice, got {type(teacher).__name__}")
-        if teacher.values.shape[0] != student.values.shape[0]:
+        if teacher.values.shape[0] != batch:
             raise ValueError(
-                f"`teachers[{j}]` must hold the student's {student.values.shape[0]} sequences, "
-                f"got {teacher.values.shape[0]}"
+                f"`teachers[{j}]` must hold the student's {batch} sequences, got {teacher.values.shape[0]}"
             )
 
 
@@ -301,7 +300,7 @@ def graph_on_logits_loss(
     if not isinstance(student, LogitSlice):
         raise TypeError(f"`student` must be a LogitSlice, got {type(student).__name__}")
     weights = _teacher_weights(teacher_weights, len(teachers))
-    _check_teachers(student, teachers)
+    _check_teachers(student.values.shape[0], teachers)
     mine = [_node_strengths(*s) for s in zip(student.values, student.indices, student.mask)]
     per_teacher = []
     for teacher in teachers:
@@ -332,12 +331,38 @@ def shared_topk_kd(student: LogitSlice, teacher: LogitSlice, shared: Tensor) -> 
     over the teacher's top-``k`` tokens that the student shares (``shared [B, T, k]`` bool), the student's
     logits taken at the same tokens (``student`` = :func:`logits_at` of the mapped ids). Positions without
     a shared token count 0."""
+    for name, value in (("student", student), ("teacher", teacher)):
+        if not isinstance(value, LogitSlice):
+            raise TypeError(f"`{name}` must be a LogitSlice, got {type(value).__name__}")
+    check_shape("student.values", student.values, teacher.values.shape, of="`teacher.values`")
+    check_shape("shared", check_tensor("shared", shared), teacher.values.shape, of="`teacher.values`")
+    shared = shared.bool()
     drop = torch.finfo(teacher.values.dtype).min
     log_q = torch.log_softmax(teacher.values.masked_fill(~shared, drop), -1)
     log_p = torch.log_softmax(student.values.masked_fill(~shared, drop), -1)
     kl = (log_q.exp() * (log_q - log_p)).masked_fill(~shared, 0.0).sum(-1)
     counted = teacher.mask & student.mask & shared.any(-1)
     return (kl * counted).sum() / counted.sum().clamp(min=1)
+
+
+def _student_ids(j: int, teacher: LogitSlice, vocab_map: Tensor | None, student: LinearHead) -> Tensor:
+    """Teacher ``j``'s top-``k`` ids in the student's vocabulary (``-1``: not shared), after checking that
+    it covers the student's positions (the KD term compares position by position)."""
+    if tuple(teacher.values.shape[:2]) != tuple(student.hidden.shape[:2]):
+        raise ValueError(
+            f"`teachers[{j}]` covers positions {tuple(teacher.values.shape[:2])}, the student "
+            f"{tuple(student.hidden.shape[:2])}: the KD term needs them aligned (or `kd_weight=0`)"
+        )
+    if vocab_map is None:
+        return teacher.indices
+    check_tensor(f"vocab_maps[{j}]", vocab_map, ndim=1, integer=True)
+    if int(teacher.indices.max()) >= len(vocab_map):
+        raise ValueError(
+            f"`vocab_maps[{j}]` has {len(vocab_map)} entries; teacher ids reach {int(teacher.indices.max())}"
+        )
+    if int(vocab_map.max()) >= student.weight.shape[0]:
+        raise ValueError(f"`vocab_maps[{j}]` must hold student ids < {student.weight.shape[0]} (or -1)")
+    return vocab_map.to(teacher.indices.device)[teacher.indices]
 
 
 def infigfusion_loss(
@@ -386,30 +411,17 @@ def infigfusion_loss(
         raise ValueError(
             f"`vocab_maps` must hold one entry per teacher ({len(teachers)}), got {len(vocab_maps)}"
         )
+    _check_teachers(student.hidden.shape[0], teachers)
+    pairs = enumerate(zip(teachers, vocab_maps))
+    student_ids = [_student_ids(j, t, m, student) for j, (t, m) in pairs] if kd_weight > 0 else []
     mine = topk_logits(student, k, mask=mask, chunk_size=chunk_size, backend=backend)
-    _check_teachers(mine, teachers)
     gld = graph_on_logits_loss(mine, teachers, teacher_weights=weights)
     metrics = {"gld": gld.loss.detach(), **gld.metrics}
     kd = gld.loss.new_zeros(())
-    if kd_weight > 0:
-        for j, (teacher, vocab_map) in enumerate(zip(teachers, vocab_maps)):
-            if teacher.values.shape[:2] != mine.values.shape[:2]:
-                raise ValueError(
-                    f"`teachers[{j}]` covers positions {tuple(teacher.values.shape[:2])}, the student "
-                    f"{tuple(mine.values.shape[:2])}: the KD term needs them aligned (or `kd_weight=0`)"
-                )
-            ids = teacher.indices
-            if vocab_map is not None:
-                check_tensor(f"vocab_maps[{j}]", vocab_map, ndim=1, integer=True)
-                if int(ids.max()) >= len(vocab_map):
-                    raise ValueError(
-                        f"`vocab_maps[{j}]` has {len(vocab_map)} entries; teacher ids reach {int(ids.max())}"
-                    )
-                ids = vocab_map.to(ids.device)[ids]
-            shared = ids >= 0
-            at = logits_at(student, ids.clamp(min=0), mask=mask, chunk_size=chunk_size, backend=backend)
-            term = shared_topk_kd(at, teacher, shared)
-            metrics[f"kd/teacher{j}"] = term.detach()
-            kd = kd + weights[j] * term
+    for j, (teacher, ids) in enumerate(zip(teachers, student_ids)):  # none when kd_weight = 0
+        at = logits_at(student, ids.clamp(min=0), mask=mask, chunk_size=chunk_size, backend=backend)
+        term = shared_topk_kd(at, teacher, ids >= 0)
+        metrics[f"kd/teacher{j}"] = term.detach()
+        kd = kd + weights[j] * term
     metrics["kd"] = kd.detach()
     return LossOutput(gld_weight * gld.loss + kd_weight * kd, metrics)
