@@ -134,6 +134,7 @@ def _kwargs(name: str, b: Batch) -> tuple[int, dict]:
             ),
         ),
         "icepop": (1, dict(advantages=b.rand(B, low=-1.0), inference_logps=near_ref, alpha=0.85, beta=1.2)),
+        "prior": (1, dict(alpha=1.5)),
     }[name]
 
 

@@ -20,6 +20,7 @@ from tokenlab.alignment.common import (
     sequence_logratio,
     token_loss,
 )
+from tokenlab.alignment.diagnostics import ches_filter, ches_scores, preference_ches
 from tokenlab.alignment.fused_linear import Completions, LinearHead, TokenStats, chunked_loss, token_stats
 from tokenlab.alignment.hf import (
     causal_lm_head,
@@ -51,6 +52,7 @@ from tokenlab.alignment.preference import (
     token_weighted_dpo_loss,
     treg_loss,
 )
+from tokenlab.alignment.prior import prior_loss, prior_weights
 from tokenlab.alignment.unpaired import RewardShift, bco_loss, kto_loss
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
@@ -66,9 +68,10 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "grpo": grpo_loss,
     "gtpo": gtpo_loss,
     "icepop": icepop_loss,
+    "prior": prior_loss,
 }
 """Every loss by name: paired ones take ``(chosen, rejected, **kw)``, unpaired ``(tokens, desirable, **kw)``,
-policy ones ``(tokens, advantages, ...)``."""
+policy ones ``(tokens, advantages, ...)``, token-weighted next-token ones ``(tokens, **kw)``."""
 
 __all__ = [
     "LOSSES",
@@ -85,6 +88,8 @@ __all__ = [
     "bco_loss",
     "causal_lm_head",
     "cdpo_loss",
+    "ches_filter",
+    "ches_scores",
     "chunked_loss",
     "clipped_surrogate",
     "completion_token_logps",
@@ -101,6 +106,9 @@ __all__ = [
     "kto_loss",
     "lm_head_parameters",
     "loss_declaration",
+    "preference_ches",
+    "prior_loss",
+    "prior_weights",
     "sequence_kl",
     "sequence_logratio",
     "shift_for_next_token",
