@@ -1,16 +1,19 @@
-"""Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO/IcePop) as small
-formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits.
+"""Alignment: token-level preference, policy, weighting and distillation losses (DPO family, KTO/BCO,
+GRPO/GTPO/IcePop, PRIOR, AlignDistil) as small formulas over one chunked fused-linear mechanism that never
+materialises ``[N, V]`` logits.
 
 Pipeline: :func:`completions` turns a model and a batch into a :class:`Completions` record (hidden states,
 LM head, labels, reference) and :func:`chunked_loss` evaluates a loss from :data:`LOSSES` on it, computing the
 head's gradients chunk by chunk during the forward pass; or :func:`completion_token_logps` (through
 :func:`token_stats`) gives per-token :class:`TokenLogps` records for any other use. A loss turns records
 into a :class:`LossOutput` (loss + metrics) and declares itself with :func:`token_loss`. TRL trainers that
-compute their loss this way are in :mod:`tokenlab.alignment.trainers`. See docs/alignment.md.
+compute their loss this way are in :mod:`tokenlab.alignment.trainers`. :func:`preference_ches` scores
+preference data by CHES (likelihood-displacement diagnostic). See docs/alignment.md.
 """
 
 from collections.abc import Callable
 
+from tokenlab.alignment.aligndistil import AlignDistilTeacher, aligndistil_loss
 from tokenlab.alignment.common import (
     LossDeclaration,
     LossOutput,
@@ -21,7 +24,14 @@ from tokenlab.alignment.common import (
     token_loss,
 )
 from tokenlab.alignment.diagnostics import ches_filter, ches_scores, preference_ches
-from tokenlab.alignment.fused_linear import Completions, LinearHead, TokenStats, chunked_loss, token_stats
+from tokenlab.alignment.fused_linear import (
+    Completions,
+    LinearHead,
+    Teacher,
+    TokenStats,
+    chunked_loss,
+    token_stats,
+)
 from tokenlab.alignment.hf import (
     causal_lm_head,
     completion_token_logps,
@@ -69,22 +79,27 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "gtpo": gtpo_loss,
     "icepop": icepop_loss,
     "prior": prior_loss,
+    "aligndistil": aligndistil_loss,
 }
 """Every loss by name: paired ones take ``(chosen, rejected, **kw)``, unpaired ``(tokens, desirable, **kw)``,
-policy ones ``(tokens, advantages, ...)``, token-weighted next-token ones ``(tokens, **kw)``."""
+policy ones ``(tokens, advantages, ...)``, token-weighted next-token and distillation ones ``(tokens, **kw)``
+(AlignDistil's through ``chunked_loss(..., teacher=AlignDistilTeacher(...))``)."""
 
 __all__ = [
     "LOSSES",
     "NORMALIZATIONS",
+    "AlignDistilTeacher",
     "Completions",
     "LinearHead",
     "LossDeclaration",
     "LossOutput",
     "RewardShift",
     "SparseTokenMask",
+    "Teacher",
     "TokenLogps",
     "TokenStats",
     "activation_token_mask",
+    "aligndistil_loss",
     "bco_loss",
     "causal_lm_head",
     "cdpo_loss",
