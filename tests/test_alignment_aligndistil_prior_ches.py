@@ -8,19 +8,29 @@ loss of LOSSES in test_alignment_fused.py.)"""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch.distributions import Categorical, kl_divergence
 
 from tokenlab.alignment import (
+    AlignDistilTeacher,
+    Completions,
+    LinearHead,
     TokenLogps,
+    aligndistil_loss,
     ches_filter,
     ches_scores,
+    chunked_loss,
+    completions,
     preference_ches,
     prior_loss,
     prior_weights,
 )
+from tokenlab.testing import assert_relative_error
+from tokenlab.tour.preference import shuffled_continuation_pairs
 
 B, T, H, V = 3, 7, 5, 13
 
@@ -148,3 +158,145 @@ def test_preference_ches_on_an_hf_model_ranks_and_filters(tiny_world):
     assert set(order[:2].tolist()) == {0, 2}  # the near-duplicate pairs look most alike to the model
     kept = ches_filter(scores[True], 0.5)  # Section 6 filters by LN-CHES, keeping the lowest
     assert kept.tolist() == scores[True].argsort()[:2].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AlignDistil
+
+
+def _logits(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, V, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
+
+
+def test_aligndistil_teacher_formulas():
+    z_dpo, z_neg, _ = _logits(6, 0)
+    for contrastive, step in ((False, 0.7), (True, 1.7)):  # z_neg + step (z_dpo − z_neg)
+        log_t, w = AlignDistilTeacher(weight=0.7, contrastive=contrastive)([z_dpo.clone(), z_neg.clone()])
+        assert torch.allclose(log_t, torch.log_softmax(step * z_dpo + (1 - step) * z_neg, -1), atol=1e-14)
+        assert (w == 0.7).all()
+    log_t, w = AlignDistilTeacher(scale=3.0, eps=0.01)([z_dpo.clone(), z_neg.clone()])
+    p, q = torch.softmax(z_dpo, -1), torch.softmax(z_neg, -1)
+    for i in range(6):
+        wi = 3.0 * sum(abs(p[i, v] - q[i, v]) for v in range(V)) + 0.01
+        assert w[i].item() == pytest.approx(wi.item(), rel=1e-13)
+        want = torch.log_softmax(z_dpo[i] + wi * (z_dpo[i] - z_neg[i]), -1)
+        assert torch.allclose(log_t[i], want, atol=1e-13)
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_aligndistil_theorem1_rlhf_objective_is_distillation(contrastive):
+    """Per token, β KL(π_θ ‖ π*) = β KL(π_θ ‖ π_anchor) − β₀ E_{π_θ}[r] + β log Z (the paper's Theorem 1) with
+    w = β₀/β: reward r = log π_dpo/π_ref and anchor π_ref (plain), or r = log π_dpo/π_rdpo and anchor π_dpo
+    (contrastive, the authors' teacher). The constant β log Z does not depend on the policy."""
+    beta0, beta = 0.1, 0.25
+    z_dpo, z_neg, _ = _logits(5, 1)
+    log_t, _ = AlignDistilTeacher(weight=beta0 / beta, contrastive=contrastive)(
+        [z_dpo.clone(), z_neg.clone()]
+    )
+    lp_dpo, lp_neg = torch.log_softmax(z_dpo, -1), torch.log_softmax(z_neg, -1)
+    anchor = lp_dpo if contrastive else lp_neg
+    constants = []
+    for seed in (2, 3):
+        log_p = torch.log_softmax(_logits(5, seed)[2], -1)
+        p = log_p.exp()
+        distill = beta * (p * (log_p - log_t)).sum(-1)
+        rlhf = beta * (p * (log_p - anchor)).sum(-1) - beta0 * (p * (lp_dpo - lp_neg)).sum(-1)
+        constants.append(distill - rlhf)
+    w = beta0 / beta
+    log_z = torch.logsumexp(anchor + w * (lp_dpo - lp_neg), -1)
+    for c in constants:
+        assert torch.allclose(c, beta * log_z, rtol=1e-12, atol=1e-14)
+
+
+def _teacher_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64).requires_grad_(True)
+    teachers = tuple(
+        LinearHead(hidden.detach() + 0.3 * torch.randn(B, T, H, generator=g, dtype=torch.float64), w)
+        for w in (
+            weight.detach() + 0.4 * torch.randn(V, H, generator=g, dtype=torch.float64) for _ in range(2)
+        )
+    )
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = labels[2, 5:] = -100
+    return Completions(LinearHead(hidden, weight), labels, teachers=teachers), hidden, weight
+
+
+def test_aligndistil_with_weight_one_is_distillation_from_the_dpo_model():
+    """w = 1 in Theorem 1 (β = β₀): the teacher is the DPO model itself and the loss is
+    β₀ · mean_b Σ_t KL(π_θ ‖ π_dpo) / |y| — checked against torch.distributions, value and gradients, on the
+    chunked path with sequences split across chunks."""
+    c, hidden, weight = _teacher_batch()
+    out = chunked_loss(
+        aligndistil_loss, c, teacher=AlignDistilTeacher(weight=1.0, contrastive=False), beta=0.2, chunk_size=3
+    )
+    policy = Categorical(logits=hidden @ weight.T)
+    dpo = Categorical(logits=(c.teachers[0].hidden @ c.teachers[0].weight.T))
+    mask = (c.labels != -100).double()
+    want = (0.2 * (kl_divergence(policy, dpo) * mask).sum(-1) / mask.sum(-1)).mean()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-13)
+    for g_got, g_want in zip(
+        torch.autograd.grad(out.loss, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
+    ):
+        assert_relative_error(g_got, g_want, 1e-12, "gradient")
+    assert out.metrics["teacher_weight"].item() == 1.0
+
+
+def test_aligndistil_bad_input():
+    c, _, _ = _teacher_batch()
+    with pytest.raises(ValueError, match="teacher"):
+        chunked_loss(aligndistil_loss, c)  # no teacher composition
+    with pytest.raises(ValueError, match="teacher"):
+        chunked_loss(aligndistil_loss, Completions(c.head, c.labels), teacher=AlignDistilTeacher())
+    with pytest.raises(ValueError, match="2 teacher heads"):
+        one = Completions(c.head, c.labels, teachers=c.teachers[:1])
+        chunked_loss(aligndistil_loss, one, teacher=AlignDistilTeacher())
+    with pytest.raises(ValueError, match="teachers"):
+        bad = LinearHead(c.teachers[0].hidden[:, :3], c.teachers[0].weight)
+        chunked_loss(aligndistil_loss, Completions(c.head, c.labels, teachers=(bad, bad)), teacher=len)
+    for kwargs in (dict(weight=0.0), dict(scale=-1.0), dict(eps=0.0)):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            AlignDistilTeacher(**kwargs)
+    with pytest.raises(ValueError, match="teacher_kl"):
+        aligndistil_loss(TokenLogps(c.head.hidden[..., 0], torch.ones(B, T)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training the toy target
+
+
+def _noisy_copy(model, scale: float, seed: int):
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for p in copy_.parameters():
+        p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return copy_
+
+
+@pytest.mark.parametrize("loss", ["prior", "aligndistil"])
+def test_each_loss_trains_the_toy_target(tiny_world, loss):
+    torch.manual_seed(0)
+    target = tiny_world.target
+    pairs = shuffled_continuation_pairs(tiny_world.train_ids, 8, prompt_len=16, completion_len=12, seed=0)
+    batch = pairs.batch(torch.arange(8))
+    ids, mask = batch.chosen_ids, batch.completion_mask
+    policy = copy.deepcopy(target).train().requires_grad_(True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3 if loss == "prior" else 1e-3)
+    if loss == "prior":  # the reference: a copy of the target that knows less
+        models, options = dict(reference_model=_noisy_copy(target, 0.3, 1)), dict(alpha=1.0)
+    else:  # stand-ins for the DPO and the reverse DPO model
+        models = dict(teacher_models=(_noisy_copy(target, 0.2, 2), _noisy_copy(target, 0.2, 3)))
+        options = dict(teacher=AlignDistilTeacher(), beta=0.1)
+    fn = prior_loss if loss == "prior" else aligndistil_loss
+    losses = []
+    for _ in range(5):
+        out = chunked_loss(fn, completions(policy, ids, mask, **models), chunk_size=40, **options)
+        assert torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    print(loss, [round(x, 4) for x in losses])
+    assert losses[-1] < 0.8 * losses[0]
