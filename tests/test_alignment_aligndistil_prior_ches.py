@@ -29,6 +29,7 @@ from tokenlab.alignment import (
     prior_loss,
     prior_weights,
 )
+from tokenlab.alignment.fused_linear import VOCAB_SLICE
 from tokenlab.testing import assert_relative_error
 from tokenlab.tour.preference import shuffled_continuation_pairs
 
@@ -256,6 +257,8 @@ def test_aligndistil_bad_input():
     with pytest.raises(ValueError, match="teachers"):
         bad = LinearHead(c.teachers[0].hidden[:, :3], c.teachers[0].weight)
         chunked_loss(aligndistil_loss, Completions(c.head, c.labels, teachers=(bad, bad)), teacher=len)
+    with pytest.raises(ValueError, match="does not need"):
+        chunked_loss(prior_loss, Completions(c.head, c.labels, ref_logps=c.labels * 0.0), teacher=len)
     for kwargs in (dict(weight=0.0), dict(scale=-1.0), dict(eps=0.0)):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             AlignDistilTeacher(**kwargs)
@@ -300,3 +303,26 @@ def test_each_loss_trains_the_toy_target(tiny_world, loss):
         losses.append(out.loss.item())
     print(loss, [round(x, 4) for x in losses])
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_aligndistil_chunked_equals_reference_across_vocabulary_slices():
+    """A vocabulary wider than VOCAB_SLICE: the teacher KL's in-place gradient runs slice by slice."""
+    g = torch.Generator().manual_seed(5)
+    wide = VOCAB_SLICE + 37
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(wide, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    teachers = tuple(
+        LinearHead(
+            hidden.detach() + 0.2 * torch.randn(2, 3, 4, generator=g, dtype=torch.float64), weight.detach()
+        )
+        for _ in range(2)
+    )
+    labels = torch.randint(0, wide, (2, 3), generator=g)
+    c = Completions(LinearHead(hidden, weight), labels, teachers=teachers)
+    runs = [
+        chunked_loss(aligndistil_loss, c, teacher=AlignDistilTeacher(), chunk_size=2, backend=backend).loss
+        for backend in ("chunked", "reference")
+    ]
+    assert runs[0].item() == pytest.approx(runs[1].item(), rel=1e-12)
+    for got, want in zip(*(torch.autograd.grad(r, (hidden, weight)) for r in runs)):
+        assert_relative_error(got, want, 1e-11, "gradient")

@@ -822,7 +822,8 @@ def chunked_loss(
             "this loss needs the per-token teacher KL: give every `Completions` its `teachers` heads and "
             "`chunked_loss` a callable `teacher` composing them"
         )
-    teacher = teacher if want_teacher else None
+    if teacher is not None and not want_teacher:
+        raise ValueError("`teacher` is given but this loss does not need `teacher_kl` (see its `token_loss`)")
     if backend == "reference":
         records = (_reference_record(c, want_entropy, want_kl, teacher) for c in completions)
         return loss_fn(*records, **loss_kwargs)
