@@ -357,7 +357,7 @@ def test_compiled_kernels_trace_and_stay_exact(monkeypatch):
         fused_linear, "_compiled", lambda fn: torch.compile(fn, backend="eager", dynamic=True)
     )
     b = Batch(8)
-    for name in ("tdpo", "gtpo"):
+    for name in ("tdpo", "gtpo", "aligndistil"):
         sides, kwargs = _kwargs(name, b)
         want, want_grads = _run(LOSSES[name], b, sides, kwargs, backend="reference")
         got, got_grads = _run(LOSSES[name], b, sides, kwargs, chunk_size=8, compile=True)
