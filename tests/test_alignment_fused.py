@@ -6,6 +6,7 @@ formula; upstream gradients scale the result; extra differentiable inputs get th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from tokenlab.alignment import (
     LOSSES,
+    AlignDistilTeacher,
     Completions,
     LinearHead,
     LossOutput,
@@ -42,8 +44,8 @@ TOL = 1e-12
 
 
 class Batch:
-    """Chosen and rejected completions (ragged, every row with ≥ 1 token) from one policy head with bias and
-    one reference head, in float64."""
+    """Chosen and rejected completions (ragged, every row with ≥ 1 token) from one policy head with bias, one
+    reference head and two teacher heads (AlignDistil's DPO and reverse DPO models), in float64."""
 
     def __init__(self, seed: int = 0, dtype: torch.dtype = torch.float64):
         g = torch.Generator().manual_seed(seed)
@@ -64,10 +66,17 @@ class Batch:
                 labels[i, T - (i * 2 + side) % 4 :] = -100  # padding
             self.labels.append(labels)
         self.g = g
+        g = torch.Generator().manual_seed(1000 + seed)  # the teacher heads draw from their own stream
+        self.teacher_weights = [self.weight.detach() + randn(V, H, scale=0.3) for _ in range(2)]
+        self.teacher_hidden = [
+            [h.detach() + randn(B, T, H, scale=0.3) for h in self.hidden] for _ in range(2)
+        ]
 
     def completions(self, side: int, reference: bool = True) -> Completions:
         ref = LinearHead(self.ref_hidden[side], self.ref_weight) if reference else None
-        return Completions(LinearHead(self.hidden[side], self.weight, self.bias), self.labels[side], ref)
+        teachers = tuple(LinearHead(h[side], w) for h, w in zip(self.teacher_hidden, self.teacher_weights))
+        head = LinearHead(self.hidden[side], self.weight, self.bias)
+        return Completions(head, self.labels[side], ref, teachers=teachers)
 
     def mask(self, side: int) -> torch.Tensor:
         return (self.labels[side] != -100).double()
@@ -134,6 +143,8 @@ def _kwargs(name: str, b: Batch) -> tuple[int, dict]:
             ),
         ),
         "icepop": (1, dict(advantages=b.rand(B, low=-1.0), inference_logps=near_ref, alpha=0.85, beta=1.2)),
+        "prior": (1, dict(alpha=1.5)),
+        "aligndistil": (1, dict(beta=0.3, teacher=AlignDistilTeacher(scale=2.0))),
     }[name]
 
 
@@ -190,6 +201,8 @@ def _perturbed(tokens: TokenLogps, keep: torch.Tensor, g: torch.Generator) -> To
         tokens.ref_logps,
         move(tokens.kl, torch.neg),
         move(tokens.entropy, lambda r: 3 + 3 * r),
+        move(tokens.teacher_kl, torch.neg),
+        tokens.teacher_weight,
     )
 
 
@@ -199,26 +212,24 @@ def test_declarations_hold(name):
     sequence's gradient ignores the other sequences'. (chunked_loss is exact only if the claim holds.)"""
     b = Batch(1)
     sides, kwargs = _kwargs(name, b)
+    teacher = kwargs.pop("teacher", None)
     declared = loss_declaration(LOSSES[name])
     assert declared.sum_over in ("tokens", "sequences")
     records = []
     for s in range(sides):
-        c = b.completions(s)
-        stats = token_stats(c.head, c.labels, reference=c.reference, entropy=True, backend="reference")
-        records.append(
-            TokenLogps(
-                *(x.detach() for x in (stats.logps, b.mask(s), b.ref_logps(s), stats.kl, stats.entropy))
-            )
-        )
+        r = _reference_record(b.completions(s), True, True, teacher)
+        fields = (r.logps, r.mask, r.ref_logps, r.kl, r.entropy, r.teacher_kl, r.teacher_weight)
+        records.append(TokenLogps(*(None if x is None else x.detach() for x in fields)))
     keep = torch.zeros(B, T, dtype=torch.bool)
     if declared.sum_over == "tokens":
         keep.view(-1)[::3] = True
     else:
         keep[1] = True
 
-    def grads(recs):
-        leaves = [r.logps.clone().requires_grad_(True) for r in recs]
-        recs = [TokenLogps(x, r.mask, r.ref_logps, r.kl, r.entropy) for x, r in zip(leaves, recs)]
+    def grads(recs):  # with respect to logps, or to teacher_kl for a distillation loss
+        field = "teacher_kl" if "teacher_kl" in declared.needs else "logps"
+        leaves = [getattr(r, field).clone().requires_grad_(True) for r in recs]
+        recs = [dataclasses.replace(r, **{field: x}) for x, r in zip(leaves, recs)]
         return torch.autograd.grad(LOSSES[name](*recs, **kwargs).loss, leaves)
 
     base = grads(records)
@@ -346,7 +357,7 @@ def test_compiled_kernels_trace_and_stay_exact(monkeypatch):
         fused_linear, "_compiled", lambda fn: torch.compile(fn, backend="eager", dynamic=True)
     )
     b = Batch(8)
-    for name in ("tdpo", "gtpo"):
+    for name in ("tdpo", "gtpo", "aligndistil"):
         sides, kwargs = _kwargs(name, b)
         want, want_grads = _run(LOSSES[name], b, sides, kwargs, backend="reference")
         got, got_grads = _run(LOSSES[name], b, sides, kwargs, chunk_size=8, compile=True)

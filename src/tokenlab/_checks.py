@@ -53,9 +53,8 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 
 
 def _outside(x: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
-    return (
-        (low is not None and (x <= low if low_open else x < low))
-        or (high is not None and (x >= high if high_open else x > high))
+    return (low is not None and (x <= low if low_open else x < low)) or (
+        high is not None and (x >= high if high_open else x > high)
     )
 
 

@@ -1,18 +1,22 @@
-"""Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO/IcePop) as small
-formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits; InfiGFusion's
-graph-on-logits distillation (:mod:`~tokenlab.alignment.graph_distill`) and batch-scheduled sampling
-(:mod:`~tokenlab.alignment.scheduled_sampling`).
+"""Alignment: token-level preference, policy, weighting and distillation losses (DPO family, KTO/BCO,
+GRPO/GTPO/IcePop, PRIOR, AlignDistil) as small formulas over one chunked fused-linear mechanism that never
+materialises ``[N, V]`` logits; InfiGFusion's graph-on-logits distillation
+(:mod:`~tokenlab.alignment.graph_distill`), batch-scheduled sampling
+(:mod:`~tokenlab.alignment.scheduled_sampling`) and the CHES diagnostic
+(:mod:`~tokenlab.alignment.diagnostics`).
 
 Pipeline: :func:`completions` turns a model and a batch into a :class:`Completions` record (hidden states,
 LM head, labels, reference) and :func:`chunked_loss` evaluates a loss from :data:`LOSSES` on it, computing the
 head's gradients chunk by chunk during the forward pass; or :func:`completion_token_logps` (through
 :func:`token_stats`) gives per-token :class:`TokenLogps` records for any other use. A loss turns records
 into a :class:`LossOutput` (loss + metrics) and declares itself with :func:`token_loss`. TRL trainers that
-compute their loss this way are in :mod:`tokenlab.alignment.trainers`. See docs/alignment.md.
+compute their loss this way are in :mod:`tokenlab.alignment.trainers`. :func:`preference_ches` scores
+preference data by CHES (likelihood-displacement diagnostic). See docs/alignment.md.
 """
 
 from collections.abc import Callable
 
+from tokenlab.alignment.aligndistil import AlignDistilTeacher, aligndistil_loss
 from tokenlab.alignment.common import (
     LossDeclaration,
     LossOutput,
@@ -22,7 +26,15 @@ from tokenlab.alignment.common import (
     sequence_logratio,
     token_loss,
 )
-from tokenlab.alignment.fused_linear import Completions, LinearHead, TokenStats, chunked_loss, token_stats
+from tokenlab.alignment.diagnostics import ches_filter, ches_scores, preference_ches
+from tokenlab.alignment.fused_linear import (
+    Completions,
+    LinearHead,
+    Teacher,
+    TokenStats,
+    chunked_loss,
+    token_stats,
+)
 from tokenlab.alignment.graph_distill import (
     LogitSlice,
     coactivation_graph,
@@ -64,6 +76,7 @@ from tokenlab.alignment.preference import (
     token_weighted_dpo_loss,
     treg_loss,
 )
+from tokenlab.alignment.prior import prior_loss, prior_weights
 from tokenlab.alignment.scheduled_sampling import batch_scheduled_sampling, scheduled_sampling_ratio
 from tokenlab.alignment.unpaired import RewardShift, bco_loss, kto_loss
 
@@ -80,13 +93,17 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "grpo": grpo_loss,
     "gtpo": gtpo_loss,
     "icepop": icepop_loss,
+    "prior": prior_loss,
+    "aligndistil": aligndistil_loss,
 }
 """Every loss by name: paired ones take ``(chosen, rejected, **kw)``, unpaired ``(tokens, desirable, **kw)``,
-policy ones ``(tokens, advantages, ...)``."""
+policy ones ``(tokens, advantages, ...)``, token-weighted next-token and distillation ones ``(tokens, **kw)``
+(AlignDistil's through ``chunked_loss(..., teacher=AlignDistilTeacher(...))``)."""
 
 __all__ = [
     "LOSSES",
     "NORMALIZATIONS",
+    "AlignDistilTeacher",
     "Completions",
     "LinearHead",
     "LogitSlice",
@@ -94,13 +111,17 @@ __all__ = [
     "LossOutput",
     "RewardShift",
     "SparseTokenMask",
+    "Teacher",
     "TokenLogps",
     "TokenStats",
     "activation_token_mask",
+    "aligndistil_loss",
     "batch_scheduled_sampling",
     "bco_loss",
     "causal_lm_head",
     "cdpo_loss",
+    "ches_filter",
+    "ches_scores",
     "chunked_loss",
     "clipped_surrogate",
     "coactivation_graph",
@@ -122,6 +143,9 @@ __all__ = [
     "lm_head_parameters",
     "logits_at",
     "loss_declaration",
+    "preference_ches",
+    "prior_loss",
+    "prior_weights",
     "scheduled_sampling_ratio",
     "sequence_kl",
     "sequence_logratio",

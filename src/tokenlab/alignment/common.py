@@ -29,6 +29,10 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
+OPTIONAL_FIELDS = ("ref_logps", "kl", "entropy", "teacher_kl", "teacher_weight")
+"""The optional per-token fields of :class:`TokenLogps`, ``[B, T]`` each."""
+
+
 @dataclass
 class TokenLogps:
     """Per-token quantities of a batch of completions, all ``[B, T]``.
@@ -39,6 +43,10 @@ class TokenLogps:
         ref_logps: reference-model log-probabilities (losses with a reference need it).
         kl: per-token ``KL(π_ref ‖ π_θ)`` over the whole vocabulary (TDPO, SparsePO).
         entropy: per-token policy entropy (GTPO's entropy filter).
+        teacher_kl: per-token ``KL(π_θ ‖ π_teacher)`` to a teacher distribution composed from extra frozen
+            heads (AlignDistil's distillation term; differentiable).
+        teacher_weight: a per-token scalar the teacher composes along with its distribution (no gradient;
+            AlignDistil: the extrapolation weight ``α_t``).
     """
 
     logps: Tensor
@@ -46,13 +54,15 @@ class TokenLogps:
     ref_logps: Tensor | None = None
     kl: Tensor | None = None
     entropy: Tensor | None = None
+    teacher_kl: Tensor | None = None
+    teacher_weight: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_tensor("logps", self.logps)
         check_tensor("mask", self.mask)
         if self.logps.ndim != 2:
             raise ValueError(f"`logps` must be [B, T], got shape {tuple(self.logps.shape)}")
-        for name in ("mask", "ref_logps", "kl", "entropy"):
+        for name in ("mask", *OPTIONAL_FIELDS):
             check_shape_like_logps(name, getattr(self, name), self.logps)
         self.mask = self.mask.to(self.logps.dtype)
         if ((self.mask != 0) & (self.mask != 1)).any():
@@ -61,7 +71,7 @@ class TokenLogps:
             raise ValueError(
                 "`mask` selects no token in some sequence; every completion needs at least one token"
             )
-        for name in ("logps", "ref_logps", "kl", "entropy"):
+        for name in ("logps", *OPTIONAL_FIELDS):
             check_finite(name, getattr(self, name))
 
     @classmethod
@@ -72,17 +82,15 @@ class TokenLogps:
         ref_logps: Tensor | None = None,
         kl: Tensor | None = None,
         entropy: Tensor | None = None,
+        teacher_kl: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
     ) -> TokenLogps:
         """A record built without the constructor's checks, for inner loops whose inputs were checked once
         (``chunked_loss`` evaluates its loss once per group of tokens); ``mask`` is in ``logps``' dtype."""
         record = object.__new__(cls)
-        record.logps, record.mask, record.ref_logps, record.kl, record.entropy = (
-            logps,
-            mask,
-            ref_logps,
-            kl,
-            entropy,
-        )
+        record.logps, record.mask = logps, mask
+        record.ref_logps, record.kl, record.entropy = ref_logps, kl, entropy
+        record.teacher_kl, record.teacher_weight = teacher_kl, teacher_weight
         return record
 
     def require(self, *names: str) -> None:
@@ -100,7 +108,8 @@ class LossDeclaration:
     """What :func:`~tokenlab.alignment.fused_linear.chunked_loss` needs to know about a loss.
 
     Attributes:
-        needs: per-token quantities the loss reads besides ``logps``/``ref_logps``: ``"entropy"``, ``"kl"``.
+        needs: per-token quantities the loss reads besides ``logps``/``ref_logps``: ``"entropy"``, ``"kl"``,
+            ``"teacher_kl"`` (with ``teacher_weight``; needs teacher heads and a ``teacher`` composition).
         sum_over: ``"tokens"`` — the loss is a sum of per-token terms, each depending on the per-token
             quantities of its own token only; ``"sequences"`` — a sum of per-sequence terms, each depending
             on those of sequence ``i`` only (row ``i`` of every input record, e.g. chosen and rejected
@@ -114,7 +123,7 @@ class LossDeclaration:
 
 
 L = TypeVar("L", bound=Callable[..., LossOutput])
-TOKEN_QUANTITIES = ("entropy", "kl")
+TOKEN_QUANTITIES = ("entropy", "kl", "teacher_kl")
 
 
 def token_loss(*, sum_over: SumOver | None, needs: tuple[str, ...] = ()) -> Callable[[L], L]:

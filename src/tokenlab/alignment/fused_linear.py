@@ -6,12 +6,16 @@ Every alignment loss in tokenlab is a function of, per completion token ``t``, s
 * ``H_t = −Σ_v p_v log p_v`` — the entropy of the policy's next-token distribution;
 * ``KL_t = Σ_v q_v (log q_v − log p_v)`` — the forward KL from a reference distribution ``q``
   (another head's ``softmax(h'_t W'ᵀ + b')``) to the policy ``p``, as in the sequential KL of
-  *Token-level Direct Preference Optimization*.
+  *Token-level Direct Preference Optimization*;
+* ``R_t = Σ_v p_v (log p_v − log t_v)`` — the reverse KL from the policy to a teacher distribution ``t``
+  that a ``teacher`` function composes per chunk from the logits of extra frozen heads
+  (:attr:`Completions.teachers`), together with a per-token ``teacher_weight`` (AlignDistil's teacher, the
+  token-adaptive extrapolation of a DPO and a reverse DPO model).
 
-The gradient of ``Σ_t g_t logp_t + gᴴ_t H_t + gᴷ_t KL_t`` with respect to a token's logits ``z``
+The gradient of ``Σ_t g_t logp_t + gᴴ_t H_t + gᴷ_t KL_t + gᴿ_t R_t`` with respect to a token's logits ``z``
 (``p = softmax(z)``, ``e_y`` one-hot) is one expression, built in place by :func:`_logits_grad`::
 
-    ∂/∂z = p ⊙ (a − gᴴ log p) + g e_y − gᴷ q          a = gᴷ − g − gᴴ H
+    ∂/∂z = p ⊙ (a + (gᴿ − gᴴ) log p − gᴿ log t) + g e_y − gᴷ q          a = gᴷ − g − gᴴ H − gᴿ R
 
 Two entry points run the same per-chunk code (:class:`_Heads`):
 
@@ -96,12 +100,16 @@ class Completions:
             gradient): gives ``ref_logps`` and, to losses that need it, the per-token KL.
         ref_logps: ``[B, T]`` reference log-probabilities computed elsewhere (e.g. by a trainer), used
             instead of the reference head's.
+        teachers: further frozen heads on the same tokens (hidden ``[B, T, H_k]``, weight ``[V, H_k]``; no
+            gradient), whose logits a ``teacher`` function of :func:`chunked_loss` composes, chunk by chunk,
+            into the teacher distribution of ``teacher_kl`` (AlignDistil: the DPO and reverse DPO models).
     """
 
     head: LinearHead
     labels: Tensor
     reference: LinearHead | None = None
     ref_logps: Tensor | None = None
+    teachers: tuple[LinearHead, ...] = ()
 
     def select(self, rows: slice) -> Completions:
         """The completions of ``rows`` (views; the heads' weights are the same tensors), e.g. the chosen and
@@ -111,7 +119,14 @@ class Completions:
             return None if head is None else LinearHead(head.hidden[rows], head.weight, head.bias)
 
         ref_logps = None if self.ref_logps is None else self.ref_logps[rows]
-        return Completions(part(self.head), self.labels[rows], part(self.reference), ref_logps)
+        teachers = tuple(part(t) for t in self.teachers)
+        return Completions(part(self.head), self.labels[rows], part(self.reference), ref_logps, teachers)
+
+
+Teacher = Callable[[list[Tensor]], tuple[Tensor, Tensor]]
+"""Composes a teacher distribution from the logits of :attr:`Completions.teachers`: given their logits
+(``[n, V]`` each, at least float32; it may overwrite them), return the teacher's log-probabilities ``[n, V]``
+and a per-token ``teacher_weight`` ``[n]``. Called per chunk, so nothing of size ``[N, V]`` exists."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,18 +141,24 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _distribution_terms(
-    logits: Tensor, labels: Tensor, ref_logits: Tensor | None, want_entropy: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The specification: log-probabilities of ``labels``, entropy, and ``KL(q‖p)`` when ``ref_logits``
-    are given, all ``[n]``."""
+    logits: Tensor,
+    labels: Tensor,
+    ref_logits: Tensor | None,
+    want_entropy: bool,
+    log_t: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The specification: log-probabilities of ``labels``, entropy, ``KL(q‖p)`` when ``ref_logits`` are
+    given and ``KL(p‖t)`` when the teacher's log-probabilities ``log_t`` are, all ``[n]``."""
     log_p = torch.log_softmax(logits, dim=-1)
     logps = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1) if want_entropy else None
-    kl = None
+    kl = teacher_kl = None
     if ref_logits is not None:
         log_q = torch.log_softmax(ref_logits.to(log_p.dtype), dim=-1)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-    return logps, entropy, kl
+    if log_t is not None:
+        teacher_kl = (log_p.exp() * (log_p - log_t.to(log_p.dtype))).sum(-1)
+    return logps, entropy, kl, teacher_kl
 
 
 VOCAB_SLICE = 4096
@@ -176,14 +197,16 @@ def _reference_terms(ref_logits: Tensor, labels: Tensor, want_kl: bool) -> tuple
 
 
 def _policy_terms(
-    logits: Tensor, labels: Tensor, log_q: Tensor | None, want_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    logits: Tensor, labels: Tensor, log_q: Tensor | None, want_entropy: bool, log_t: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """A chunk's ``log p`` ``[n, V]`` (in place of ``logits``) and the formulas of
-    :func:`_distribution_terms`: log-probabilities of ``labels``, entropy, ``KL(q‖p)`` ``[n]``."""
+    :func:`_distribution_terms`: log-probabilities of ``labels``, entropy, ``KL(q‖p)``, ``KL(p‖t)``,
+    ``[n]`` each."""
     log_p = _log_softmax_(logits)
     entropy = -_row_sum(lambda lp: lp.exp() * lp, log_p) if want_entropy else None
     kl = None if log_q is None else _row_sum(lambda lq, lp: lq.exp() * (lq - lp), log_q, log_p)
-    return log_p, _label_logps(log_p, labels), entropy, kl
+    teacher_kl = None if log_t is None else _row_sum(lambda lp, lt: lp.exp() * (lp - lt), log_p, log_t)
+    return log_p, _label_logps(log_p, labels), entropy, kl, teacher_kl
 
 
 def _logits_grad(
@@ -194,23 +217,35 @@ def _logits_grad(
     g_entropy: Tensor | None,
     entropy: Tensor | None,
     g_kl: Tensor | None,
+    log_t: Tensor | None = None,
+    g_teacher_kl: Tensor | None = None,
+    teacher_kl: Tensor | None = None,
 ) -> Tensor:
-    """``∂(Σ_t g_t logp_t + gᴴ_t H_t + gᴷ_t KL_t)/∂z`` ``[n, V]`` for a chunk's logits, in place of ``log_p``
-    (``log_q`` is overwritten too); a missing ``g`` counts as zero. No other ``[n, V]`` buffer is made."""
+    """``∂(Σ_t g_t logp_t + gᴴ_t H_t + gᴷ_t KL_t + gᴿ_t R_t)/∂z`` ``[n, V]`` for a chunk's logits, in place of
+    ``log_p`` (``log_q`` is overwritten too); a missing ``g`` counts as zero. No other ``[n, V]`` buffer is
+    made."""
     a = torch.zeros_like(log_p[:, 0])
     if g_logps is not None:
         a = a - g_logps
     if g_kl is not None:
         a = a + g_kl
-    if g_entropy is None:
+    if g_entropy is None and g_teacher_kl is None:
         grad = log_p.exp_().mul_(a.unsqueeze(-1))
-    else:  # p ⊙ (a − gᴴ H − gᴴ log p), slice by slice: p and log p are both needed
-        a = (a - g_entropy * entropy).unsqueeze(-1)
-        minus_g = -g_entropy.unsqueeze(-1)
+    else:  # p ⊙ (a + c log p − gᴿ log t), slice by slice: p and log p are both needed
+        c = torch.zeros_like(a)
+        if g_entropy is not None:
+            a, c = a - g_entropy * entropy, c - g_entropy
+        if g_teacher_kl is not None:
+            a, c = a - g_teacher_kl * teacher_kl, c + g_teacher_kl
+            minus_g_t = -g_teacher_kl.unsqueeze(-1)
+        a, c = a.unsqueeze(-1), c.unsqueeze(-1)
         for s in range(0, log_p.shape[-1], VOCAB_SLICE):
             lp = log_p[:, s : s + VOCAB_SLICE]
             p = lp.exp()
-            lp.mul_(minus_g).add_(a).mul_(p)
+            lp.mul_(c).add_(a)
+            if g_teacher_kl is not None:
+                lp.addcmul_(log_t[:, s : s + VOCAB_SLICE], minus_g_t)
+            lp.mul_(p)
         grad = log_p
     if g_kl is not None:
         grad.sub_(log_q.exp_().mul_(g_kl.unsqueeze(-1)))
@@ -268,8 +303,9 @@ def _sizes(selection: Selection) -> list[int]:
 
 @dataclass
 class _Terms:
-    """One chunk's distributions (``log_p``, and ``log_q`` for the KL, ``[n, V]``), quantities ``[n]``, and
-    its labels ``[n]`` and hidden states ``[n, H]`` (gathered once, used again in backward)."""
+    """One chunk's distributions (``log_p``; ``log_q`` for the KL, ``log_t`` for the teacher KL; ``[n, V]``),
+    quantities ``[n]``, and its labels ``[n]`` and hidden states ``[n, H]`` (gathered once, used again in
+    backward)."""
 
     log_p: Tensor | None
     log_q: Tensor | None
@@ -279,6 +315,9 @@ class _Terms:
     ref_logps: Tensor | None
     labels: Tensor
     hidden: Tensor
+    log_t: Tensor | None = None
+    teacher_kl: Tensor | None = None
+    teacher_weight: Tensor | None = None
 
 
 class _HeadGrads:
@@ -319,9 +358,14 @@ class _HeadGrads:
         ]
 
 
+HeadInputs = tuple[Sequence[Tensor], Tensor, Tensor | None]
+"""A frozen head over the sides of a call: per side flattened hidden states ``[N_s, H]``, weight, bias."""
+
+
 class _Heads:
     """The scored tokens of one call — one or more sides, each with flattened hidden states ``[N_s, H]`` and
-    labels ``[N_s]`` (in range) — under one LM head and, optionally, one reference head (all detached)."""
+    labels ``[N_s]`` (in range) — under one LM head and, optionally, one reference head and teacher heads
+    with the ``teacher`` that composes their logits (all detached)."""
 
     def __init__(
         self,
@@ -329,11 +373,14 @@ class _Heads:
         labels: Sequence[Tensor],
         weight: Tensor,
         bias: Tensor | None,
-        reference: tuple[Sequence[Tensor], Tensor, Tensor | None] | None = None,
+        reference: HeadInputs | None = None,
         compile: bool = False,
+        teachers: Sequence[HeadInputs] = (),
+        teacher: Teacher | None = None,
     ) -> None:
         self.hiddens, self.labels, self.weight, self.bias = hiddens, labels, weight, bias
         self.ref_hiddens, self.ref_weight, self.ref_bias = reference or (None, None, None)
+        self.teachers, self.teacher = teachers, teacher
         self.buffers: dict[str, Tensor] = {}
         kernels = (_reference_terms, _policy_terms, _logits_grad)
         if compile:
@@ -367,10 +414,21 @@ class _Heads:
             return torch.mm(hidden, weight.T, out=buffer[:n])
         return torch.addmm(bias, hidden, weight.T, out=buffer[:n])
 
-    def forward(self, picks: Selection, want_entropy: bool, want_kl: bool, want_ref: bool) -> _Terms:
+    def forward(
+        self, picks: Selection, want_entropy: bool, want_kl: bool, want_ref: bool, want_teacher: bool = False
+    ) -> _Terms:
         """A chunk's terms. The reference's logits come first so that, without the KL, only one ``[n, V]``
-        buffer exists at a time."""
+        buffer exists at a time; the teacher's distribution (one buffer per teacher head while it is composed)
+        comes before the policy's logits."""
         labels = self.gather(self.labels, picks)
+        log_t = teacher_weight = None
+        if want_teacher:
+            logits = [
+                self.logits(f"teacher{k}", self.gather(hiddens, picks), weight, bias)
+                for k, (hiddens, weight, bias) in enumerate(self.teachers)
+            ]
+            log_t, teacher_weight = self.teacher(logits)
+            del logits
         log_q = ref_logps = None
         if want_ref or want_kl:
             ref_hidden = self.gather(self.ref_hiddens, picks)
@@ -382,19 +440,23 @@ class _Heads:
             del ref_logits
         hidden = self.gather(self.hiddens, picks)
         logits = self.logits("policy", hidden, self.weight, self.bias)
-        log_p, logps, entropy, kl = self.policy_terms(logits, labels, log_q, want_entropy)
-        return _Terms(log_p, log_q, logps, entropy, kl, ref_logps, labels, hidden)
+        log_p, logps, entropy, kl, teacher_kl = self.policy_terms(logits, labels, log_q, want_entropy, log_t)
+        return _Terms(
+            log_p, log_q, logps, entropy, kl, ref_logps, labels, hidden, log_t, teacher_kl, teacher_weight
+        )
 
     def backward(
         self, picks: Selection, terms: _Terms, grads: _HeadGrads, g: Sequence[Tensor | None]
     ) -> None:
-        """Turn a chunk's ``g = (g_logps, g_entropy, g_kl)`` into logit gradients (in place of its
-        distributions) and accumulate the input, weight and bias gradients."""
-        g_logps, g_entropy, g_kl = g
+        """Turn a chunk's ``g = (g_logps, g_entropy, g_kl[, g_teacher_kl])`` into logit gradients (in place of
+        its distributions) and accumulate the input, weight and bias gradients."""
+        g_logps, g_entropy, g_kl, *g_teacher = g
+        g_teacher_kl = g_teacher[0] if g_teacher else None
         grad_z = self.logits_grad(
-            terms.log_p, terms.log_q, terms.labels, g_logps, g_entropy, terms.entropy, g_kl
-        )
-        terms.log_p = terms.log_q = None
+            terms.log_p, terms.log_q, terms.labels, g_logps, g_entropy, terms.entropy, g_kl,
+            terms.log_t, g_teacher_kl, terms.teacher_kl,
+        )  # fmt: skip
+        terms.log_p = terms.log_q = terms.log_t = None
         grads.add(grad_z, terms.hidden, self.weight, picks)
 
 
@@ -502,6 +564,12 @@ def _detached(head: LinearHead) -> tuple[Tensor, Tensor, Tensor | None]:
     return _flat(head).detach(), head.weight.detach(), bias
 
 
+def _detached_sides(completions: Sequence[Completions], k: int) -> HeadInputs:
+    """Teacher head ``k`` of every side: per side its detached flat hidden states, then weight and bias."""
+    _, weight, bias = _detached(completions[0].teachers[k])
+    return [_detached(c.teachers[k])[0] for c in completions], weight, bias
+
+
 def token_stats(
     head: LinearHead,
     labels: Tensor,
@@ -550,7 +618,7 @@ def token_stats(
         terms = _distribution_terms(
             _logits(hidden, head.weight, head.bias), flat_labels.clamp(min=0), ref_logits, entropy
         )
-        lp, ent, kl = (None if t is None else t * valid for t in terms)
+        lp, ent, kl = (None if t is None else t * valid for t in terms[:3])
     else:
         lp, ent, kl = _ChunkedTokenStats.apply(
             hidden, head.weight, head.bias, flat_labels, *ref, entropy, chunk_size
@@ -608,6 +676,14 @@ def _check_completions(completions: Sequence[Completions]) -> None:
                 f"{name}.ref_logps", check_tensor(f"{name}.ref_logps", c.ref_logps), lead, of="labels"
             )
             check_finite(f"{name}.ref_logps", c.ref_logps)
+        if not isinstance(c.teachers, tuple) or not all(isinstance(t, LinearHead) for t in c.teachers):
+            raise TypeError(f"`{name}.teachers` must be a tuple of LinearHead")
+        if len(c.teachers) != len(first.teachers) or any(
+            t.weight is not f.weight or t.bias is not f.bias for t, f in zip(c.teachers, first.teachers)
+        ):
+            raise ValueError("every `Completions` must share the same teacher heads")
+        for k, t in enumerate(c.teachers):
+            _check_reference(f"{name}.teachers[{k}]", t, lead, V)
 
 
 def _groups(completions: Sequence[Completions], sum_over: str | None, chunk_size: int) -> list[Picks]:
@@ -637,15 +713,18 @@ class _LossOnQuantities:
     """A loss evaluated on per-token quantities held in flat per-side buffers (filled in as tokens are
     scored); :meth:`grads` differentiates it with respect to one group's entries."""
 
-    def __init__(self, loss_fn, loss_kwargs: dict, completions: Sequence[Completions], quantities, ref_logps):
+    def __init__(self, loss_fn, loss_kwargs: dict, completions: Sequence[Completions], quantities, fixed):
+        """``quantities`` (differentiated) and ``fixed`` (``ref_logps``, ``teacher_weight``: not
+        differentiated) map record fields to per-side flat buffers (None where a side has none)."""
         self.loss_fn, self.loss_kwargs = loss_fn, loss_kwargs
         self.quantities = quantities
         self.shapes = [tuple(c.labels.shape) for c in completions]
         dtype = quantities["logps"][0].dtype
         self.masks = [(c.labels != IGNORE_INDEX).to(dtype) for c in completions]
-        self.ref_logps = [
-            None if r is None else r.view(shape).to(dtype) for r, shape in zip(ref_logps, self.shapes)
-        ]
+        self.fixed = {
+            name: [None if r is None else r.view(shape).to(dtype) for r, shape in zip(per_side, self.shapes)]
+            for name, per_side in fixed.items()
+        }
 
     def records(
         self, leaves: dict[tuple[str, int], tuple[slice | Tensor, Tensor]] | None = None
@@ -661,8 +740,9 @@ class _LossOnQuantities:
                     value = value.clone()
                     value[leaves[name, s][0]] = leaves[name, s][1]
                 fields[name] = value.view(shape)
+            fields.update({name: per_side[s] for name, per_side in self.fixed.items()})
             make = TokenLogps.trusted if leaves is not None else TokenLogps
-            records.append(make(fields.pop("logps"), self.masks[s], self.ref_logps[s], **fields))
+            records.append(make(fields.pop("logps"), self.masks[s], **fields))
         return records
 
     def evaluate(self, records: list[TokenLogps]) -> LossOutput:
@@ -695,6 +775,7 @@ def chunked_loss(
     chunk_size: int = 1024,
     backend: HeadBackend = "chunked",
     compile: bool = False,
+    teacher: Teacher | None = None,
     **loss_kwargs,
 ) -> LossOutput:
     """Evaluate ``loss_fn`` on completions scored by an LM head, computing the gradients of hidden states
@@ -704,9 +785,9 @@ def chunked_loss(
     function of :class:`~tokenlab.alignment.common.TokenLogps` records returning a
     :class:`~tokenlab.alignment.common.LossOutput`; it receives one record per ``Completions`` (chosen and
     rejected for paired losses). Its :func:`~tokenlab.alignment.common.token_loss` declaration says which
-    per-token quantities it needs (entropy, KL) and what its value is a sum over (tokens, sequences, or
-    neither): that decides how early the gradient of each chunk is known (module docstring). The value,
-    metrics and gradients equal the reference path's in float64.
+    per-token quantities it needs (entropy, KL, teacher KL) and what its value is a sum over (tokens,
+    sequences, or neither): that decides how early the gradient of each chunk is known (module docstring).
+    The value, metrics and gradients equal the reference path's in float64.
 
     Args:
         loss_fn: the loss.
@@ -715,6 +796,9 @@ def chunked_loss(
         chunk_size: most tokens whose logits exist at once (``O(chunk_size · V)`` memory).
         backend: ``"chunked"`` or ``"reference"`` (materialised logits and autograd; the specification).
         compile: ``torch.compile`` the per-chunk formulas (:func:`_policy_terms`, :func:`_logits_grad`, …).
+        teacher: for losses that need ``teacher_kl``: the :data:`Teacher` composing each chunk's teacher
+            distribution and ``teacher_weight`` from the logits of every ``Completions``' ``teachers`` heads
+            (e.g. :class:`~tokenlab.alignment.aligndistil.AlignDistilTeacher`).
         loss_kwargs: passed to ``loss_fn`` (``beta=…``, ``advantages=…``).
 
     Returns:
@@ -730,10 +814,19 @@ def chunked_loss(
     _check_completions(completions)
     declared = loss_declaration(loss_fn)
     want_entropy, want_kl = "entropy" in declared.needs, "kl" in declared.needs
+    want_teacher = "teacher_kl" in declared.needs
     if want_kl and completions[0].reference is None:
         raise ValueError("this loss needs the per-token KL: give every `Completions` a `reference` head")
+    if want_teacher and (not callable(teacher) or not completions[0].teachers):
+        raise ValueError(
+            "this loss needs the per-token teacher KL: give every `Completions` its `teachers` heads and "
+            "`chunked_loss` a callable `teacher` composing them"
+        )
+    if teacher is not None and not want_teacher:
+        raise ValueError("`teacher` is given but this loss does not need `teacher_kl` (see its `token_loss`)")
     if backend == "reference":
-        return loss_fn(*(_reference_record(c, want_entropy, want_kl) for c in completions), **loss_kwargs)
+        records = (_reference_record(c, want_entropy, want_kl, teacher) for c in completions)
+        return loss_fn(*records, **loss_kwargs)
 
     first = completions[0]
     weight, bias = first.head.weight, first.head.bias
@@ -750,16 +843,23 @@ def chunked_loss(
         None if bias is None else bias.detach(),
         reference,
         compile,
+        [_detached_sides(completions, k) for k in range(len(first.teachers))] if want_teacher else (),
+        teacher,
     )
     dtype = torch.promote_types(first.head.hidden.dtype, torch.float32)
     names = ["logps", *(["entropy"] if want_entropy else []), *(["kl"] if want_kl else [])]
+    names += ["teacher_kl"] if want_teacher else []
     quantities = {name: [h.new_zeros(len(h), dtype=dtype) for h in hiddens] for name in names}
     scored_ref = [h.new_zeros(len(h), dtype=dtype) for h in hiddens] if want_ref else None
-    ref_logps = [
-        c.ref_logps if c.ref_logps is not None or scored_ref is None else r
-        for c, r in zip(completions, scored_ref or [None] * len(completions))
-    ]
-    loss = _LossOnQuantities(loss_fn, loss_kwargs, completions, quantities, ref_logps)
+    fixed = {
+        "ref_logps": [
+            c.ref_logps if c.ref_logps is not None or scored_ref is None else r
+            for c, r in zip(completions, scored_ref or [None] * len(completions))
+        ]
+    }
+    if want_teacher:  # 1 where not scored (yet): a weight a loss may divide by
+        fixed["teacher_weight"] = [h.new_ones(len(h), dtype=dtype) for h in hiddens]
+    loss = _LossOnQuantities(loss_fn, loss_kwargs, completions, quantities, fixed)
     need = [h.requires_grad for h in hiddens] + [
         weight.requires_grad,
         bias is not None and bias.requires_grad,
@@ -773,11 +873,13 @@ def chunked_loss(
         for group in _groups(completions, declared.sum_over, chunk_size):
             chunks = [_selection(c, device) for c in _chunks(group, chunk_size)]
             for picks in chunks:
-                terms = heads.forward(picks, want_entropy, want_kl, want_ref)
+                terms = heads.forward(picks, want_entropy, want_kl, want_ref, want_teacher)
                 for name in names:
                     heads.scatter(quantities[name], picks, getattr(terms, name))
                 if want_ref:
                     heads.scatter(scored_ref, picks, terms.ref_logps)
+                if want_teacher:
+                    heads.scatter(fixed["teacher_weight"], picks, terms.teacher_weight)
             if not any(need):
                 continue
             group = _selection(group, device)
@@ -786,17 +888,16 @@ def chunked_loss(
                 for s, value in enumerate(per_side):
                     if value is not None:
                         g_full[name][s][group[s]] = value
-            present = [
-                any(v is not None for v in g_group.get(name, [])) for name in ("logps", "entropy", "kl")
-            ]
+            quantity_names = ("logps", "entropy", "kl", "teacher_kl")
+            present = [any(v is not None for v in g_group.get(name, [])) for name in quantity_names]
             for k, picks in enumerate([chunks[-1], *chunks[:-1]]):
                 if k:  # the group's last chunk is still at hand; the others are recomputed
-                    terms = heads.forward(picks, False, want_kl, False)
+                    terms = heads.forward(picks, False, want_kl, False, want_teacher)
                 if want_entropy:
                     terms.entropy = heads.gather(quantities["entropy"], picks)
                 g = [
                     heads.gather(g_full[name], picks) if p else None
-                    for name, p in zip(("logps", "entropy", "kl"), present)
+                    for name, p in zip(quantity_names, present)
                 ]
                 heads.backward(picks, terms, grads, g)
             del terms
@@ -806,7 +907,9 @@ def chunked_loss(
     return out
 
 
-def _reference_record(c: Completions, want_entropy: bool, want_kl: bool) -> TokenLogps:
+def _reference_record(
+    c: Completions, want_entropy: bool, want_kl: bool, teacher: Teacher | None = None
+) -> TokenLogps:
     """The :class:`TokenLogps` of ``c`` from materialised logits (``backend="reference"``)."""
     ref_logps = c.ref_logps
     if ref_logps is None and c.reference is not None:
@@ -820,4 +923,15 @@ def _reference_record(c: Completions, want_entropy: bool, want_kl: bool) -> Toke
         backend="reference",
     )
     mask = (c.labels != IGNORE_INDEX).to(stats.logps.dtype)
-    return TokenLogps(stats.logps, mask, ref_logps=ref_logps, kl=stats.kl, entropy=stats.entropy)
+    teacher_kl = teacher_weight = None
+    if teacher is not None:
+        with torch.no_grad():
+            log_t, teacher_weight = teacher([_logits(*_detached(t)) for t in c.teachers])
+        logits = _logits(_flat(c.head), c.head.weight, c.head.bias)
+        *_, teacher_kl = _distribution_terms(logits, c.labels.reshape(-1).clamp(min=0), None, False, log_t)
+        teacher_kl = (teacher_kl * mask.reshape(-1)).view_as(mask)
+        teacher_weight = teacher_weight.to(mask.dtype).view_as(mask)
+    return TokenLogps(
+        stats.logps, mask, ref_logps=ref_logps, kl=stats.kl, entropy=stats.entropy,
+        teacher_kl=teacher_kl, teacher_weight=teacher_weight,
+    )  # fmt: skip

@@ -12,6 +12,8 @@ or, for a LoRA adapter on the head, the effective weight ``W + Σ s·B A``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -95,6 +97,7 @@ def completions(
     *,
     attention_mask: Tensor | None = None,
     reference_model: nn.Module | None = None,
+    teacher_models: Sequence[nn.Module] = (),
     last: int | None = None,
 ) -> Completions:
     """The :class:`~tokenlab.alignment.fused_linear.Completions` of ``input_ids [B, T]`` under ``model`` (with
@@ -103,6 +106,8 @@ def completions(
     Position ``t`` scores ``input_ids[:, t+1]``; ``completion_mask [B, T]`` marks completion tokens. ``last``
     keeps only the last ``last`` scored positions (e.g. the completion part of prompt + completion, as
     trainers lay out their per-token tensors): hidden ``[B, last, H]`` scoring ``input_ids[:, -last:]``.
+    ``teacher_models`` (without gradient) give the ``teachers`` heads, in order, for losses that distil from a
+    composed teacher (AlignDistil: the DPO model, then the reverse DPO model or the reference).
     For paired losses, score chosen and rejected in one call and split with
     :meth:`~tokenlab.alignment.fused_linear.Completions.select`.
     """
@@ -115,12 +120,11 @@ def completions(
         head = causal_lm_head(m, input_ids, attention_mask)
         return LinearHead(head.hidden[:, :-1][:, keep], head.weight, head.bias)
 
-    reference = None
-    if reference_model is not None:
-        with torch.no_grad():
-            reference = scored(reference_model)
+    with torch.no_grad():
+        reference = None if reference_model is None else scored(reference_model)
+        teachers = tuple(scored(m) for m in teacher_models)
     labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
-    return Completions(scored(model), labels[:, keep], reference)
+    return Completions(scored(model), labels[:, keep], reference, teachers=teachers)
 
 
 def completion_token_logps(

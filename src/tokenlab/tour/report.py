@@ -82,4 +82,3 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   {line}")
         print()
     print(f"tour finished in {time.perf_counter() - start:.1f} s")
-
