@@ -2,7 +2,8 @@
 byte-level probabilities of token-level LMs (cover encodings, next-byte laws, fill-in-the-middle,
 byte-level ensembles), tokenizer transplant (OMP, TokenAdapt and baselines), tokenizer metrics
 (bytes/token, fertility, token premiums, parity) and probes (CharBench-style character questions,
-ADT-style adversarial strings)."""
+ADT-style adversarial strings), dynamic tokenization (batch-level merges) and learned chunking modules
+(MrT5 delete gate, H-Net dynamic chunking, word pooling, lexinvariant embeddings)."""
 
 from tokenlab.tokenization.bpe import BPETokenizer, bytes_to_unicode, train_bpe, train_superword_bpe
 from tokenlab.tokenization.byte_level import (
@@ -13,6 +14,16 @@ from tokenlab.tokenization.byte_level import (
     ByteLevelLM,
     fill_in_the_middle,
     generate_bytes,
+)
+from tokenlab.tokenization.chunking import (
+    ChunkingOutput,
+    DeleteGateEncoder,
+    DeleteGateOutput,
+    DynamicChunking,
+    LexinvariantEmbedding,
+    MrT5DeleteGate,
+    WordPooling,
+    word_ids_from_text,
 )
 from tokenlab.tokenization.dynamic import (
     DynamicBatch,
@@ -73,10 +84,17 @@ __all__ = [
     "CharProbe",
     "CharProbeReport",
     "CharProbeResult",
+    "ChunkingOutput",
+    "DeleteGateEncoder",
+    "DeleteGateOutput",
     "DynamicBatch",
+    "DynamicChunking",
+    "LexinvariantEmbedding",
+    "MrT5DeleteGate",
     "PreTokenizer",
     "RegexSplit",
     "StringScores",
+    "WordPooling",
     "adversarial_strings",
     "batch_merges",
     "bytes_per_token",
@@ -103,4 +121,5 @@ __all__ = [
     "train_superword_bpe",
     "transplant_tokenizer",
     "vocabulary_utilisation",
+    "word_ids_from_text",
 ]
