@@ -125,14 +125,14 @@ class _MergeState:
         width = int(flat.max()) + 1 if len(flat) else 1
         keys = flat[positions] * width + flat[positions + 1]
         word_of = np.repeat(np.arange(len(words)), lengths)[positions]
-        unique, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)
-        totals = np.bincount(
-            inverse, weights=np.asarray(freqs, dtype=np.float64)[word_of], minlength=len(unique)
-        )
+        order = np.argsort(keys, kind="stable")  # equal pairs together, their words in order
+        keys, word_of = keys[order], word_of[order]
+        starts = np.flatnonzero(np.diff(keys, prepend=-1))  # first occurrence of each distinct pair
+        totals = np.add.reduceat(np.asarray(freqs, dtype=np.int64)[word_of], starts) if len(keys) else []
+        unique = keys[starts]
         pairs = list(zip((unique // width).tolist(), (unique % width).tolist()))
-        self.counts: defaultdict[Pair, int] = defaultdict(int, zip(pairs, totals.astype(np.int64).tolist()))
-        bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        self.where = _PairIndex(pairs, bounds, word_of[np.argsort(inverse, kind="stable")])
+        self.counts: defaultdict[Pair, int] = defaultdict(int, zip(pairs, np.asarray(totals).tolist()))
+        self.where = _PairIndex(pairs, [*starts.tolist(), len(keys)], word_of)
         self.heap = [(-count, pair) for pair, count in self.counts.items()]
         heapq.heapify(self.heap)
 
@@ -349,6 +349,27 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _learn_superword(
+    texts: Sequence[str],
+    vocab: _Vocabulary,
+    sizes: tuple[int, int],
+    pre_tokenizers: tuple[PreTokenizer, PreTokenizer],
+    bar: tqdm,
+) -> None:
+    """Stage 1 up to ``sizes[0]`` tokens with ``pre_tokenizers[0]``, then the replay and stage 2 up to
+    ``sizes[1]`` with ``pre_tokenizers[1]`` (a function of its own, so that its large state is freed
+    before the garbage collector runs again)."""
+    words = _count_pre_tokens(texts, pre_tokenizers[0])
+    state = _MergeState(words)
+    _learn(state, vocab, sizes[0], bar)
+    bar.set_description("superword BPE: replaying stage-1 merges on coarse pre-tokens")
+    replay = _Replay(vocab, {w.decode(): ids for w, ids in zip(words, state.words)}, pre_tokenizers[0])
+    coarse = _count_pre_tokens(texts, pre_tokenizers[1])
+    state = _MergeState.from_token_words([replay(w.decode()) for w in coarse], list(coarse.values()))
+    bar.set_description("superword BPE merges (stage 2)")
+    _learn(state, vocab, sizes[1], bar)
+
+
 def _check_training_args(
     texts: Sequence[str], vocab_size: int, special_tokens: Sequence[str]
 ) -> tuple[str, ...]:
@@ -434,16 +455,8 @@ def train_superword_bpe(
     vocab = _Vocabulary()
     size = vocab_size - len(specials)
     with _no_gc(), tqdm(total=size - 256, desc="superword BPE merges", disable=not progress) as bar:
-        stage1_size = transition_vocab_size - len(specials)
-        words = _count_pre_tokens(texts, pre_tokenizer)
-        state = _MergeState(words)
-        _learn(state, vocab, stage1_size, bar)
-        bar.set_description("superword BPE: replaying stage-1 merges on coarse pre-tokens")
-        replay = _Replay(vocab, {w.decode(): ids for w, ids in zip(words, state.words)}, pre_tokenizer)
-        coarse = _count_pre_tokens(texts, superword_pre_tokenizer)
-        state = _MergeState.from_token_words([replay(w.decode()) for w in coarse], list(coarse.values()))
-        bar.set_description("superword BPE merges (stage 2)")
-        _learn(state, vocab, size, bar)
+        _learn_superword(texts, vocab, (transition_vocab_size - len(specials), size),
+                         (pre_tokenizer, superword_pre_tokenizer), bar)  # fmt: skip
     return BPETokenizer(vocab.tokens, vocab.merges, superword_pre_tokenizer, specials)
 
 

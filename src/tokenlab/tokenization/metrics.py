@@ -34,7 +34,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from tokenlab._checks import check_choice
+from tokenlab._checks import check_bool, check_choice
 from tokenlab.tokenization.bpe import BPETokenizer
 
 TokenizerLike = PreTrainedTokenizerBase | Tokenizer | BPETokenizer | Callable[[str], Sequence[int]]
@@ -166,15 +166,17 @@ def plot_tokenizer_comparison(
     path: str | os.PathLike,
     metrics: Sequence[str] = ("bytes_per_token", "fertility"),
     title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Grouped bar charts (one panel per metric, one group per corpus, one bar per tokenizer) of
     :func:`compare_tokenizers` rows, saved as an image at ``path`` (needs matplotlib: the ``plot``
-    extra). Refuses to overwrite an existing file."""
+    extra). An existing file is replaced only with ``overwrite=True``."""
     for metric in metrics:
         check_choice("metrics", metric, METRICS)
+    check_bool("overwrite", overwrite)
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"`path` {path} exists; not overwriting")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"`path` {path} exists; pass overwrite=True to replace it")
     try:
         import matplotlib
 
