@@ -202,10 +202,11 @@ def plot_tokenizer_comparison(
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(corpora)), corpora)
         ax.set_ylabel(labels[metric])
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
