@@ -35,6 +35,16 @@ def _segments(B, S, seed):
     return torch.randint(0, 3, (B, S), generator=g)
 
 
+def _tree(B, n, seed):
+    """Packed ancestor bitmasks ``[B, n]`` of random trees (node ``i``'s parent is a random earlier node)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.zeros(B, n, dtype=torch.int64)
+    for i in range(n):
+        parent = torch.randint(0, max(i, 1), (B,), generator=g)
+        bits[:, i] = (bits.gather(1, parent[:, None])[:, 0] if i else 0) | (1 << i)
+    return bits
+
+
 def _run(backend, q, k, v, dout, **kw):
     """Output and gradients of every tensor input that requires grad."""
     out = flash_attention(q, k, v, backend=backend, **kw)
@@ -91,6 +101,13 @@ FLAG_CASES = {
         "segment_ids": lambda B, S: _segments(B, S, 10),
     },
     "relu_window_causal": {"score_fn": "relu", "causal": True, "window": 20},
+    "tree": {"tree": lambda B, S: _tree(B, 20, 11)},
+    "causal_tree_segments_sinks": {
+        "causal": True,
+        "tree": lambda B, S: _tree(B, 40, 12),
+        "segment_ids": lambda B, S: _segments(B, S, 13),
+        "sinks": lambda H: _per_head(H, 14),
+    },
 }
 
 
@@ -98,7 +115,7 @@ def _materialise(flags, B, Hq, S):
     out = {}
     for name, value in flags.items():
         if callable(value):
-            value = value(B, S) if name == "segment_ids" else value(Hq)
+            value = value(B, S) if name in ("segment_ids", "tree") else value(Hq)
         out[name] = value
     return out
 
@@ -388,3 +405,19 @@ def test_window_semantics_match_docstring():
     # Query i sits at key position i + 2; it sees positions p - 1 and p.
     expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
     assert torch.equal(vis, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_inputs_propagate_as_documented(backend):
+    """docs/attention.md: NaN is not checked for; a NaN in query i reaches output row i only, one in key
+    j every row that sees key j, one in value j every row of its head (0 · NaN = NaN)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 2, 3] = k[0, 1, 5, 0] = v[0, 0, 4, 1] = float("nan")
+    rows = torch.arange(8)
+    for causal in (False, True):
+        nan_rows = torch.isnan(flash_attention(q, k, v, causal=causal, backend=backend)).any(-1)[0]
+        assert torch.equal(nan_rows[0], torch.ones(8, dtype=torch.bool))  # value 4 of head 0
+        assert torch.equal(nan_rows[1], rows >= 5 if causal else torch.ones(8, dtype=torch.bool))  # key 5
+    q_only = torch.isnan(flash_attention(q, k.nan_to_num(), v.nan_to_num(), backend=backend)).any(-1)[0]
+    assert q_only.nonzero().tolist() == [[0, 2]]

@@ -268,6 +268,11 @@ def test_bad_input(world):
         world.lm.next_byte_distribution(3)
     with pytest.raises(ValueError, match="context_ids"):
         world.lm.next_byte_distribution(b"a", [999])
+    for call in (world.lm.next_byte_distribution, world.lm.naive_next_byte_distribution):
+        with pytest.raises(ValueError, match="`text` is not valid Unicode"):  # a lone surrogate
+            call("a\ud800")
+    with pytest.raises(ValueError, match="`prompt` is not valid Unicode"):
+        generate_bytes(world.lm, "\udfff", 2)
     with pytest.raises(ValueError, match="probability zero"):
         world.lm.next_byte_distribution(b"b", [world.tokenizer.bos_token_id, world.lm.bpe.encode(b"a")[0]])
     with pytest.raises(ValueError, match="max_new_bytes"):

@@ -7,7 +7,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tokenlab._atomic import _host
 from tokenlab._checks import check_number
 from tokenlab.merging import (
     MERGE_METHODS,
@@ -36,7 +43,7 @@ from tokenlab.merging import (
 from tokenlab.merging.cli import main as cli_main
 from tokenlab.merging.methods import DENSITY
 from tokenlab.merging.registry import Target, check_with
-from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
+from tokenlab.tour.merging import DOMAINS, domain_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
 PEFT_METHODS = {
@@ -144,6 +151,21 @@ def test_row_blocks_do_not_change_the_result(method, params):
             full = entry.resolve(params, Target(n, tuple(base.shape)))
             results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
         assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 4)], ids=str)
+def test_every_method_merges_0d_and_empty_tensors(method, shape):
+    """Scalars (e.g. a learned temperature) and tensors with no entries (a zero-width layer) merge
+    like any other: same shape and dtype, finite, an empty result for an empty tensor."""
+    entry = MERGE_METHODS[method]
+    n = 1 if method == "slerp" else 3
+    base, finetuned = _models(shape, n, torch.float32)
+    params = {name: value for name, value in (("density", 0.5), ("t", 0.3)) if entry.param(name)}
+    if entry.random:
+        params["generator"] = torch.Generator().manual_seed(0)
+    out = merge_tensors(method, base, finetuned, **params)
+    assert out.shape == base.shape and out.dtype == base.dtype and torch.isfinite(out).all()
 
 
 def test_trim_keeps_ties_at_the_threshold():
@@ -403,11 +425,11 @@ def finetunes(tiny_world):
 
 
 def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
-    models, _ = finetunes
+    models = finetunes
     ctx = tiny_world.config.context_length
     probe = []
-    for subset in SUBSETS:
-        ids = subset_ids(tiny_world, "train", subset, 60_000)
+    for domain in DOMAINS:
+        ids = domain_ids(tiny_world, "train", domain, 60_000)
         windows = ids[: 4 * ctx].view(4, ctx)
         probe += [{"input_ids": w, "labels": w} for w in windows.split(2)]
     ft = list(models.values())
@@ -431,9 +453,9 @@ def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
 
 def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetunes):
     """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
-    models, _ = finetunes
+    models = finetunes
     ft = list(models.values())
-    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    ids = domain_ids(tiny_world, "train", "tests", 60_000)[: 2 * 64].view(2, 64)
     probe = [{"input_ids": ids, "labels": ids}]
     start, lr, h = [0.3, 0.6], 1e-3, 1e-2
     step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
@@ -667,13 +689,134 @@ def test_checkpoint_bad_input(checkpoints, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
+def test_truncated_or_corrupt_input_file_is_named(checkpoints, tmp_path):
+    """safetensors' own error ("incomplete metadata") did not say which file of which input it was."""
+    base_dir, ft0, ft1, _ = checkpoints
+    truncated = _copy(ft1, tmp_path / "truncated") / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(
+        ValueError, match=re.escape(f"`finetuned_dirs[1]`: {str(truncated)!r}") + ".*truncated"
+    ):
+        merge_checkpoints(
+            "task_arithmetic", base_dir, [ft0, truncated.parent], tmp_path / "out", progress=False
+        )
+    index = _copy(ft0, tmp_path / "bad_index") / "model.safetensors.index.json"
+    index.write_text("{")
+    with pytest.raises(ValueError, match=re.escape(str(index))):
+        merge_checkpoints("task_arithmetic", base_dir, [index.parent], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_inputs_are_rejected_naming_the_tensor(checkpoints, tmp_path):
+    """A NaN in one task vector used to spread (task arithmetic) or, in TIES, to become the trim
+    threshold of the whole tensor, which then trimmed every other entry silently."""
+    base, finetuned = _models((6, 5), 2, torch.float32)
+    finetuned[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`finetuned\[1\]` 'layer.w' holds NaN"):
+        merge_tensors("ties", base, finetuned, density=0.5, name="layer.w")
+    with pytest.raises(ValueError, match=r"`base` 'w' holds NaN"):
+        merge_state_dicts("task_arithmetic", {"w": torch.tensor([math.inf])}, [{"w": torch.ones(1)}])
+    base_dir, ft0, ft1, _ = checkpoints
+    weights = load_file(ft1 / "model.safetensors")
+    weights["model.norm.weight"][7] = float("nan")
+    nan_dir = _rewrite(ft1, tmp_path / "nan", weights)
+    with pytest.raises(ValueError, match=r"merged tensor 'model\.norm\.weight' has NaN"):
+        merge_checkpoints("ties", base_dir, [ft0, nan_dir], tmp_path / "out", density=0.5, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+_TERMINATED_MERGE = """
+import os, signal, sys
+from tokenlab.merging import merge_checkpoints, register_merge_method, task_arithmetic
+
+@register_merge_method("test_terminated", paper="(test)")
+def terminated(inputs, weights):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the output is being written
+    yield from task_arithmetic(inputs, weights)
+
+merge_checkpoints("test_terminated", sys.argv[1], [sys.argv[2]], sys.argv[3], progress=False)
+"""
+
+
+def test_sigterm_during_a_merge_leaves_no_temporary_directory(checkpoints, tmp_path):
+    """Ctrl-C cleaned up, SIGTERM left a hidden temporary directory of the output's size behind."""
+    base_dir, ft0, _, _ = checkpoints
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_MERGE, str(base_dir), str(ft0), str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]  # the process still ends by SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_directories_are_swept_and_outputs_follow_the_umask(checkpoints, tmp_path):
+    """A temporary directory of the same output left by a dead process goes on the next run (one of a
+    live process stays); the output is created with the umask (it was drwx------)."""
+    base_dir, ft0, _, _ = checkpoints
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.merging-{dead.pid}@{_host()}-0123abcd"
+    live = tmp_path / f".out.merging-{os.getppid()}@{_host()}-4567cdef"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    previous = os.umask(0o027)
+    try:
+        out = merge_checkpoints("task_arithmetic", base_dir, [ft0], tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and live.exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_tour_domains_split_by_file(tmp_path, monkeypatch, tiny_world):
+    """Unit tests (.py under test dirs) vs text/data files; library .py and binary files belong to
+    neither; of every ten files in SHA-1 order the first is held out and the sixth is validation.
+    Without those files the tour section says so instead of running."""
+    from tokenlab.tour import merging
+
+    for i in range(20):
+        (tmp_path / "test" / "sub").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / "sub" / f"test_{i}.py").write_text(f"# test {i}\n")
+        (tmp_path / f"notes_{i}.txt").write_text(f"note {i}\n")
+    (tmp_path / "library.py").write_text("x = 1\n")
+    (tmp_path / "blob.txt").write_bytes(b"\xff\xfe\x00binary")
+    splits = {
+        split: merging.domain_texts(split, 10**6, tmp_path) for split in ("train", "validation", "heldout")
+    }
+    for domain in merging.DOMAINS:
+        texts = [t for split in splits.values() for t in split[domain]]
+        assert len(texts) == 20 == len(set(texts))  # the undecodable blob.txt is skipped
+    assert [len(splits[s]["tests"]) for s in ("train", "validation", "heldout")] == [16, 2, 2]
+    assert all(t.startswith("# test") for t in splits["train"]["tests"])
+    assert all(t.startswith("note") for t in splits["train"]["data"])
+
+    merging.domain_texts.cache_clear()
+    only_tests = tmp_path / "only_tests"
+    (only_tests / "test").mkdir(parents=True)
+    (only_tests / "test" / "test_a.py").write_text("pass\n")
+    monkeypatch.setattr(merging, "stdlib_root", lambda: only_tests)
+    try:
+        assert merging.tour_section(tiny_world) == [
+            "skipped: this Python's standard library ships no data files (no Lib/test)"
+        ]
+    finally:
+        merging.domain_texts.cache_clear()
+
+
 def test_tour_section_runs(tiny_world):
     from tokenlab.tour.merging import tour_section
 
     lines = tour_section(tiny_world)
-    assert any(line.startswith("TIES merge") for line in lines)
-    values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
-    assert all(math.isfinite(v) and 0 < v < 10 for v in values)
+    rows = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in lines[4:8]}
+    assert list(rows) == ["base", "tuned on tests", "tuned on data", "TIES merge"]
+    assert all(math.isfinite(v) and 0 < v < 10 for values in rows.values() for v in values)
+    for column, domain in enumerate(DOMAINS):  # each fine-tune improves on its own domain
+        assert rows[f"tuned on {domain}"][column] < rows["base"][column] - 0.05, rows
+    assert lines[-1].startswith("the merge keeps ")
 
 
 def test_public_merging_functions_are_typed_and_documented():

@@ -169,7 +169,9 @@ class _ChunkedTokenStats(torch.autograd.Function):
             if need_w
             else None
         )
-        grad_b = torch.zeros_like(bias, dtype=grad_w.dtype if need_w else torch.float32) if need_b else None
+        grad_b = (
+            torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32)) if need_b else None
+        )
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             for s in range(0, hidden.shape[0], ctx.chunk_size):
                 sl = slice(s, s + ctx.chunk_size)

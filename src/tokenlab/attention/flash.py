@@ -8,8 +8,14 @@ from typing import Any
 
 import torch
 
+from tokenlab._checks import check_bool
 from tokenlab.backend import Backend, resolve_backend
-from tokenlab.kernels.attention import AttentionVariant, attention_reference, attention_triton
+from tokenlab.kernels.attention import (
+    AttentionVariant,
+    attention_reference,
+    attention_triton,
+    key_scores_triton,
+)
 
 __all__ = ["flash_attention"]
 
@@ -21,9 +27,10 @@ def flash_attention(
     variant: AttentionVariant | None = None,
     *,
     return_lse: bool = False,
+    return_key_scores: bool = False,
     backend: Backend = "auto",
     **flags: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Exact attention with variant flags, fused in one Triton kernel (forward and backward).
 
     Kernel after *FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness* and
@@ -47,11 +54,17 @@ def flash_attention(
     Args:
         variant: the flags; ``None`` means the default :class:`AttentionVariant` (plain attention).
         return_lse: also return ``L [B, Hq, T]`` (softmax only) in float32 (float64 for float64 inputs).
+        return_key_scores: also return the per-key scores ``[B, Hq, S]``, ``Σ_i P_ij``: the attention
+            each key receives summed over the queries (softmax only; same dtype as the LSE; no
+            gradient). The Triton path computes them from the forward's LSE in a pass over key
+            blocks, without materialising ``[T, S]`` — the statistic of H2O's heavy hitters
+            (*H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models*).
         backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"triton"`` or ``"reference"``.
         **flags: fields of :class:`AttentionVariant` by name.
 
     Returns:
-        ``out [B, Hq, T, D]`` in ``q``'s dtype, or ``(out, lse)``. Both backends are differentiable in
+        ``out [B, Hq, T, D]`` in ``q``'s dtype, or the tuple ``(out, lse)``, ``(out, key_scores)`` or
+        ``(out, lse, key_scores)`` as requested. Both backends are differentiable in
         ``q``, ``k``, ``v``, ``sinks``, ``sigmoid_bias`` (and the LSE); ``initial_token_scale`` is a
         constant on the Triton path (ZeroTuning tunes it without training; use the reference for its
         gradient). The Triton backward is deterministic (no atomics).
@@ -70,8 +83,15 @@ def flash_attention(
         variant = dataclasses.replace(variant, **flags)
     impl = resolve_backend(backend, q=q, k=k, v=v, **variant.tensors())
     variant.validate(q, k, v)
-    if return_lse:
-        variant.require_score_fn("return_lse", "softmax")
-    run = attention_triton if impl == "triton" else attention_reference
-    out, lse = run(q, k, v, variant)
-    return (out, lse) if return_lse else out
+    for name, wanted in (("return_lse", return_lse), ("return_key_scores", return_key_scores)):
+        check_bool(name, wanted)
+        if wanted:
+            variant.require_score_fn(name, "softmax")
+    if impl == "triton":
+        out, lse = attention_triton(q, k, v, variant)
+        scores = key_scores_triton(q, k, lse, variant) if return_key_scores else None
+    else:
+        out, lse, *scores = attention_reference(q, k, v, variant, return_key_scores=return_key_scores)
+        scores = scores[0] if scores else None
+    extras = [t for t, wanted in ((lse, return_lse), (scores, return_key_scores)) if wanted]
+    return (out, *extras) if extras else out

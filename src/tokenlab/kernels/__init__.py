@@ -14,6 +14,7 @@ This package is a leaf of tokenlab: it imports ``torch``, ``triton``, :mod:`toke
 
 from tokenlab.kernels.speculative_verify import speculative_verify
 from tokenlab.kernels.temperature_softmax import temperature_softmax
+from tokenlab.kernels.tree_verify import tree_verify
 from tokenlab.kernels.warping import Warping
 
-__all__ = ["Warping", "speculative_verify", "temperature_softmax"]
+__all__ = ["Warping", "speculative_verify", "temperature_softmax", "tree_verify"]

@@ -11,9 +11,13 @@ boolean masks (DARE) — not the model, and not ``n`` copies of any tensor.
 
 Every check runs before anything is written: tensor names, shapes and dtypes (errors name the
 tensor), ``config.json`` architecture fields, parameter values, and that the output directory is
-neither an input nor inside one nor contains one. The output goes to a temporary directory beside
-``out_dir`` that is renamed into place at the end; config, generation config and tokenizer files are
-copied from the base; a ``tokenlab_merge.json`` records the recipe.
+neither an input nor inside one nor contains one; a truncated or corrupt input file is named. The
+output goes to a temporary directory beside ``out_dir`` (:func:`tokenlab._atomic.atomic_directory`:
+created with the user's umask, removed on any error, ``Ctrl-C`` or ``SIGTERM``, and swept on the next
+run if its process died) that is renamed into place at the end; config, generation config and
+tokenizer files are copied from the base; a ``tokenlab_merge.json`` records the recipe. A merged
+tensor with NaN or infinite entries (an input holds NaN or infinity there) raises naming the tensor,
+and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from tokenlab._atomic import atomic_directory, publish
 from tokenlab._checks import check_bool, check_choice, check_int
 from tokenlab.merging.methods import MergeInputs, ReadRows
 from tokenlab.merging.registry import merge_method
@@ -94,7 +98,10 @@ class Checkpoint:
             raise FileNotFoundError(f"{role} {str(path)!r} has no config.json")
         index = path / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{role}: {str(index)!r} is not a safetensors index ({err!r})") from None
             files = sorted(set(weight_map.values()))
         elif (path / SAFETENSORS_SINGLE).is_file():
             files = [SAFETENSORS_SINGLE]
@@ -110,12 +117,17 @@ class Checkpoint:
                 raise FileNotFoundError(
                     f"{role} {str(path)!r}: shard {name!r} listed in the index is missing"
                 )
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    s = f.get_slice(key)
-                    if s.get_dtype() not in _DTYPES:
-                        raise ValueError(f"{role}: tensor {key!r} has unsupported dtype {s.get_dtype()}")
-                    tensors[key] = TensorInfo(file, s.get_dtype(), tuple(s.get_shape()))
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        s = f.get_slice(key)
+                        if s.get_dtype() not in _DTYPES:
+                            raise ValueError(f"{role}: tensor {key!r} has unsupported dtype {s.get_dtype()}")
+                        tensors[key] = TensorInfo(file, s.get_dtype(), tuple(s.get_shape()))
+            except SafetensorError as err:
+                raise ValueError(
+                    f"{role}: {str(file)!r} is not a complete safetensors file (truncated or corrupt: {err})"
+                ) from None
         return cls(path, json.loads(config_file.read_text()), tensors)
 
     def read(self, name: str) -> torch.Tensor:
@@ -314,11 +326,11 @@ def merge_checkpoints(
         )
         w, full = plan(name)
         for block in entry.fn(inputs, w, **(full | entry.seeded(seed, name))):
+            if not bool(torch.isfinite(block).all()):
+                raise ValueError(f"merged tensor {name!r} has NaN or infinite entries (from an input's)")
             yield block.to(out_dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, "merging") as tmp:
         shards = plan_shards(outputs, shard_bytes)
         names = (
             [SAFETENSORS_SINGLE]
@@ -354,13 +366,5 @@ def merge_checkpoints(
             "dtype": dtype,
         }
         (tmp / "tokenlab_merge.json").write_text(json.dumps(recipe, indent=2))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "old")
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out_dir, replace=True)
     return out_dir

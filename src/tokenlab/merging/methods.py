@@ -156,7 +156,9 @@ def trim_counts(numel: int, density: Sequence[float]) -> list[tuple[int, int]]:
 def breadcrumbs_counts(numel: int, density: Sequence[float], gamma: Sequence[float]) -> list[tuple[int, int]]:
     """*Model Breadcrumbs* as :func:`magnitude_bands` counts: drop the ``int(gamma · numel)`` largest
     magnitudes and as many of the smallest as leave ``int(density · numel)`` kept (fewer of the
-    largest when ``density + gamma > 1``); ``density = 1`` keeps everything (mergekit's convention)."""
+    largest when ``density + gamma > 1``); ``density = 1`` keeps everything (mergekit's convention).
+    Where ``int(gamma · numel) = 0`` no top is dropped (mergekit keeps nothing there: its mask
+    ``indices[n_bot:-0]`` is empty), so ``gamma = 0, density = 1`` is task arithmetic."""
     counts = []
     for d, g in zip(density, gamma):
         if d >= 1:
@@ -219,7 +221,11 @@ def magprune_probabilities(rows: torch.Tensor, density: float, epsilon: float) -
     ascending magnitude rank ``ρ ∈ {0 … c−1}`` in its row is kept with probability
     ``density − ε + 2ε · ρ / (c − 1)`` (``density`` when ``c = 1``; ties ranked by position) —
     the row's mean keep probability is ``density``; ``density ≥ 1`` keeps all (probability 1).
-    Same shape and dtype as ``rows``."""
+    Same shape and dtype as ``rows``.
+
+    ``ε`` is mergekit's half-width. *DELLA-Merging* writes the drop probabilities as
+    ``p_i = p_min + ε r_i / n`` with ``p_min = p − ε/2`` (``r_i`` the rank from the largest magnitude):
+    a span of width ``ε``, so the paper's ``ε`` is twice this one."""
     c = rows.shape[-1]
     if density >= 1:
         return torch.ones_like(rows)
@@ -241,8 +247,7 @@ def magprune_keep(inputs: MergeInputs, density: Sequence[float], epsilon: Sequen
     if len(inputs.shape) >= 2:
 
         def keep(i: int, tau: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            rows = tau.reshape(b - a, -1)
-            return magprune_probabilities(rows, density[i], epsilon[i]).reshape(tau.shape)
+            return magprune_probabilities(tau.flatten(1), density[i], epsilon[i]).reshape(tau.shape)
 
         return keep
     rows = inputs.shape[0] if inputs.shape else 1
@@ -320,7 +325,7 @@ def drop_sparsifier(
     "l1" matches the L1 norm (:func:`l1_rescaled`), "none" leaves it."""
     if masks is None:
         masks = draw_masks(inputs, density, generator, keep)
-    masks = masks.reshape(inputs.n, -1, *inputs.shape[1:])
+    masks = masks.reshape(inputs.n, *(inputs.shape or (1,)))  # 0-d tensors are read as one row
     scale = torch.tensor(density, dtype=inputs.compute_dtype).view(-1, *([1] * len(masks.shape[1:])))
 
     def drop(tau: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -474,7 +479,7 @@ GAMMA = Param(
 EPSILON = Param(
     "epsilon",
     check_with(check_number, low=0.0),
-    "ε: keep probabilities span density ± ε over magnitude ranks",
+    "ε: keep probabilities span density ± ε over magnitude ranks (mergekit's; the paper's ε is 2ε)",
     default=0.15,
     per_model=True,
 )
@@ -862,7 +867,9 @@ def slerp(
 
 # ---------------------------------------------------------------------------------- entry points
 def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: str = "tensor") -> None:
-    """Same shape and dtype across ``base`` and every fine-tuned tensor; errors name ``name``."""
+    """Same shape and dtype across ``base`` and every fine-tuned tensor, floating point and finite
+    (NaN or infinity in a task vector would reach the merge: TIES' trim threshold, DARE's rescale);
+    errors name ``name``."""
     check_tensor("base", base)
     if isinstance(finetuned, torch.Tensor) or not isinstance(finetuned, Sequence) or not finetuned:
         raise TypeError("`finetuned` must be a non-empty sequence of tensors")
@@ -876,6 +883,9 @@ def check_tensors(base: torch.Tensor, finetuned: Sequence[torch.Tensor], name: s
             raise ValueError(f"dtype mismatch for {name!r}: base {base.dtype} vs model {i} {t.dtype}")
     if not base.is_floating_point():
         raise TypeError(f"{name!r} has dtype {base.dtype}: only floating-point tensors can be merged")
+    for who, t in (("base", base), *((f"finetuned[{i}]", t) for i, t in enumerate(finetuned))):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{who}` {name!r} holds NaN or infinite values (a merge would spread them)")
 
 
 def _merge(

@@ -65,6 +65,7 @@ from tokenlab.tokenization.probes import (
 )
 from tokenlab.tokenization.transplant import (
     TRANSPLANT_METHODS,
+    hf_text_embedder,
     orthogonal_matching_pursuit,
     transplant_tokenizer,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "fertility",
     "fill_in_the_middle",
     "generate_bytes",
+    "hf_text_embedder",
     "make_pre_tokenizer",
     "mean_of_parts",
     "orthogonal_matching_pursuit",

@@ -43,7 +43,10 @@ EOS_BYTE = 256
 
 def _as_bytes(text: bytes | str, name: str) -> bytes:
     if isinstance(text, str):
-        return text.encode("utf-8")
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate has no UTF-8 bytes
+            raise ValueError(f"`{name}` is not valid Unicode ({err}); pass bytes instead") from None
     if isinstance(text, (bytes, bytearray)):
         return bytes(text)
     raise TypeError(f"`{name}` must be bytes or str, got {type(text).__name__}")

@@ -81,7 +81,9 @@ def _set_based_and_carope(world: ToyWorld) -> list[str]:
 def tour_section(world: ToyWorld) -> list[str]:
     """Kernel vs reference on a random case; the toy target on ``attn_implementation="tokenlab"``
     (reference and Triton paths) vs eager attention: logits and greedy continuation."""
-    from tokenlab.attention.hf import ATTN_IMPLEMENTATION, configure_attention
+    from tokenlab.attention.hf import ATTN_IMPLEMENTATION, configure_attention, register_attention
+
+    register_attention()
 
     device = world.target.device
     backends = ["reference"]

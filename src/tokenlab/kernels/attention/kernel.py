@@ -70,11 +70,15 @@ def _scores(
     softcap,
     log_gamma,
     window,
+    TREE,
+    b,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -103,6 +107,13 @@ def _scores(
         sq = seg_q[:, None]
         sk = seg_k[None, :]
         visible = visible & ((sq == 0) | (sk == 0) | (sq == sk))
+    if HAS_TREE:
+        # Query rows before the tree read all bits set (-1): the tree does not restrict them.
+        node_q = rows - T + tree_n
+        ancestors = tl.load(TREE + b * tree_n + node_q, mask=(node_q >= 0) & (rows < T), other=-1)
+        node_k = cols - S + tree_n
+        bit = (ancestors[:, None] >> tl.where(node_k >= 0, node_k, 0)[None, :]) & 1
+        visible = visible & ((node_k[None, :] < 0) | (bit != 0))
     return s, visible, cap_grad
 
 
@@ -188,14 +199,17 @@ def _attn_fwd(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -238,8 +252,8 @@ def _attn_fwd(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, _cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         if SCORE_FN == 0:
             s = tl.where(visible, s, float("-inf"))
@@ -283,14 +297,17 @@ def _attn_bwd_dkdv(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -331,8 +348,9 @@ def _attn_bwd_dkdv(
             do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
             seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
             s, visible, cap_grad = _scores(
-                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE,
+                PRECISION,
             )  # fmt: skip
             lse, delta = _row_stats(LSE, DELTA, bh * T + rows, row_ok, SCORE_FN)
             dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
@@ -363,14 +381,17 @@ def _attn_bwd_dq(
     LOG_GAMMA,
     BIAS,
     SEG,
+    TREE,
     scale,
     softcap,
     window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -408,8 +429,8 @@ def _attn_bwd_dq(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
         _p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
@@ -422,6 +443,71 @@ def _attn_bwd_dq(
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
     if SCORE_FN == 1:
         tl.store(DBIAS + bh * T + rows, dbias, mask=row_ok)
+
+
+@triton.jit
+def _attn_key_scores(
+    Q,
+    K,
+    LSE,
+    SCORES,
+    T,
+    S,
+    H_Q,
+    GROUP,
+    LOG_GAMMA,
+    SEG,
+    TREE,
+    scale,
+    softcap,
+    window,
+    tree_n,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Per-key scores ``Σ_i P_ij`` of one key block of one query head: like the dK/dV pass, it walks
+    the visible query blocks and recomputes ``P = exp(s − LSE)`` from the forward's LSE (softmax)."""
+    start_n = tl.program_id(1) * BLOCK_N
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H_Q
+    h = bh % H_Q
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    col_ok = cols < S
+
+    kv_ptrs, kv_mask = _tile((b * (H_Q // GROUP) + h // GROUP) * S * HEAD_DIM, cols, S, offs_d, HEAD_DIM)
+    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+    seg_k = tl.load(SEG + b * S + cols, mask=col_ok, other=0) if HAS_SEGMENTS else 0
+    log_gamma = tl.load(LOG_GAMMA + h).to(ACC) if HAS_GAMMA else 0.0
+    scores = tl.zeros([BLOCK_N], ACC)
+
+    lo, hi = _query_range(start_n, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < T
+        q_ptrs, q_mask = _tile(bh * T * HEAD_DIM, rows, T, offs_d, HEAD_DIM)
+        q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+        seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
+        s, visible, _cap_grad = _scores(
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+        lse, _delta = _row_stats(LSE, LSE, bh * T + rows, row_ok, 0)  # no Δ here: LSE stands in
+        scores += tl.sum(tl.where(visible, tl.exp(s - lse[:, None]), 0.0), 0)
+
+    tl.store(SCORES + bh * S + cols, scores, mask=col_ok)
 
 
 def _gpu_configs(block_pairs: list[tuple[int, int]]) -> list[triton.Config]:
@@ -458,6 +544,12 @@ _attn_bwd_dq_tuned = triton.autotune(
     _gpu_configs([(128, 32), (128, 64), (64, 64), (64, 32)]), key=_TUNE_KEY, prune_configs_by=_PRUNE
 )(_attn_bwd_dq)
 
+_attn_key_scores_tuned = triton.autotune(  # softmax only: no SCORE_FN in its key
+    _gpu_configs([(64, 128), (128, 128), (64, 64), (32, 128)]),
+    key=[name for name in _TUNE_KEY if name != "SCORE_FN"],
+    prune_configs_by=_PRUNE,
+)(_attn_key_scores)
+
 
 def _kernel_args(variant: AttentionVariant, q: torch.Tensor) -> dict[str, object]:
     """The variant as the kernels' flag arguments, by jit parameter name: runtime scalars, contiguous
@@ -483,6 +575,9 @@ def _kernel_args(variant: AttentionVariant, q: torch.Tensor) -> dict[str, object
         "HAS_GAMMA": gamma is not None,
         "SEG": None if variant.segment_ids is None else variant.segment_ids.to(torch.int32).contiguous(),
         "HAS_SEGMENTS": variant.segment_ids is not None,
+        "TREE": None if variant.tree is None else variant.tree.contiguous(),
+        "tree_n": 1 if variant.tree is None else variant.tree.shape[1],
+        "HAS_TREE": variant.tree is not None,
     }
 
 
@@ -621,3 +716,28 @@ def fused_attention(
         q.contiguous(), k.contiguous(), v.contiguous(), consts, tuple(tensors), *tensors.values()
     )
     return out, lse if variant.score_fn == "softmax" else None
+
+
+def fused_key_scores(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, variant: AttentionVariant
+) -> torch.Tensor:
+    """Per-key scores ``[B, Hq, S]``: ``Σ_i P_ij``, the softmax attention each key receives summed over
+    the queries, from the LSE ``[B, Hq, T]`` of :func:`fused_attention` on the same validated inputs.
+
+    One program per (batch·query head, key block) walks the visible query blocks, as the dK/dV pass
+    does, so the ``[T, S]`` probabilities are never materialised: O(S) extra memory. Each score is
+    written by one program (deterministic). No gradient (a statistic for eviction and analysis).
+    """
+    B, Hq, T, _D = q.shape
+    S = k.shape[2]
+    scores = torch.zeros(B, Hq, S, device=q.device, dtype=lse.dtype)
+    if B * Hq * S == 0 or T == 0:
+        return scores
+    grid = lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_N"]))
+    q, k = q.detach().contiguous(), k.detach().contiguous()
+    args = _kernel_args(variant, q)
+    _launch(
+        _attn_key_scores, _attn_key_scores_tuned, grid, args, q, k, lse.detach().contiguous(), scores,
+        T, S, Hq, Hq // k.shape[1],
+    )  # fmt: skip
+    return scores

@@ -14,12 +14,14 @@ from tokenlab.kernels.attention.variant import AttentionVariant
 
 def visible_keys(variant: AttentionVariant, T: int, S: int, *, device: torch.device) -> torch.Tensor:
     """Boolean ``[B or 1, 1, T, S]``: whether query ``i`` may attend to key ``j`` under the variant's
-    ``causal``, ``window`` and ``segment_ids``.
+    ``causal``, ``window``, ``segment_ids`` and ``tree``.
 
     Query ``i`` sits at key position ``p = i + S − T`` (bottom-right alignment). ``causal``: ``j ≤ p``.
     ``window`` ``w``: ``p − w < j`` when causal (the ``w`` most recent keys, itself included), else
     ``|j − p| < w``. ``segment_ids [B, S]``: query ``i`` has segment ``segment_ids[:, p]``; ``i`` sees
-    ``j`` when either segment is 0 or both are equal.
+    ``j`` when either segment is 0 or both are equal. ``tree [B, n]``: the last ``n`` keys are tree
+    nodes; query ``i`` is node ``a = i − T + n`` (when ``a ≥ 0``) and sees tree key ``b = j − S + n`` only
+    if bit ``b`` of ``tree[:, a]`` is set.
     """
     p = torch.arange(T, device=device)[:, None] + (S - T)
     j = torch.arange(S, device=device)[None, :]
@@ -33,6 +35,13 @@ def visible_keys(variant: AttentionVariant, T: int, S: int, *, device: torch.dev
         seg_k = variant.segment_ids[:, None, None, :]
         seg_q = variant.segment_ids[:, S - T :][:, None, :, None]
         visible = visible & ((seg_q == 0) | (seg_k == 0) | (seg_q == seg_k))
+    if variant.tree is not None:
+        n = variant.tree.shape[1]
+        node_q = torch.arange(T, device=device) - T + n  # tree node of each query (< 0: before the tree)
+        node_k = torch.arange(S, device=device) - S + n  # tree node of each key
+        bits = variant.tree[:, node_q.clamp(min=0), None] >> node_k.clamp(min=0)  # [B, T, S]
+        in_tree = (node_q[:, None] >= 0) & (node_k[None, :] >= 0)
+        visible = visible & (~in_tree | (bits & 1).bool())[:, None]
     return visible
 
 
@@ -42,8 +51,11 @@ def attention_reference(
     v: torch.Tensor,
     variant: AttentionVariant | None = None,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]`` (``None`` unless softmax).
+    *,
+    return_key_scores: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Attention output ``[B, Hq, T, D]`` and log-sum-exp ``[B, Hq, T]`` (``None`` unless softmax), and
+    with ``return_key_scores`` the per-key scores ``[B, Hq, S]`` (see below).
 
     Computed in at least float32 (float64 inputs stay float64); the output is cast back to ``q``'s
     dtype, the LSE stays in the accumulation dtype. Inputs are assumed validated by the caller
@@ -58,6 +70,12 @@ def attention_reference(
        ``sigmoid``: ``out_i = Σ_j σ(s_ij + b_h) v_j``; ``relu``: ``out_i = Σ_j max(s_ij, 0) v_j``.
 
     A row with no visible key gets output 0 and ``L = sink_h`` (``−inf`` without sinks).
+
+    The per-key score of key ``j`` is the attention it receives summed over the queries,
+    ``Σ_i P_ij`` (the column sums of ``P``; the sink, which is no key, is not included), in the
+    accumulation dtype and without gradient: the statistic of H2O's heavy hitters (*H2O:
+    Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models*) and of the
+    attention-sink metrics.
     """
     variant = AttentionVariant() if variant is None else variant
     B, Hq, T, D = q.shape
@@ -97,4 +115,6 @@ def attention_reference(
     else:  # "relu"
         p = torch.relu(s).masked_fill(~visible, 0.0)
     out = torch.einsum("bhts,bhsd->bhtd", p, vv)
+    if return_key_scores:
+        return out.to(q.dtype), lse, p.detach().sum(dim=2)
     return out.to(q.dtype), lse

@@ -12,10 +12,11 @@ import torch
 
 from tokenlab._checks import check_bool, check_choice, check_int, check_number, check_positive, check_tensor
 
-__all__ = ["DTYPES", "FLAGS", "PER_HEAD_FLAGS", "SCORE_FNS", "AttentionVariant"]
+__all__ = ["DTYPES", "FLAGS", "MAX_TREE_NODES", "PER_HEAD_FLAGS", "SCORE_FNS", "AttentionVariant"]
 
 SCORE_FNS: tuple[str, ...] = ("softmax", "sigmoid", "relu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_TREE_NODES = 64  # the `tree` flag packs one node's ancestors in the bits of one int64
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +54,12 @@ class AttentionVariant:
             ``p_i`` (the last ``T`` ids; needs ``T ≤ S``) and sees key ``j`` iff either id is 0 (shared)
             or both are equal (*Set-Based Prompting: Provably Solving the Language Model Order
             Dependency Problem*).
+        tree: ``[B, n]`` int64 packed ancestor bitmasks of a token tree, ``1 ≤ n ≤ 64`` (*SpecInfer:
+            Accelerating Large Language Model Serving with Tree-based Speculative Inference and
+            Verification*). The last ``n`` keys are tree nodes ``0..n−1``; the query at key position
+            ``S − n + a`` (node ``a``) sees tree key ``b`` only if bit ``b`` of ``tree[:, a]`` is set
+            (its ancestors and itself). Keys before the tree, and queries before it, are left to the
+            other flags. One target forward thus scores every root-to-leaf path of a draft tree.
 
     Numbers are normalised on construction (``window`` to ``int``; ``scale``, ``softcap`` and a
     numeric ``sigmoid_bias`` to ``float``). Tensors are held as given: the variant does not copy them,
@@ -79,6 +86,7 @@ class AttentionVariant:
         default=None, metadata={"per_head": True, "score_fn": "softmax"}
     )
     segment_ids: torch.Tensor | None = None
+    tree: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_bool("causal", self.causal)
@@ -101,6 +109,10 @@ class AttentionVariant:
                 raise ValueError("`initial_token_scale` must be > 0 (it multiplies the weight of key 0)")
         if self.segment_ids is not None:
             check_tensor("segment_ids", self.segment_ids, integer=True)
+        if self.tree is not None:
+            check_tensor("tree", self.tree, ndim=2)
+            if self.tree.dtype != torch.int64:
+                raise TypeError(f"`tree` must be an int64 tensor of bitmasks, got {self.tree.dtype}")
         for f in fields(self):
             if f.metadata.get("score_fn") and getattr(self, f.name) is not None:
                 self.require_score_fn(f.name, f.metadata["score_fn"])
@@ -116,7 +128,8 @@ class AttentionVariant:
     def validate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Check ``q [B, Hq, T, D]`` and ``k``/``v [B, Hkv, S, D]`` (floating dtypes, one dtype,
         ``Hq % Hkv == 0``) and the shapes of the tensor flags against them (per-head flags ``[Hq]``,
-        ``segment_ids [B, S]`` with ``T ≤ S``); raises naming the argument."""
+        ``segment_ids [B, S]`` with ``T ≤ S``, ``tree [B, n]`` with ``n ≤ min(S, 64)``); raises naming
+        the argument."""
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(name, t, ndim=4)
             if t.dtype not in DTYPES:
@@ -146,6 +159,13 @@ class AttentionVariant:
                 raise ValueError(
                     f"`segment_ids` needs T <= S (query i takes the id of key position i + S - T), "
                     f"got T={T}, S={S}"
+                )
+        if self.tree is not None:
+            n = self.tree.shape[1]
+            if self.tree.shape[0] != B or not 1 <= n <= min(S, MAX_TREE_NODES):
+                raise ValueError(
+                    f"`tree` must be [B={B}, n] with 1 <= n <= min(S={S}, {MAX_TREE_NODES}) (one bitmask "
+                    f"per tree node, the last n keys), got {tuple(self.tree.shape)}"
                 )
 
     def scale_for(self, head_dim: int) -> float:
