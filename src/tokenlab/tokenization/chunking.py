@@ -88,7 +88,7 @@ class MrT5DeleteGate(nn.Module):
         self.norm = nn.LayerNorm(hidden_size) if layer_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, 1)
         nn.init.xavier_uniform_(self.proj.weight)
-        nn.init.constant_(self.proj.bias, -1.0)  # G ≈ 0.27 k at the start: every position kept
+        nn.init.constant_(self.proj.bias, -1.0)  # G = k σ(−1) ≈ 0.27 k where LN(H) w = 0: kept
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Gate values ``[B, T]`` for ``hidden [B, T, D]``; padding positions get ``k``."""

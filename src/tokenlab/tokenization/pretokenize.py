@@ -104,6 +104,8 @@ class PreTokenizer:
 
     def split(self, text: str) -> list[str]:
         """Pre-tokens of ``text``; they concatenate back to ``text``."""
+        if len(self.stages) == 1:  # the common case, called once per distinct word in training
+            return self.stages[0].split(text)
         pieces = [text] if text else []
         for stage in self.stages:
             pieces = [sub for piece in pieces for sub in stage.split(piece)]
