@@ -42,16 +42,29 @@ def tiny_world() -> ToyWorld:
     return load_toy_world("tiny", cache=TOY_CACHE, device="cpu", progress=False)
 
 
+def _package_root(filename: str) -> str:
+    """The top-level package directory of a file under site-packages (elsewhere, the file itself)."""
+    for parent in Path(filename).parents:
+        if parent.parent.name in ("site-packages", "dist-packages"):
+            return str(parent)
+    return filename
+
+
+PLUMBING = str(Path(torch.__file__).parent)  # torch.nn.Module.__call__ and the like pass calls through
+
+
 def _tokenlab_caller(filename: str, lineno: int):
-    """The frame of tokenlab's own code that called, through library code only, into the code that
-    warned — the warning being attributed to ``filename:lineno`` — or ``None``. Walks out from the
-    attributed frame (from the warning call itself when that frame is not on the stack) to the first
-    frame of tokenlab or of the tests."""
+    """The frame of tokenlab's own code that called the library whose code warned — the warning being
+    attributed to ``filename:lineno`` — or ``None``. Walks out from the attributed frame (from the
+    warning call itself when that frame is not on the stack) past the warning library's own frames and
+    torch's call plumbing; the caller found there is tokenlab's (or a test's), or a third library's, in
+    which case the deprecated call is that library's and is left alone."""
     frame = start = sys._getframe(2)
     while frame is not None and not (frame.f_code.co_filename == filename and frame.f_lineno == lineno):
         frame = frame.f_back
     frame = frame or start
-    while frame is not None and not frame.f_code.co_filename.startswith(OURS):
+    library = _package_root(filename)
+    while frame is not None and frame.f_code.co_filename.startswith((library, PLUMBING)):
         frame = frame.f_back
     if frame is not None and frame.f_code.co_filename.startswith(OURS[0]):
         return frame

@@ -71,6 +71,16 @@ def test_a_deprecated_call_made_by_tokenlab_fails_and_one_made_by_a_test_warns()
         assert caught[1].filename == timing.__file__
 
 
+def test_a_deprecated_call_made_by_a_third_library_is_that_librarys():
+    """tokenlab → another library → the deprecated function: the other library made the deprecated call
+    (TRL calling transformers' renamed ``is_gradient_checkpointing`` from tokenlab's TRL trainers)."""
+    other: dict = {}
+    exec(compile("def run(fn):\n    return fn()\n", "<another library>", "exec"), other)
+    with pytest.warns(FutureWarning, match="`old` is deprecated") as caught:
+        timing.timed(functools.partial(other["run"], _library_call()), torch.device("cpu"))
+    assert caught[0].filename == "<a library>"
+
+
 def test_cache_kwargs_uses_the_name_the_model_declares():
     model = _model()
     cache = DynamicCache()

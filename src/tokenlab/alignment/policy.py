@@ -39,7 +39,7 @@ from tokenlab._checks import (
     check_positive,
     check_tensor,
 )
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights, token_loss
 
 
 def _by_sequence(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
@@ -124,6 +124,7 @@ def _check_clip(epsilon_low: float, epsilon_high: float | None) -> float:
     return epsilon_high
 
 
+@token_loss(sum_over="tokens")
 def grpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
@@ -134,6 +135,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     normalization: str = "sequence",
     max_completion_length: int | None = None,
+    kl_importance_weight: bool = False,
 ) -> LossOutput:
     """GRPO loss: clipped surrogate + β·k3 KL to the reference, length-normalised.
 
@@ -143,8 +145,11 @@ def grpo_loss(
         old_logps: log-probs at sampling time; default ``logps.detach()`` (one update per batch).
         beta: KL weight ≥ 0 (0: no reference needed).
         normalization: a key of :data:`NORMALIZATIONS`; ``max_completion_length`` is dr_grpo's constant.
+        kl_importance_weight: weight the k3 term by the token ratio ``ρ_t`` (with its gradient), the
+            importance-sampling-corrected KL estimate of *DeepSeek-V3.2* (TRL's ``use_bias_correction_kl``).
     """
     check_number("beta", beta, low=0.0)
+    check_bool("kl_importance_weight", kl_importance_weight)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     old = tokens.logps.detach() if old_logps is None else old_logps
@@ -153,8 +158,10 @@ def grpo_loss(
         tokens.require("ref_logps")
         d = tokens.ref_logps - tokens.logps
         kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
         token_metrics["kl"] = kl
+        if kl_importance_weight:
+            kl = kl * torch.exp(tokens.logps - old)
+        per_token = per_token + beta * kl
     return _finish(per_token, tokens.mask, normalization, max_completion_length, token_metrics)
 
 
@@ -232,6 +239,7 @@ def _check_conflict_inputs(completion_ids, mask, advantages, group_size, rule) -
         )
 
 
+@token_loss(sum_over="sequences", needs=("entropy",))
 def gtpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
@@ -301,6 +309,7 @@ def gtpo_loss(
     return out
 
 
+@token_loss(sum_over="tokens")
 def icepop_loss(
     tokens: TokenLogps,
     advantages: Tensor,

@@ -115,7 +115,8 @@ def check_prompts(
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= embedded:
         raise ValueError(
-            f"`{name}` must be token ids in [0, {embedded}) (the model's embeddings), got ids {low} to {high}"
+            f"`{name}` must be token ids in [0, {embedded}) (the model's embedded vocabulary), "
+            f"got ids {low} to {high}"
         )
     return input_ids, mask
 

@@ -42,8 +42,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from tokenlab._checks import check_choice, check_int
+from tokenlab._checks import check_choice, check_generator, check_int
 from tokenlab.backend import Backend, resolve_backend
+from tokenlab.decoding.incremental import check_causal_lm, check_prompts, eos_token_ids, pad_token_id_for
 from tokenlab.decoding.token_tree import (
     DraftModelOracle,
     TreeSpec,
@@ -380,12 +381,10 @@ def _model_vocab(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_models(target, draft) -> tuple[torch.device, int]:
-    """Both HF causal LMs, one vocabulary, one device; returns the device and the number of token ids
-    both models embed."""
-    for name, model in (("target", target), ("draft", draft)):
-        if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
-            raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
+def _check_models(target, draft) -> torch.device:
+    """Both HF causal LMs, one vocabulary, one device; returns the device."""
+    check_causal_lm("target", target)
+    check_causal_lm("draft", draft)
     vocab = (_model_vocab(target), _model_vocab(draft))
     if vocab[0] != vocab[1]:
         raise ValueError(f"`target` and `draft` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}")
@@ -394,76 +393,7 @@ def _check_models(target, draft) -> tuple[torch.device, int]:
         raise ValueError(
             f"`target` and `draft` must be on one device, got {device} and {next(draft.parameters()).device}"
         )
-    embedded = min(m.get_input_embeddings().num_embeddings for m in (target, draft))
-    return device, min(vocab[0], embedded)
-
-
-def _check_prompts(input_ids, attention_mask, device: torch.device, vocab: int) -> None:
-    """``[B, T]`` int64 prompts of token ids in ``[0, vocab)`` on ``device``, with an optional
-    left-padding 0/1 mask."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("`input_ids` must be a [B, T] int64 tensor")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"`input_ids` must be non-empty, got shape {tuple(input_ids.shape)}")
-    if input_ids.device != device:
-        raise ValueError(f"`input_ids` is on {input_ids.device} but the models are on {device}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(
-            f"`input_ids` must be token ids in [0, {vocab}) (the models' vocabulary), got ids {low} to {high}"
-        )
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_ids.shape)}")
-        if attention_mask.device != device:
-            raise ValueError(f"`attention_mask` is on {attention_mask.device} but the models are on {device}")
-        if not _is_left_padding(attention_mask.long()):
-            raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
-
-
-def _is_left_padding(mask: torch.Tensor) -> bool:
-    return bool(
-        ((mask == 0) | (mask == 1)).all() and (mask[:, 1:] >= mask[:, :-1]).all() and (mask[:, -1] == 1).all()
-    )
-
-
-def _prompt_mask(input_ids, attention_mask, pad_token_id: int | None, eos: list[int]) -> torch.Tensor:
-    """The prompts' left-padding mask: ``attention_mask`` when given, else decided as ``generate``
-    does from ``pad_token_id`` (the caller's or the target's generation config; ``None``: none).
-
-    A pad id that occurs in ``input_ids`` and is no EOS id cannot be a prompt token: the mask is
-    ``input_ids != pad_token_id``, which must be left padding. A pad id that is also an EOS id may be
-    a real token (``generate`` then takes every token as prompt): that is done unless the rows start
-    with different numbers of it, which looks like left padding and raises instead.
-    """
-    if attention_mask is not None:
-        return attention_mask.long()
-    ones = torch.ones_like(input_ids)
-    if pad_token_id is None or not bool((input_ids == pad_token_id).any()):
-        return ones
-    is_pad = input_ids == pad_token_id
-    if pad_token_id not in eos:
-        mask = (~is_pad).long()
-        if not _is_left_padding(mask):
-            raise ValueError(
-                f"`input_ids` holds pad_token_id {pad_token_id} after a prompt token (or a row of padding "
-                "only), which is not left padding: pass `attention_mask`"
-            )
-        return mask
-    leading = (is_pad.long().cumprod(dim=1)).sum(dim=1)
-    if bool((leading != leading[0]).any()):
-        raise ValueError(
-            f"`input_ids` rows start with different numbers of pad_token_id {pad_token_id}, which is also an "
-            "EOS id, so padding cannot be told from text: pass `attention_mask`"
-        )
-    return ones
-
-
-def _eos_ids(eos_token_id) -> list[int]:
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-        raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
-    return eos
+    return device
 
 
 # ------------------------------------------------------------------------------------ public
@@ -528,27 +458,20 @@ def speculative_generate(
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
-    device, vocab = _check_models(target, draft)
-    _check_prompts(input_ids, attention_mask, device, vocab)
+    device = _check_models(target, draft)
+    eos = eos_token_ids(target, eos_token_id)
+    declared_pad = target.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+    pad_token_id = pad_token_id_for(target, pad_token_id, eos)  # the output's filler, checked here
+    input_ids, mask = check_prompts(target, input_ids, attention_mask, pad_token_id=declared_pad, eos=eos)
+    check_prompts(draft, input_ids, mask)  # the draft embeds every prompt token too
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("num_draft_tokens", num_draft_tokens, low=1)
-    eos = _eos_ids(target.generation_config.eos_token_id if eos_token_id is None else eos_token_id)
-    if generator is not None and (
-        not isinstance(generator, torch.Generator) or generator.device.type != device.type
-    ):
-        raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
+    check_generator("generator", generator, device)
     check_choice("strategy", strategy, STRATEGIES)
     if group_size is not None:
         check_int("group_size", group_size, low=1)
     spec = tree_spec(tree, tree_budget, tree_widths, num_draft_tokens)
     warping = Warping(do_sample, temperature, top_k, top_p)
-    if pad_token_id is None:
-        pad_token_id = target.generation_config.pad_token_id
-    declared_pad = pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    check_int("pad_token_id", pad_token_id, low=0, high=_model_vocab(target) - 1)
-    mask = _prompt_mask(input_ids, attention_mask, declared_pad, eos)
     sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids), spec)
     B = input_ids.shape[0]
     stats = SpeculativeStats()
