@@ -1,5 +1,7 @@
 """Alignment: token-level preference and policy losses (DPO family, KTO/BCO, GRPO/GTPO/IcePop) as small
-formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits.
+formulas over one chunked fused-linear mechanism that never materialises ``[N, V]`` logits; InfiGFusion's
+graph-on-logits distillation (:mod:`~tokenlab.alignment.graph_distill`) and batch-scheduled sampling
+(:mod:`~tokenlab.alignment.scheduled_sampling`).
 
 Pipeline: :func:`completions` turns a model and a batch into a :class:`Completions` record (hidden states,
 LM head, labels, reference) and :func:`chunked_loss` evaluates a loss from :data:`LOSSES` on it, computing the
@@ -21,6 +23,17 @@ from tokenlab.alignment.common import (
     token_loss,
 )
 from tokenlab.alignment.fused_linear import Completions, LinearHead, TokenStats, chunked_loss, token_stats
+from tokenlab.alignment.graph_distill import (
+    LogitSlice,
+    coactivation_graph,
+    graph_on_logits_loss,
+    gw_sort_approximation,
+    infigfusion_loss,
+    logits_at,
+    shared_topk_kd,
+    shared_vocabulary,
+    topk_logits,
+)
 from tokenlab.alignment.hf import (
     causal_lm_head,
     completion_token_logps,
@@ -51,6 +64,7 @@ from tokenlab.alignment.preference import (
     token_weighted_dpo_loss,
     treg_loss,
 )
+from tokenlab.alignment.scheduled_sampling import batch_scheduled_sampling, scheduled_sampling_ratio
 from tokenlab.alignment.unpaired import RewardShift, bco_loss, kto_loss
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
@@ -75,6 +89,7 @@ __all__ = [
     "NORMALIZATIONS",
     "Completions",
     "LinearHead",
+    "LogitSlice",
     "LossDeclaration",
     "LossOutput",
     "RewardShift",
@@ -82,27 +97,36 @@ __all__ = [
     "TokenLogps",
     "TokenStats",
     "activation_token_mask",
+    "batch_scheduled_sampling",
     "bco_loss",
     "causal_lm_head",
     "cdpo_loss",
     "chunked_loss",
     "clipped_surrogate",
+    "coactivation_graph",
     "completion_token_logps",
     "completions",
     "contrastive_token_rewards",
     "critical_token_weights",
     "dpo_loss",
+    "graph_on_logits_loss",
     "group_advantages",
     "grpo_loss",
     "gtpo_conflict_tokens",
     "gtpo_loss",
+    "gw_sort_approximation",
     "icepop_loss",
+    "infigfusion_loss",
     "ipo_loss",
     "kto_loss",
     "lm_head_parameters",
+    "logits_at",
     "loss_declaration",
+    "scheduled_sampling_ratio",
     "sequence_kl",
     "sequence_logratio",
+    "shared_topk_kd",
+    "shared_vocabulary",
     "shift_for_next_token",
     "sparsepo_loss",
     "tdpo_loss",
@@ -110,5 +134,6 @@ __all__ = [
     "token_loss",
     "token_stats",
     "token_weighted_dpo_loss",
+    "topk_logits",
     "treg_loss",
 ]
