@@ -136,6 +136,7 @@ def main() -> None:
                     "fewer_tokens_%": 100 * (1 - sw_tokens / sub_tokens),
                     "train_wall_s": sw_wall,
                     "train_cpu_s": sw_cpu,
+                    "cpu_vs_plain_bpe": sw_cpu / ours_cpu if super_vocab == vocab else None,
                 }
             )
     harness.print_table(super_rows, list(super_rows[0]))

@@ -11,6 +11,7 @@ from itertools import pairwise
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
 
 from tokenlab.tokenization import (
     BPETokenizer,
@@ -19,7 +20,7 @@ from tokenlab.tokenization import (
     train_bpe,
     train_superword_bpe,
 )
-from tokenlab.tokenization.bpe import _count_pre_tokens, _MergeState
+from tokenlab.tokenization.bpe import _count_pre_tokens, _learn, _MergeState, _Replay, _Vocabulary
 from tokenlab.tokenization.pretokenize import DIGIT_SPLITS
 from tokenlab.tour.toy import stdlib_documents
 
@@ -142,6 +143,108 @@ def test_superword_stage1_is_subword_bpe_and_replay_is_rank_encoding(corpus, tok
     crossing = [t for t in sw.tokens[len(sub.tokens) :] if b" " in t.strip()]
     assert crossing, "stage 2 learned no token spanning whitespace"
     assert not [t for t in sub.tokens if b" " in t.strip(b" ")]
+
+
+def _rewrite(word: tuple[int, ...], pair: tuple[int, int], new: int) -> tuple[int, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def _recount_superword_merges(texts, vocab_size, transition, pre, coarse) -> list[tuple[bytes, bytes]]:
+    """Reference superword trainer (one special token): every step recounts every pair from scratch
+    and takes the argmax (ties: smallest ids); stage 2 replays the stage-1 merges word by word."""
+    tokens = [bytes([b]) for b in range(256)]
+    ids = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[int, int]] = []
+
+    def learn(words: Counter, size: int) -> Counter:
+        while len(tokens) < size:
+            counts = Counter()
+            for word, freq in words.items():
+                for pair in pairwise(word):
+                    counts[pair] += freq
+            if not counts:
+                break
+            pair = min(counts, key=lambda p: (-counts[p], p))
+            token = tokens[pair[0]] + tokens[pair[1]]
+            if token not in ids:
+                ids[token] = len(tokens)
+                tokens.append(token)
+            merges.append(pair)
+            words = Counter({_rewrite(w, pair, ids[token]): f for w, f in words.items()})
+        return words
+
+    learn(Counter(tuple(p.encode()) for t in texts for p in pre.split(t)), transition - 1)
+    words = Counter(tuple(p.encode()) for t in texts for p in coarse.split(t))
+    for pair in merges:
+        words = Counter(
+            {_rewrite(w, pair, ids[tokens[pair[0]] + tokens[pair[1]]]): f for w, f in words.items()}
+        )
+    learn(words, vocab_size - 1)
+    return [(tokens[a], tokens[b]) for a, b in merges]
+
+
+def _stress_corpus(seed: int, n: int = 60) -> list[str]:
+    """Texts over a tiny alphabet with space runs, newlines, digits and punctuation runs: many
+    whitespace merges, merges across every kind of boundary, and merges that re-create a token."""
+    rng = random.Random(seed)
+    parts = ["a", "b", "ab", "aab", " ", "  ", "    ", "\n", "\n    ", "1", "23", "==", "(", ")", ":", "ba"]
+    return ["".join(rng.choice(parts) for _ in range(rng.randint(10, 60))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("stage2", ["superbpe", "lines"])
+def test_superword_merges_equal_recount_reference(corpus, stage2):
+    """The fast stage 2 (replay by composing stage-1 words, incremental counts) learns exactly the
+    merges of a trainer that recounts everything at every step — on stdlib text and on a stress
+    corpus where merges re-create existing tokens and cross every boundary the replay composes."""
+    coarse = make_pre_tokenizer(stage2)
+    stdlib = [text[:4000] for text in corpus[:3]]
+    for texts, vocab, transition in [(stdlib, 420, 330), (_stress_corpus(0), 330, 290)]:
+        pre = make_pre_tokenizer("gpt2")
+        sw = train_superword_bpe(
+            texts, vocab, transition, pre_tokenizer=pre, superword_pre_tokenizer=coarse, progress=False
+        )
+        reference = _recount_superword_merges(texts, vocab, transition, pre, coarse)
+        assert [(sw.tokens[a], sw.tokens[b]) for a, b in sw.merges] == reference
+        assert len(reference) > 0.8 * (vocab - 257)
+
+
+def test_replay_composes_stage1_words_exactly():
+    """Replaying the merges on a long word = rewriting it merge by merge, also where a merge pairs
+    the last token of one stage-1 piece with the first of the next (the replay must then join them),
+    for trained merges and for a hand-made list where merges re-create a token and a pair recurs."""
+    texts = _stress_corpus(1, 80)
+    pre = make_pre_tokenizer("gpt2")
+    words = _count_pre_tokens(texts, pre)
+    state, trained = _MergeState(words), _Vocabulary()
+    _learn(state, trained, 320, tqdm(disable=True))
+    handmade = _Vocabulary()
+    merges = [(97, 98), (256, 99), (98, 99), (97, 258), (32, 32), (257, 97), (32, 257), (97, 98), (257, 97)]
+    for pair in merges:
+        handmade.add_merge(pair)  # (97, 258) spells "abc" again; (97, 98) and (257, 97) recur
+    assert len(handmade.tokens) < 256 + len(handmade.merges)
+    rng = random.Random(3)
+    handmade_texts = [
+        "".join(rng.choice(["a", "b", "c", " ", "  ", "\n"]) for _ in range(30)) for _ in range(50)
+    ]
+    for vocab, replayed, lines in [
+        (trained, {w.decode(): ids for w, ids in zip(words, state.words)}, _stress_corpus(2, 40)),
+        (handmade, {}, handmade_texts),
+    ]:
+        replay = _Replay(vocab, replayed, pre)
+        for line in (piece for text in lines for piece in make_pre_tokenizer("lines").split(text)):
+            expected = tuple(line.encode())
+            for pair in vocab.merges:
+                expected = _rewrite(expected, pair, vocab.ids[vocab.tokens[pair[0]] + vocab.tokens[pair[1]]])
+            assert tuple(replay(line)) == expected, line
+        assert not all(replay.separable.values()), "no boundary needed joining: the test misses the hard case"
 
 
 # --------------------------------------------------------------------------- export oracles
