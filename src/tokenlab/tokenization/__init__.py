@@ -1,6 +1,7 @@
 """Tokenization: BPE and superword (SuperBPE) training with digit pre-tokenisers and HF export, exact
-byte-level probabilities of token-level LMs (cover encodings, next-byte laws, fill-in-the-middle,
-byte-level ensembles), and tokenizer transplant (OMP, TokenAdapt and baselines)."""
+byte-level probabilities of token-level LMs (pre-token-aware cover encodings, next-byte laws with
+KV-cache reuse, fill-in-the-middle, byte-level ensembles with CoRE weights), and tokenizer transplant
+(OMP, TokenAdapt and baselines)."""
 
 from tokenlab.tokenization.bpe import BPETokenizer, bytes_to_unicode, train_bpe, train_superword_bpe
 from tokenlab.tokenization.byte_level import (
@@ -9,6 +10,7 @@ from tokenlab.tokenization.byte_level import (
     ByteLevelCost,
     ByteLevelEnsemble,
     ByteLevelLM,
+    core_weights,
     fill_in_the_middle,
     generate_bytes,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "PreTokenizer",
     "RegexSplit",
     "bytes_to_unicode",
+    "core_weights",
     "fill_in_the_middle",
     "generate_bytes",
     "make_pre_tokenizer",
