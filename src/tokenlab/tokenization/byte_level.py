@@ -391,7 +391,7 @@ class ByteLevelLM:
             masses.append(b.logprob + b.next_logprobs[tokens])
             outcomes.append(self._byte_at[tokens, depth])
             if depth == 0 and b.complete:
-                masses.append(torch.tensor([b.logprob + b.next_logprobs[self.eos_token_id].item()]))
+                masses.append(b.logprob + b.next_logprobs[[self.eos_token_id]])
                 outcomes.append(torch.tensor([EOS_BYTE]))
         if not masses:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
