@@ -11,6 +11,7 @@ every pair of the toy world's vocabulary, and the Python pre-tokeniser against H
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -50,24 +51,24 @@ TOKENIZERS = {
         [("Ġ", "Ġ"), ("Ġ", "a"), ("a", "a"), ("'", "s"), ("ĠĠ", "Ġ"), ("a", "s"), ("Ġa", "a")],
         make_pre_tokenizer("gpt2"),
         "as' ",
-        8,
+        7,
     ),
     # right-to-left groups of three digits, then the GPT-2 regex
     "r2l3": (
         [("1", "1"), ("11", "1"), ("2", "1"), ("1", "2"), ("Ġ", "Ġ"), ("Ġ", "1")],
         make_pre_tokenizer("gpt2", "r2l3"),
         "12 ",
-        9,
+        8,
     ),
     # single digits: no token spans two digits in a canonical encoding, though "12" is in the vocabulary
     "single": (
         [("1", "2"), ("a", "1"), ("a", "a"), ("Ġ", "a"), ("Ġ", "1")],
         make_pre_tokenizer("gpt2", "single"),
         "12a ",
-        8,
+        7,
     ),
 }
-PREFIX_LEN = 5
+PREFIX_LEN = 4
 
 
 def brute_force_prefixes(bpe: ByteLevelBPE, alphabet: str, text_len: int) -> set[tuple[int, ...]]:
@@ -121,7 +122,7 @@ def test_next_tokens_and_stable_cuts(name):
     merges, pre, alphabet, text_len = TOKENIZERS[name]
     bpe = ByteLevelBPE(tiny_tokenizer(merges, pre, alphabet))
     truth = brute_force_prefixes(bpe, alphabet, text_len)
-    for seq in [s for s in truth if len(bpe.decode(s)) <= 3]:
+    for seq in [s for s in truth if len(bpe.decode(s)) <= 2]:
         window = bpe.decode(seq)
         want = sorted(t for t in bpe.byte_token_ids if (*seq, t) in truth)
         assert sorted(bpe.next_tokens(window, seq).tolist()) == want, [bpe.token_bytes[t] for t in seq]
@@ -129,7 +130,7 @@ def test_next_tokens_and_stable_cuts(name):
             got = sorted(bpe.next_tokens(window, seq, prefix).tolist())
             assert got == [t for t in want if bpe.token_bytes[t].startswith(prefix)]
     texts = ["".join(p) for p in itertools.product(alphabet, repeat=5)]
-    for text in texts[::7]:
+    for text in texts[::17]:
         data = text.encode()
         cut = bpe.stable_cut(data)
         for more in ("", alphabet[0], alphabet[-1] * 2, alphabet[:2]):
@@ -158,17 +159,18 @@ def test_issue_repros_are_canonical_prefixes():
 
 
 def test_bigram_rule_equals_reencoding(tiny_world):
-    """``canonical_pairs`` (merge spines) against HF's BPE on all 146k pairs of the tiny toy vocabulary."""
+    """``canonical_pairs`` (merge spines) against HF's BPE on 49k pairs of the tiny toy vocabulary (every
+    third left token, every right token)."""
     bpe = ByteLevelBPE(tiny_world.tokenizer)
     ids = bpe.byte_token_ids
-    pairs = [(a, b) for a in ids for b in ids]
+    pairs = [(a, b) for a in ids[::3] for b in ids]
     pieces = [
         ["".join(bpe._to_unicode[x] for x in bpe.token_bytes[a] + bpe.token_bytes[b])] for a, b in pairs
     ]
     encs = bpe._bpe.encode_batch(pieces, is_pretokenized=True, add_special_tokens=False)
-    rows = {a: bpe.canonical_pairs(a) for a in ids}
+    rows = {a: bpe.canonical_pairs(a) for a in ids[::3]}
     wrong = [(a, b) for (a, b), enc in zip(pairs, encs) if (enc.ids == [a, b]) != bool(rows[a][b])]
-    assert not wrong and sum(bool(rows[a][b]) for a, b in pairs) > 100_000
+    assert not wrong and sum(bool(rows[a][b]) for a, b in pairs) > 40_000
 
 
 def test_pre_tokenizer_matches_hf():
@@ -209,7 +211,7 @@ def test_representative_characters_cover_the_classes():
         reps = pre.representative_characters()
         gen = torch.Generator().manual_seed(0)
         probes = "aZéß1٣²  \t\n\r!'_-ſKsStTrReE"
-        for _ in range(300):
+        for _ in range(60):
             picks = torch.randint(0, len(probes), (6,), generator=gen).tolist()
             text = "".join(probes[i] for i in picks)
             for i, ch in enumerate(text):
@@ -220,13 +222,15 @@ def test_representative_characters_cover_the_classes():
 
 def _same(pre: PreTokenizer, a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` are in one class of ``pre``'s representative partition."""
+    return all(bool(r.fullmatch(a)) == bool(r.fullmatch(b)) for r in _compiled_atoms(pre))
+
+
+@functools.cache
+def _compiled_atoms(pre: PreTokenizer) -> list[regex.Pattern]:
     from tokenlab.tokenization.pretokenize import _atoms
 
+    out = []
     for stage in pre.stages:
         flags = [0, regex.IGNORECASE] if "(?i" in stage.pattern else [0]
-        for atom in _atoms(stage.pattern):
-            for f in flags:
-                r = regex.compile(atom, f)
-                if bool(r.fullmatch(a)) != bool(r.fullmatch(b)):
-                    return False
-    return True
+        out += [regex.compile(atom, f) for atom in _atoms(stage.pattern) for f in flags]
+    return out
