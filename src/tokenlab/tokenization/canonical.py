@@ -158,6 +158,10 @@ class ByteLevelBPE:
         self.byte_token_ids = [i for i, b in enumerate(self.token_bytes) if b]
         self.max_token_bytes = max(len(self.token_bytes[i]) for i in self.byte_token_ids)
         self.token_id = {self.token_bytes[i]: i for i in self.byte_token_ids}
+        self._token_texts: list[tuple[str, list[int] | None] | None] = [None] * size
+        for i in self.byte_token_ids:  # each token's text on its own (ASCII: offsets are None)
+            text, offsets = _lossless_text(self.token_bytes[i])
+            self._token_texts[i] = (text, None if len(text) == len(self.token_bytes[i]) else offsets)
         self._starting_with: dict[bytes, list[int]] = {}
         for idx in sorted(self.byte_token_ids, key=lambda i: (len(self.token_bytes[i]), i)):
             tb = self.token_bytes[idx]
@@ -176,6 +180,8 @@ class ByteLevelBPE:
         self._prefix_memo: dict[tuple[bytes, tuple[int, ...]], bool] = {}
         self._next_memo: dict[tuple[bytes, tuple[int, ...], bytes], torch.Tensor] = {}
         self._cut_memo: dict[bytes, int] = {}
+        self._laid_memo: dict[bytes, dict[int, tuple[int, ...]]] = {}
+        self._prefix_masks: dict[bytes, torch.Tensor] = {}
 
     # --------------------------------------------------------------------------- vocabulary
     def tokens_starting_with(self, prefix: bytes) -> list[int]:
@@ -189,8 +195,15 @@ class ByteLevelBPE:
 
     def boundaries(self, data: bytes) -> list[int]:
         """Byte offsets of the piece boundaries strictly inside ``data`` (pre-tokenisation)."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if text.isascii():
+                return self.pre_tokenizer.boundaries(text)
         text, offsets = _lossless_text(data)
-        return [offsets[lo] for lo, _ in self.pre_tokenizer.spans(text)[1:]]
+        return [offsets[p] for p in self.pre_tokenizer.boundaries(text)]
 
     def _pieces(self, data: bytes) -> list[str]:
         cuts = [0, *self.boundaries(data), len(data)]
@@ -313,13 +326,14 @@ class ByteLevelBPE:
         return row
 
     # ------------------------------------------------------------------- canonical prefixes
-    def _continuations(self, data: bytes) -> tuple[bytes, ...]:
+    def _continuations(self, data: bytes, doubled: bool = True) -> tuple[bytes, ...]:
         """The continuations tried after ``data`` besides ``b""`` (module docstring, step 3): the
-        representatives, doubled representatives and, when ``data`` ends inside a character, that
-        character finished as each of its classes (alone and followed by a representative)."""
+        representatives, doubled representatives (``doubled``: needed after a digit, for the phase of
+        a digit run) and, when ``data`` ends inside a character, that character finished as each of
+        its classes (alone and followed by a representative)."""
         tail = _partial_tail(data)
         if not tail:
-            return self._witnesses
+            return self._witnesses if doubled else self._witnesses[: len(self._witnesses) // 2]
         finishes = self._finishes.get(tail)
         if finishes is None:
             width = 2 if tail[0] < 0xE0 else 3 if tail[0] < 0xF0 else 4
@@ -369,13 +383,14 @@ class ByteLevelBPE:
         return result
 
     def _decide_prefix(self, window: bytes, ids: list[int], depth: int) -> bool:
+        """The test of the module docstring."""
         encodes = self._self_encoding
         if not all(encodes[i] for i in ids):
             return False
         ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
         n = len(window)
-        bad = self._violations(ids, ends, self.boundaries(window))  # the text ends here
-        if not bad:
+        bad = self._violations(ids, ends, self.boundaries(window))
+        if not bad:  # the text may end here
             return True
         text, offsets = _lossless_text(window)
         tail = _partial_tail(window)
@@ -385,7 +400,7 @@ class ByteLevelBPE:
         if min(bad) < min(offsets[max(first, 0)], n - len(tail)):
             return False
         open_piece = False
-        for more in self._continuations(window):
+        for more in self._continuations(window, doubled=text[-1].isnumeric()):
             cuts = self.boundaries(window + more)
             if self._violations(ids, ends, [p for p in cuts if p < n]):
                 continue
@@ -422,33 +437,126 @@ class ByteLevelBPE:
     def _cuts_at(self, tail: bytes, b: int, more: bytes) -> bool:
         whole = self.boundaries(tail + more)
         right = [b + p for p in self.boundaries(tail[b:] + more)]
-        return b in whole and [p for p in whole if p > b] == right and self.boundaries(tail[:b]) == [
-            p for p in whole if p < b
-        ]
+        return (
+            b in whole
+            and [p for p in whole if p > b] == right
+            and self.boundaries(tail[:b]) == [p for p in whole if p < b]
+        )
 
     def next_tokens(self, window: bytes, ids: Sequence[int], prefix: bytes = b"") -> torch.Tensor:
         """Ids of the tokens ``t`` whose bytes start with ``prefix`` and for which ``ids + [t]`` is a
         canonical prefix (``ids`` a canonical prefix with bytes ``window``, from a stable cut)."""
-        key = (window, tuple(ids), prefix)
+        ids = tuple(ids)
+        key = (window, ids, prefix)
         known = self._next_memo.get(key)
         if known is not None:
             return known
         if len(self._next_memo) > _CACHE_LIMIT // 100:
             self._next_memo.clear()
-        whole = self._next_memo.get((window, tuple(ids), b""))
+        whole = self._next_memo.get((window, ids, b""))
         if whole is not None:
-            out = whole[[self.token_bytes[t].startswith(prefix) for t in whole.tolist()]]
+            out = whole[self._starts_with_mask(prefix)[whole]]
         else:
-            out = torch.tensor(
-                [
-                    t
-                    for t in self.tokens_starting_with(prefix)
-                    if self.is_canonical_prefix(window + self.token_bytes[t], [*ids, t])
-                ],
-                dtype=torch.long,
-            )
+            found = self._extensions(window, ids, self.tokens_starting_with(prefix))
+            out = torch.tensor(found, dtype=torch.long)
         self._next_memo[key] = out
         return out
+
+    def _starts_with_mask(self, prefix: bytes) -> torch.Tensor:
+        mask = self._prefix_masks.get(prefix)
+        if mask is None:
+            if len(self._prefix_masks) > _CACHE_LIMIT // 100:
+                self._prefix_masks.clear()
+            mask = self._prefix_masks[prefix] = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask[self.tokens_starting_with(prefix)] = True
+        return mask
+
+    def _extensions(self, window: bytes, ids: tuple[int, ...], candidates: list[int]) -> list[int]:
+        """The candidates ``t`` with ``ids + [t]`` a canonical prefix.
+
+        Fast path, for ASCII text: the pieces of all the texts ``window + bytes(t)`` come from one
+        pre-tokenisation of them laid end to end (:meth:`_laid_end_to_end`). A fit there is a witness (a
+        real text that starts with ``window + bytes(t)``, piece boundary after it); a violation before
+        the last character (or the trailing digit run) is final for every continuation (module
+        docstring, step 3). Everything else goes through the full test.
+        """
+        n = len(window)
+        ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
+        allowed = {*ends, n}
+        needed = [e for k, e in enumerate(ends[:-1]) if not self._pair_row(ids[k])[ids[k + 1]]]
+        joins = self._pair_row(ids[-1]) if ids else self._self_encoding
+        encodes, token_bytes = self._self_encoding, self.token_bytes
+        candidates = [t for t in candidates if encodes[t]]
+        laid = self._laid_end_to_end(window, candidates)
+        out = []
+        for t in candidates:
+            cuts = laid.get(t)
+            if cuts is None:
+                if self._decide_prefix(window + token_bytes[t], [*ids, t], 0):
+                    out.append(t)
+                continue
+            fits = joins[t] or n in cuts
+            if fits:
+                for p in cuts:
+                    if p not in allowed:
+                        fits = False
+                        break
+            if fits and needed:
+                fits = all(p in cuts for p in needed)
+            if fits:
+                out.append(t)
+                continue
+            bad = [p for p in cuts if p not in allowed] + [p for p in needed if p not in cuts]
+            if not joins[t] and n not in cuts:
+                bad.append(n)
+            text = window + token_bytes[t]
+            zone = len(text) - 1
+            while zone > 0 and text[zone : zone + 1].isdigit() and text[zone - 1 : zone].isdigit():
+                zone -= 1
+            if min(bad) >= zone and self._decide_prefix(text, [*ids, t], 0):
+                out.append(t)
+        return out
+
+    def _laid_end_to_end(self, window: bytes, candidates: list[int]) -> dict[int, tuple[int, ...]]:
+        """For candidates ``t``: the piece boundaries (byte offsets) inside ``window + bytes(t)``, its end
+        excluded, from one pre-tokenisation of ``window z_1 s window z_2 s …`` (separator character
+        ``s``) where that has piece boundaries at both ends of the segment — then they are the pieces of
+        a real text that starts with ``window z`` and has a boundary after it. Segments whose end merges
+        with the separator are tried again with the next separator. Single-stage pipelines and windows
+        of whole characters only; remembered per window."""
+        if len(self.pre_tokenizer.stages) != 1 or _partial_tail(window):
+            return {}
+        known = self._laid_memo.setdefault(window, {})
+        if len(self._laid_memo) > 64:
+            self._laid_memo.clear()
+            known = self._laid_memo[window] = {}
+        head, head_offsets = _lossless_text(window)
+        stage, texts = self.pre_tokenizer.stages[0], self._token_texts
+        todo = [t for t in candidates if t not in known and texts[t] is not None]
+        for sep in ("\x00", "\n", "a", "0"):
+            if not todo:
+                break
+            if head and 1 not in stage.boundaries(sep + head):
+                continue
+            big = sep + sep.join(head + texts[t][0] for t in todo) + sep
+            bounds = sorted({x for match in stage.compiled.finditer(big) for x in match.span()})
+            where = {b: k for k, b in enumerate(bounds)}
+            left = []
+            lo = 1
+            for t in todo:
+                z, z_offsets = texts[t]
+                hi = lo + len(head) + len(z)
+                k, j = where.get(lo), where.get(hi)
+                if k is None or j is None:
+                    left.append(t)
+                elif z_offsets is None and len(head) == len(window):  # ASCII: characters are bytes
+                    known[t] = tuple(b - lo for b in bounds[k + 1 : j])
+                else:
+                    offsets = head_offsets[:-1] + [len(window) + o for o in (z_offsets or range(len(z) + 1))]
+                    known[t] = tuple(offsets[b - lo] for b in bounds[k + 1 : j])
+                lo = hi + 1
+            todo = left
+        return known
 
     def is_canonical(self, data: bytes, ids: Sequence[int]) -> bool:
         """Whether ``ids`` is the canonical encoding of ``data``."""

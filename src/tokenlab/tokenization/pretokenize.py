@@ -35,6 +35,7 @@ accepts or rejects alike are interchangeable in every match.
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -84,6 +85,23 @@ class RegexSplit:
             out.append((offset + start, offset + len(piece)))
         return out
 
+    def boundaries(self, piece: str) -> list[int]:
+        """Offsets inside ``piece`` where :meth:`split` starts a new piece: every match starts and ends
+        a piece (the text between matches is a piece too)."""
+        out: list[int] = []
+        last = 0
+        for match in self.compiled.finditer(piece):
+            lo, hi = match.span()
+            if lo != last:
+                out.append(lo)
+            out.append(hi)
+            last = hi
+        if out and out[0] == 0:
+            out.pop(0)
+        if out and out[-1] == len(piece):
+            out.pop()
+        return out
+
     def to_hf(self) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")
 
@@ -120,6 +138,16 @@ class PreTokenizer:
         for stage in self.stages:
             spans = [sub for lo, hi in spans for sub in stage.spans(text[lo:hi], lo)]
         return spans
+
+    def boundaries(self, text: str) -> list[int]:
+        """Character offsets where a pre-token of ``text`` starts, except the first (``0``)."""
+        if len(self.stages) == 1:
+            return self.stages[0].boundaries(text)
+        cuts = [0, len(text)]
+        for stage in self.stages:
+            inner = [lo + b for lo, hi in itertools.pairwise(cuts) for b in stage.boundaries(text[lo:hi])]
+            cuts = sorted({*cuts, *inner})
+        return cuts[1:-1]
 
     def to_hf(self) -> pre_tokenizers.PreTokenizer:
         """The same pipeline for HF ``tokenizers``, followed by the byte-level byte→char mapping."""
