@@ -270,9 +270,10 @@ class ByteLevelLM:
         layers = tuple((layer.keys, layer.values) for layer in out.cache.layers) if self.kv_cache else None
         return logp, layers
 
-    def _empty_cache(self, layers: Layers | None = None) -> DynamicCache:
-        config = getattr(self.model, "config", None)
-        return DynamicCache(ddp_cache_data=layers, config=config) if layers else DynamicCache(config=config)
+    @staticmethod
+    def _empty_cache(layers: Layers | None = None) -> DynamicCache:
+        """A cache of full-attention layers holding ``layers`` (the trunk, or trunk + parents per row)."""
+        return DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
 
     @torch.no_grad()
     def _run_trunk(self, ids: list[int]) -> tuple[torch.Tensor, Layers]:
