@@ -558,7 +558,10 @@ class ByteLevelEnsemble:
 
     def next_byte_distribution(self, text: bytes | str) -> torch.Tensor:
         """The ensemble's law of the next byte (257 entries, EOS last)."""
-        laws = torch.stack([m.next_byte_distribution(text) for m in self.members])
+        return self.combine(torch.stack([m.next_byte_distribution(text) for m in self.members]))
+
+    def combine(self, laws: torch.Tensor) -> torch.Tensor:
+        """The ensemble law from the members' laws ``(M, 257)`` (in the order of ``members``)."""
         if self.method == "mixture":
             self.last_weights = self.weights
             return self.weights @ laws
