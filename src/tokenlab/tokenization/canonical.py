@@ -72,7 +72,21 @@ STRADDLE_DEPTH = 3
 """How many tokens past the text a forced-open piece is followed to find a surviving boundary."""
 
 _NEVER = float("inf")
-_CACHE_LIMIT = 200_000
+_CACHE_ITEMS = 4_000_000
+
+
+class _Memo(dict):
+    """A memo table that empties itself when the items it holds (tokens, pairs …) pass ``_CACHE_ITEMS``."""
+
+    items = 0
+
+    def put(self, key, value, cost: int = 1):
+        if self.items + cost > _CACHE_ITEMS:
+            self.clear()
+            self.items = 0
+        self.items += cost
+        self[key] = value
+        return value
 
 
 def _lossless_text(data: bytes) -> tuple[str, list[int]]:
@@ -176,12 +190,12 @@ class ByteLevelBPE:
         self._init_merges(state["model"].get("merges", []), vocab)
         witnesses = [c.encode("utf-8") for c in self.pre_tokenizer.representative_characters()]
         self._witnesses = tuple(witnesses + [w + w for w in witnesses])
-        self._finishes: dict[bytes, tuple[bytes, ...]] = {}
-        self._prefix_memo: dict[tuple[bytes, tuple[int, ...]], bool] = {}
-        self._next_memo: dict[tuple[bytes, tuple[int, ...], bytes], torch.Tensor] = {}
-        self._cut_memo: dict[bytes, int] = {}
-        self._laid_memo: dict[bytes, dict[int, tuple[int, ...]]] = {}
-        self._prefix_masks: dict[bytes, torch.Tensor] = {}
+        self._finishes = _Memo()
+        self._prefix_memo = _Memo()
+        self._next_memo = _Memo()
+        self._cut_memo = _Memo()
+        self._laid_memo = _Memo()
+        self._prefix_masks = _Memo()
 
     # --------------------------------------------------------------------------- vocabulary
     def tokens_starting_with(self, prefix: bytes) -> list[int]:
@@ -195,15 +209,9 @@ class ByteLevelBPE:
 
     def boundaries(self, data: bytes) -> list[int]:
         """Byte offsets of the piece boundaries strictly inside ``data`` (pre-tokenisation)."""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            if text.isascii():
-                return self.pre_tokenizer.boundaries(text)
         text, offsets = _lossless_text(data)
-        return [offsets[p] for p in self.pre_tokenizer.boundaries(text)]
+        cuts = self.pre_tokenizer.boundaries(text)
+        return cuts if len(text) == len(data) else [offsets[p] for p in cuts]
 
     def _pieces(self, data: bytes) -> list[str]:
         cuts = [0, *self.boundaries(data), len(data)]
@@ -291,8 +299,7 @@ class ByteLevelBPE:
             spine[t, : len(chain)] = torch.tensor(chain)
             after[t, : len(chain) - 1] = created[chain[1:]].double()
         self._left_spine, self._left_spine_next = spine, after
-        self._pair_rows: dict[int, torch.Tensor] = {}
-        self._pair_lists: dict[int, list[bool]] = {}
+        self._pair_rows, self._pair_lists = _Memo(), _Memo()
 
     def canonical_pairs(self, left: int) -> torch.Tensor:
         """``(V,)`` bool: the tokens ``r`` for which ``[left, r]`` is the BPE encoding of its bytes
@@ -316,13 +323,12 @@ class ByteLevelBPE:
         firing = threshold[self._left_spine]
         fires = ((firing <= self._left_spine_next) & (firing < _NEVER)).any(dim=1)[:V]
         row = ~fires & self.self_encoding & bool(self.self_encoding[left])
-        self._pair_rows[left] = row
-        return row
+        return self._pair_rows.put(left, row, self.vocab_size)
 
     def _pair_row(self, left: int) -> list[bool]:
         row = self._pair_lists.get(left)
         if row is None:
-            row = self._pair_lists[left] = self.canonical_pairs(left).tolist()
+            row = self._pair_lists.put(left, self.canonical_pairs(left).tolist(), self.vocab_size)
         return row
 
     # ------------------------------------------------------------------- canonical prefixes
@@ -375,11 +381,9 @@ class ByteLevelBPE:
         known = self._prefix_memo.get(key)
         if known is not None:
             return known
-        if len(self._prefix_memo) > _CACHE_LIMIT:
-            self._prefix_memo.clear()
         result = self._decide_prefix(window, ids, depth)
         if result or depth == 0:  # a deeper "no" may only mean the depth ran out
-            self._prefix_memo[key] = result
+            self._prefix_memo.put(key, result)
         return result
 
     def _decide_prefix(self, window: bytes, ids: list[int], depth: int) -> bool:
@@ -423,15 +427,13 @@ class ByteLevelBPE:
         known = self._cut_memo.get(tail)
         if known is not None:
             return start + known
-        if len(self._cut_memo) > _CACHE_LIMIT:
-            self._cut_memo.clear()
         cut = 0
         continuations = [b"", *self._continuations(tail)]
         for b in reversed(self.boundaries(tail)):
             if all(self._cuts_at(tail, b, more) for more in continuations):
                 cut = b
                 break
-        self._cut_memo[tail] = cut
+        self._cut_memo.put(tail, cut)
         return start + cut
 
     def _cuts_at(self, tail: bytes, b: int, more: bytes) -> bool:
@@ -451,23 +453,21 @@ class ByteLevelBPE:
         known = self._next_memo.get(key)
         if known is not None:
             return known
-        if len(self._next_memo) > _CACHE_LIMIT // 100:
-            self._next_memo.clear()
         whole = self._next_memo.get((window, ids, b""))
         if whole is not None:
             out = whole[self._starts_with_mask(prefix)[whole]]
         else:
             found = self._extensions(window, ids, self.tokens_starting_with(prefix))
             out = torch.tensor(found, dtype=torch.long)
-        self._next_memo[key] = out
+        self._next_memo.put(key, out, len(out) + 1)
         return out
 
     def _starts_with_mask(self, prefix: bytes) -> torch.Tensor:
         mask = self._prefix_masks.get(prefix)
         if mask is None:
-            if len(self._prefix_masks) > _CACHE_LIMIT // 100:
-                self._prefix_masks.clear()
-            mask = self._prefix_masks[prefix] = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask = self._prefix_masks.put(
+                prefix, torch.zeros(self.vocab_size, dtype=torch.bool), self.vocab_size
+            )
             mask[self.tokens_starting_with(prefix)] = True
         return mask
 
@@ -526,10 +526,9 @@ class ByteLevelBPE:
         of whole characters only; remembered per window."""
         if len(self.pre_tokenizer.stages) != 1 or _partial_tail(window):
             return {}
-        known = self._laid_memo.setdefault(window, {})
-        if len(self._laid_memo) > 64:
-            self._laid_memo.clear()
-            known = self._laid_memo[window] = {}
+        known = self._laid_memo.get(window)
+        if known is None:
+            known = self._laid_memo.put(window, {}, len(candidates))
         head, head_offsets = _lossless_text(window)
         stage, texts = self.pre_tokenizer.stages[0], self._token_texts
         todo = [t for t in candidates if t not in known and texts[t] is not None]
@@ -557,7 +556,3 @@ class ByteLevelBPE:
                 lo = hi + 1
             todo = left
         return known
-
-    def is_canonical(self, data: bytes, ids: Sequence[int]) -> bool:
-        """Whether ``ids`` is the canonical encoding of ``data``."""
-        return self.encode(data) == list(ids)

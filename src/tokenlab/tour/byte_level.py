@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tokenlab.tokenization.byte_level import ByteLevelEnsemble, ByteLevelLM
+from tokenlab.tokenization.byte_level import ByteLevelBPE, ByteLevelEnsemble, ByteLevelLM
 from tokenlab.tour.toy import ToyModelSize, ToyWorld, load_toy_world
 
 
@@ -92,9 +92,10 @@ def token_bits_per_byte(model: torch.nn.Module, tokenizer, texts: Sequence[bytes
     every cover encoding of ``x``, one of which is ``τ(x)``."""
     nll, total = 0.0, 0
     device = next(model.parameters()).device
+    bpe = ByteLevelBPE(tokenizer)
     with torch.no_grad():
         for text in texts:
-            ids = [tokenizer.bos_token_id, *tokenizer(text.decode(), add_special_tokens=False).input_ids]
+            ids = [tokenizer.bos_token_id, *bpe.encode(text)]
             logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].double()
             nll -= torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), ids[1:]].sum().item()
             total += len(text)
