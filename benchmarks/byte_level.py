@@ -138,7 +138,7 @@ def genlm_comparison(world, texts: list[bytes], beam: int) -> list[dict] | str:
         for text in texts:
             state = await ByteBeamState.initial(llm, BeamParams(K=beam, heal=False))
             for b in text:
-                state = await (state << b)
+                state = await (state.prune() << b)  # keep the K most likely candidates
                 approx.append(float(state.logZ))
             await state.cleanup()
 
