@@ -234,3 +234,29 @@ def _compiled_atoms(pre: PreTokenizer) -> list[regex.Pattern]:
         flags = [0, regex.IGNORECASE] if "(?i" in stage.pattern else [0]
         out += [regex.compile(atom, f) for atom in _atoms(stage.pattern) for f in flags]
     return out
+
+
+def test_fast_extensions_equal_the_full_test(tiny_world):
+    """``next_tokens`` settles most tokens from one pre-tokenisation of all ``window + token`` texts laid
+    end to end; on the toy tokenizer it must equal the full test token by token, also for non-ASCII
+    windows, a window ending inside a character, digits and whitespace runs."""
+    bpe = ByteLevelBPE(tiny_world.tokenizer)
+    windows = [
+        b" the",
+        b"self.na",
+        b"    ",
+        b"\n        ",
+        b"x'",
+        b"12",
+        b"\xc3",
+        "é".encode(),
+        "日本".encode(),
+        b"a1",
+    ]
+    for window in windows:
+        ids = bpe.encode(window)
+        assert bpe.is_canonical_prefix(window, ids)
+        full = [
+            t for t in bpe.byte_token_ids if bpe.is_canonical_prefix(window + bpe.token_bytes[t], [*ids, t])
+        ]
+        assert sorted(bpe.next_tokens(window, ids).tolist()) == sorted(full), window

@@ -133,6 +133,17 @@ def _partial_tail(data: bytes) -> bytes:
     return b""
 
 
+def _undecided_from(data: bytes) -> int:
+    """The first byte offset whose piece-boundary status may still change as text is appended (module
+    docstring, step 3): the start of the last character — of the unfinished one, if any — or of the
+    trailing run of digits it ends."""
+    text, offsets = _lossless_text(data)
+    first = len(text) - 1
+    while first > 0 and text[first].isnumeric() and text[first - 1].isnumeric():
+        first -= 1
+    return min(offsets[max(first, 0)], len(data) - len(_partial_tail(data)))
+
+
 class ByteLevelBPE:
     """The byte view of a Hugging Face byte-level BPE tokenizer, with its canonical prefixes.
 
@@ -396,15 +407,10 @@ class ByteLevelBPE:
         bad = self._violations(ids, ends, self.boundaries(window))
         if not bad:  # the text may end here
             return True
-        text, offsets = _lossless_text(window)
-        tail = _partial_tail(window)
-        first = len(text) - 1  # positions from the last character on depend on what follows …
-        while first > 0 and text[first].isnumeric() and text[first - 1].isnumeric():
-            first -= 1  # … and so does a trailing run of digits
-        if min(bad) < min(offsets[max(first, 0)], n - len(tail)):
+        if min(bad) < _undecided_from(window):
             return False
         open_piece = False
-        for more in self._continuations(window, doubled=text[-1].isnumeric()):
+        for more in self._continuations(window, doubled=_lossless_text(window)[0][-1:].isnumeric()):
             cuts = self.boundaries(window + more)
             if self._violations(ids, ends, [p for p in cuts if p < n]):
                 continue
@@ -509,11 +515,8 @@ class ByteLevelBPE:
             bad = [p for p in cuts if p not in allowed] + [p for p in needed if p not in cuts]
             if not joins[t] and n not in cuts:
                 bad.append(n)
-            text = window + token_bytes[t]
-            zone = len(text) - 1
-            while zone > 0 and text[zone : zone + 1].isdigit() and text[zone - 1 : zone].isdigit():
-                zone -= 1
-            if min(bad) >= zone and self._decide_prefix(text, [*ids, t], 0):
+            data = window + token_bytes[t]
+            if min(bad) >= _undecided_from(data) and self._decide_prefix(data, [*ids, t], 0):
                 out.append(t)
         return out
 
