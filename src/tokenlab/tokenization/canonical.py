@@ -137,6 +137,11 @@ def _undecided_from(data: bytes) -> int:
     """The first byte offset whose piece-boundary status may still change as text is appended (module
     docstring, step 3): the start of the last character — of the unfinished one, if any — or of the
     trailing run of digits it ends."""
+    if data.isascii():
+        first = len(data) - 1
+        while first > 0 and data[first : first + 1].isdigit() and data[first - 1 : first].isdigit():
+            first -= 1
+        return max(first, 0)
     text, offsets = _lossless_text(data)
     first = len(text) - 1
     while first > 0 and text[first].isnumeric() and text[first - 1].isnumeric():
@@ -535,7 +540,7 @@ class ByteLevelBPE:
         head, head_offsets = _lossless_text(window)
         stage, texts = self.pre_tokenizer.stages[0], self._token_texts
         todo = [t for t in candidates if t not in known and texts[t] is not None]
-        for sep in ("\x00", "\n", "a", "0"):
+        for sep in ("\n", "\x00", "a", "0"):
             if not todo:
                 break
             if head and 1 not in stage.boundaries(sep + head):
