@@ -8,12 +8,16 @@ Every benchmark script in this folder:
 
 Timing: CUDA events on GPU, ``time.perf_counter`` on CPU; warm-up runs, then the median of
 repeats. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set
-size sampled by a background thread (``/proc/self/statm``) above the level before the call.
+size sampled by a background thread (``/proc/self/statm``) above the level before the call, after
+returning the C allocator's free memory to the OS (else memory freed by an earlier call is reused
+without raising the resident set, and the call's allocations go uncounted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -57,6 +61,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    """Return memory that the C allocator holds after earlier frees to the OS (glibc ``malloc_trim``), so
+    that a later call's allocations raise the resident set instead of silently reusing it."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: reused memory may go uncounted
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory in bytes that ``fn()`` adds above what was allocated before it ran."""
     if device.type == "cuda":
@@ -66,6 +77,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    _release_free_heap()
     base = _rss_bytes()
     peak = base
     done = threading.Event()

@@ -7,10 +7,18 @@
     with temperature 0.8, at B ∈ {1, 8, 32}, k ∈ {4, 8}, V ∈ {32k, 128k}; time and effective
     bandwidth (one read of logits, draft probabilities and noise) as a fraction of the measured
     device copy bandwidth (``clone`` of a tensor of the same size).
+(a') ``tree_verify`` (RSD's rule, sampling): kernel vs reference at B ∈ {1, 8, 32}, N ∈ {16, 64}
+    nodes, V ∈ {32k, 128k}; the same tokens are asserted.
 (b) End to end on the toy target/draft pair (``gpu`` preset on GPU, ``default`` on CPU, ``tiny``
     with ``--quick``), greedy: tokens/s of plain ``generate``, HF assisted generation
-    (``assistant_model=``, constant k), tokenlab chain, and tokenlab batched (EQSPEC and EXSPEC)
-    at B = 1/2/4/8, with acceptance rates. Every output is checked against plain greedy.
+    (``assistant_model=``, constant k), tokenlab chain, tokenlab batched (EQSPEC and EXSPEC)
+    at B = 1/2/4/8, and token trees (static, RSD, DySpec; budget 16, depth 4) at B = 1/4, with
+    acceptance rates, tokens and nodes per target call, and where the time goes (draft forwards,
+    tree bookkeeping, target forward, verification, commit) per target call. Every output is
+    checked against plain greedy.
+(c) Tokens per target call against the node budget N ∈ {4, 8, 16, 32} for chain, static, RSD and
+    DySpec, greedy and sampled (T = 1), at equal node budget (:data:`BUDGET_RULE`);
+    ``benchmarks/tree_budget_plot.py`` plots it.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ import harness
 harness.enable_interpreter_if_cpu()
 
 import functools  # noqa: E402
+import statistics  # noqa: E402
 
 import torch  # noqa: E402
 
 from tokenlab.decoding import speculative_generate, warped_probs  # noqa: E402
 from tokenlab.kernels.speculative_verify import speculative_verify  # noqa: E402
+from tokenlab.kernels.tree_verify import tree_verify  # noqa: E402
 from tokenlab.tour.toy import load_toy_world  # noqa: E402
 
 TEMPERATURE = 0.8
@@ -128,83 +138,234 @@ def bench_verify(args, device, repeats) -> list[dict]:
     return rows
 
 
-def bench_end_to_end(args, device) -> tuple[list[dict], dict]:
-    preset = "tiny" if args.quick else ("gpu" if device.type == "cuda" else "default")
-    world = load_toy_world(preset, device=device, progress=not args.quick)
-    target, draft = world.target, world.draft
-    n_prompts, max_new, k = (4, 12, 3) if args.quick else (16, 128, 4)
+def _random_trees(B, N, V, device, dtype, seed):
+    """Random trees (node ``i``'s parent uniform among earlier nodes), logits, draft distributions near
+    the target's, children drawn from their parent's draft distribution, and the random numbers."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parents = torch.full((B, N + 1), -1, device=device)
+    for i in range(1, N + 1):
+        parents[:, i] = torch.randint(0, i, (B,), device=device, generator=gen)
+    logits = (torch.randn(B, N + 1, V, device=device, generator=gen) * 3).to(dtype)
+    q = warped_probs(logits.float() + torch.randn(B, N + 1, V, device=device, generator=gen), TEMPERATURE)
+    parent_q = q.gather(1, parents.clamp(min=0)[:, :, None].expand(-1, -1, V))
+    tokens = torch.multinomial(parent_q.reshape(-1, V), 1, generator=gen).reshape(B, N + 1)
+    uniforms = torch.rand(B, N + 1, device=device, generator=gen)
+    noise = torch.empty(B, V, device=device).exponential_(generator=gen)
+    return logits, q, tokens, parents, uniforms, noise
+
+
+def bench_tree_verify(args, device, repeats) -> list[dict]:
+    """Tree verification (RSD's rule, sampling): Triton kernel vs reference, same tokens asserted."""
+    on_gpu = device.type == "cuda"
+    if args.quick:
+        cases = [(2, 6, 37), (3, 12, 1500)]
+    elif on_gpu:
+        cases = [(B, N, V) for B in (1, 8, 32) for N in (16, 64) for V in (32_000, 128_000)]
+    else:  # the reference alone, at sizes a CPU holds comfortably
+        cases = [(B, 16, 32_000) for B in (1, 8)]
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    rows = []
+    for B, N, V in cases:
+        logits, q, tokens, parents, uniforms, noise = _random_trees(B, N, V, device, dtype, seed=B + N + V)
+        run = {
+            name: functools.partial(
+                tree_verify,
+                logits,
+                q,
+                tokens,
+                parents,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                uniforms=uniforms,
+                exponentials=noise,
+                backend=name,
+            )
+            for name in (("reference", "triton") if args.quick or on_gpu else ("reference",))
+        }
+        ref = run["reference"]()
+        if "triton" in run:
+            out = run["triton"]()
+            assert all(torch.equal(a, b) for a, b in zip(out, ref)), "tree verify: triton != reference"
+        ms = {name: harness.time_fn(fn, device, warmup=1, repeats=repeats) for name, fn in run.items()}
+        row = {
+            "B": B,
+            "N": N,
+            "V": V,
+            "dtype": str(dtype).removeprefix("torch."),
+            "accepted": ref[0].sum().item(),
+        }
+        row |= {f"{name}_ms": t for name, t in ms.items()}
+        if "triton" in ms:
+            row["speedup_vs_ref"] = ms["reference"] / ms["triton"]
+        rows.append(row)
+    return rows
+
+
+def _toy_prompts(world, n_prompts, device, *, lengths=(8, 25)):
+    """Held-out slices of the toy corpus as ``[1, n]`` prompts (seeded)."""
     gen = torch.Generator().manual_seed(0)
     starts = torch.randint(0, world.heldout_ids.numel() - 64, (n_prompts,), generator=gen)
-    lengths = torch.randint(8, 25, (n_prompts,), generator=gen)
-    prompts = [
-        world.heldout_ids[s : s + n].to(device)[None] for s, n in zip(starts.tolist(), lengths.tolist())
-    ]
+    sizes = torch.randint(lengths[0], lengths[1], (n_prompts,), generator=gen)
+    return [world.heldout_ids[s : s + n].to(device)[None] for s, n in zip(starts.tolist(), sizes.tolist())]
+
+
+def bench_end_to_end(args, device, world) -> tuple[list[dict], list[dict], dict]:
+    """Every method over the same prompts, in ``rounds`` interleaved rounds (one run of each method
+    per round; the median time is kept), so that a shared machine's changing load hits all alike."""
+    target, draft = world.target, world.draft
+    if args.quick:
+        n_prompts, max_new, rounds = 4, 12, 1
+    elif device.type == "cuda":
+        n_prompts, max_new, rounds = 16, 128, 3
+    else:
+        n_prompts, max_new, rounds = 8, 64, 3
+    k, budget = (3, 8) if args.quick else (4, 16)
+    prompts = _toy_prompts(world, n_prompts, device)
     pad = world.tokenizer.pad_token_id
-
-    def timed(fn):
-        return harness.timed(fn, device)
-
     eos = world.tokenizer.eos_token_id
     hf_kwargs = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     target.generate(prompts[0], **hf_kwargs)  # warm-up
-    plain, plain_s = timed(lambda: [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts])
-    total = sum(t.numel() for t in plain)
-    rows = [{"method": "plain greedy generate", "B": 1, "tokens/s": total / plain_s, "acceptance": None}]
-
     draft.generation_config.num_assistant_tokens = k
     draft.generation_config.num_assistant_tokens_schedule = "constant"
-    assisted, assisted_s = timed(
-        lambda: [target.generate(p, assistant_model=draft, **hf_kwargs)[0, p.shape[1] :] for p in prompts]
-    )
-    assert all(torch.equal(a, b) for a, b in zip(assisted, plain)), "HF assisted != plain greedy"
-    rows.append(
-        {"method": "HF assisted generation", "B": 1, "tokens/s": total / assisted_s, "acceptance": None}
-    )
+    plain = [target.generate(p, **hf_kwargs)[0, p.shape[1] :] for p in prompts]
+    total = sum(t.numel() for t in plain)
 
-    for strategy in ("eqspec", "exspec"):
-        for B in (1, 2, 4) if args.quick else (1, 2, 4, 8):
-            if strategy == "exspec" and B == 1:
-                continue
-            accepted = drafted = 0
-            seconds = 0.0
-            for first in range(0, n_prompts, B):
-                batch = prompts[first : first + B]
-                width = max(p.shape[1] for p in batch)
-                ids = torch.stack(
-                    [torch.nn.functional.pad(p[0], (width - p.shape[1], 0), value=pad) for p in batch]
-                )
-                mask = torch.stack(
-                    [torch.arange(width, device=device) >= width - p.shape[1] for p in batch]
-                ).long()
-                out = speculative_generate(
-                    target,
-                    draft,
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new,
-                    num_draft_tokens=k,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                    strategy=strategy,
-                )
-                for row, expected in enumerate(plain[first : first + B]):
-                    got = out.sequences[row, width:]
-                    same = (
-                        torch.equal(got[: expected.numel()], expected)
-                        and (got[expected.numel() :] == pad).all()
-                    )
-                    assert same, f"{strategy} B={B} != plain greedy"
-                accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
-                seconds += out.stats.seconds
-            method = "tokenlab chain" if B == 1 else f"tokenlab batched {strategy.upper()}"
-            rows.append(
-                {"method": method, "B": B, "tokens/s": total / seconds, "acceptance": accepted / drafted}
+    def hf(assistant) -> tuple[dict, float]:
+        extra = {} if assistant is None else {"assistant_model": assistant}
+        out, seconds = harness.timed(
+            lambda: [target.generate(p, **hf_kwargs, **extra)[0, p.shape[1] :] for p in prompts], device
+        )
+        assert all(torch.equal(a, b) for a, b in zip(out, plain)), "HF generate outputs differ"
+        return {"acceptance": None}, seconds
+
+    def tokenlab(B: int, strategy: str = "eqspec", **tree_kwargs) -> tuple[dict, float]:
+        """All prompts in batches of ``B``, every output checked against plain greedy."""
+        accepted = drafted = steps = calls = 0
+        seconds = 0.0
+        phases: dict[str, float] = {}
+        for first in range(0, n_prompts, B):
+            batch = prompts[first : first + B]
+            width = max(p.shape[1] for p in batch)
+            ids = torch.stack(
+                [torch.nn.functional.pad(p[0], (width - p.shape[1], 0), value=pad) for p in batch]
             )
+            mask = torch.stack(
+                [torch.arange(width, device=device) >= width - p.shape[1] for p in batch]
+            ).long()
+            out = speculative_generate(
+                target, draft, ids, attention_mask=mask, max_new_tokens=max_new, num_draft_tokens=k,
+                eos_token_id=eos, pad_token_id=pad, strategy=strategy, **tree_kwargs,
+            )  # fmt: skip
+            for row, expected in enumerate(plain[first : first + B]):
+                got = out.sequences[row, width:]
+                same = (
+                    torch.equal(got[: expected.numel()], expected) and (got[expected.numel() :] == pad).all()
+                )
+                assert same, f"{strategy} {tree_kwargs} B={B} != plain greedy"
+            stats = out.stats
+            accepted, drafted, steps = accepted + stats.accepted, drafted + stats.drafted, steps + stats.steps
+            calls += stats.target_calls
+            seconds += stats.seconds
+            for phase, t in stats.phase_seconds.items():
+                phases[phase] = phases.get(phase, 0.0) + t
+        row = {
+            "acceptance": accepted / drafted,
+            "tokens/call": (accepted + steps) / steps,
+            "nodes/call": drafted / steps,
+        }
+        return row | {f"{phase}_ms/call": 1e3 * t / calls for phase, t in phases.items()}, seconds
+
+    methods = [
+        ("plain greedy generate", 1, lambda: hf(None)),
+        ("HF assisted generation", 1, lambda: hf(draft)),
+        ("tokenlab chain", 1, lambda: tokenlab(1)),
+    ]
+    for strategy in ("eqspec", "exspec"):
+        for B in (2, 4) if args.quick else (2, 4, 8):
+            methods.append(
+                (f"tokenlab batched {strategy.upper()}", B, lambda B=B, s=strategy: tokenlab(B, s))
+            )
+    tree_methods = [
+        (f"tree {tree}", B, lambda B=B, tree=tree: tokenlab(B, tree=tree, tree_budget=budget))
+        for tree in ("static", "rsd", "dyspec")
+        for B in (1, 4)
+    ]
+    times: dict[int, list[float]] = {i: [] for i in range(len(methods) + len(tree_methods))}
+    rows: dict[int, dict] = {}
+    for _ in range(rounds):
+        for i, (name, B, fn) in enumerate(methods + tree_methods):
+            row, seconds = fn()
+            rows[i] = {"method": name, "B": B} | row
+            times[i].append(seconds)
+    for i, row in rows.items():
+        row["tokens/s"] = total / statistics.median(times[i])
     base = rows[0]["tokens/s"]
-    for row in rows:
+    for row in rows.values():
         row["speedup_vs_plain"] = row["tokens/s"] / base
-    info = {"preset": preset, "prompts": n_prompts, "max_new_tokens": max_new, "k": k}
-    return rows, info
+    info = {"prompts": n_prompts, "max_new_tokens": max_new, "k": k, "budget": budget, "rounds": rounds}
+    ordered = [rows[i] for i in range(len(rows))]
+    return ordered[: len(methods)], ordered[len(methods) :], info
+
+
+BUDGET_RULE = (
+    "equal node budget N (draft tokens the target scores per call besides the root): chain of k = N; "
+    "static and RSD: the default shape for budget N at depth 4 (binary levels, then chains; <= N nodes); "
+    "DySpec: budget N, depth cap N"
+)
+
+
+def budget_configs(budget: int) -> dict[str, dict]:
+    """The drafting modes at node budget ``budget`` under :data:`BUDGET_RULE`."""
+    return {
+        "chain": dict(num_draft_tokens=budget),
+        "static": dict(tree="static", tree_budget=budget, num_draft_tokens=min(4, budget)),
+        "rsd": dict(tree="rsd", tree_budget=budget, num_draft_tokens=min(4, budget)),
+        "dyspec": dict(tree="dyspec", tree_budget=budget, num_draft_tokens=budget),
+    }
+
+
+def tokens_per_call_by_budget(world, device, budgets, *, n_prompts, max_new, seeds=(0, 1, 2)) -> list[dict]:
+    """Tokens per target call and nodes per call of each drafting mode at each node budget, greedy
+    and sampled (temperature 1, pooled over one run per seed in ``seeds``): one batch of equal-length
+    prompts per run. Greedy outputs are checked to be the same for every mode."""
+    ids = torch.cat(_toy_prompts(world, n_prompts, device, lengths=(16, 17)))
+    rows = []
+    for do_sample in (False, True):
+        for budget in budgets:
+            greedy = None
+            for mode, kwargs in budget_configs(budget).items():
+                accepted = drafted = steps = target_calls = draft_calls = 0
+                for seed in seeds if do_sample else seeds[:1]:
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    out = speculative_generate(
+                        world.target, world.draft, ids, max_new_tokens=max_new, eos_token_id=[],
+                        do_sample=do_sample, generator=gen, **kwargs,
+                    )  # fmt: skip
+                    if not do_sample:
+                        greedy = out.sequences if greedy is None else greedy
+                        assert torch.equal(out.sequences, greedy), (
+                            f"greedy {mode} at budget {budget} != chain"
+                        )
+                    stats = out.stats
+                    accepted, drafted, steps = (
+                        accepted + stats.accepted,
+                        drafted + stats.drafted,
+                        steps + stats.steps,
+                    )
+                    target_calls, draft_calls = (
+                        target_calls + stats.target_calls,
+                        draft_calls + stats.draft_calls,
+                    )
+                rows.append({
+                    "decoding": "sampling T=1" if do_sample else "greedy",
+                    "budget": budget,
+                    "mode": mode,
+                    "tokens/call": (accepted + steps) / steps,
+                    "nodes/call": drafted / steps,
+                    "draft_calls/call": draft_calls / target_calls,
+                    "steps": steps,
+                })  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -217,17 +378,41 @@ def main() -> None:
     print(f"(a) verification kernel — {label}")
     verify_rows = bench_verify(args, device, repeats)
     harness.print_table(verify_rows, list(dict.fromkeys(c for r in verify_rows for c in r)))
-    end_rows, info = bench_end_to_end(args, device)
+    print(f"\n(a') tree verification kernel — {label}")
+    tree_verify_rows = bench_tree_verify(args, device, repeats)
+    harness.print_table(tree_verify_rows, list(dict.fromkeys(c for r in tree_verify_rows for c in r)))
+    preset = "tiny" if args.quick else ("gpu" if device.type == "cuda" else "default")
+    world = load_toy_world(preset, device=device, progress=not args.quick)
+    end_rows, tree_rows, info = bench_end_to_end(args, device, world)
     print(
-        f"\n(b) end to end, greedy, toy pair '{info['preset']}', {info['prompts']} prompts × "
-        f"{info['max_new_tokens']} tokens, k={info['k']} — {label}"
+        f"\n(b) end to end, greedy, toy pair '{preset}', {info['prompts']} prompts × "
+        f"{info['max_new_tokens']} tokens, k={info['k']}, tree budget {info['budget']}, median of "
+        f"{info['rounds']} interleaved rounds — {label}"
     )
-    harness.print_table(end_rows, ["method", "B", "tokens/s", "speedup_vs_plain", "acceptance"])
+    columns = ["method", "B", "tokens/s", "speedup_vs_plain", "acceptance", "tokens/call", "nodes/call"]
+    harness.print_table(end_rows + tree_rows, columns)
+    print("\n    where the time goes, ms per target call (the whole batch):")
+    phases = ["draft_ms/call", "tree_ms/call", "target_ms/call", "verify_ms/call", "commit_ms/call"]
+    harness.print_table(end_rows[2:] + tree_rows, ["method", "B", *phases])
+    budgets = (4,) if args.quick else (4, 8, 16, 32)
+    n_prompts, max_new = (2, 8) if args.quick else (16, 64)
+    seeds = (0,) if args.quick else (0, 1, 2)
+    budget_rows = tokens_per_call_by_budget(
+        world, device, budgets, n_prompts=n_prompts, max_new=max_new, seeds=seeds
+    )
+    print(
+        f"\n(c) tokens per target call at {BUDGET_RULE}; toy pair '{preset}', {n_prompts} prompts × "
+        f"{max_new} tokens, sampling pooled over seeds {seeds}"
+    )
+    harness.print_table(budget_rows, list(budget_rows[0]))
     harness.finish(
         args,
         device,
         "speculative",
-        [{"part": "verify", **r} for r in verify_rows] + [{"part": "e2e", **r} for r in end_rows],
+        [{"part": "verify", **r} for r in verify_rows]
+        + [{"part": "tree_verify", **r} for r in tree_verify_rows]
+        + [{"part": "e2e", **r} for r in end_rows + tree_rows]
+        + [{"part": "budget", **r} for r in budget_rows],
     )
 
 

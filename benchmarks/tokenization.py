@@ -111,27 +111,33 @@ def main() -> None:
     subword = train_bpe(train, super_vocab, progress=False).to_hf() if super_vocab != vocab else ours_hf
     sub_tokens = count_tokens(subword, heldout)
     super_rows = []
-    for transition in transitions:
-        sw, sw_wall, sw_cpu = timed(
-            lambda t=transition: train_superword_bpe(train, super_vocab, t, progress=not args.quick)
-        )
-        sw_hf = sw.to_hf()
-        for text in heldout[:3]:
-            assert sw.encode(text) == sw_hf.encode(text, add_special_tokens=False), "export != encoder"
-        sw_tokens = count_tokens(sw_hf, heldout)
-        assert sw_tokens < sub_tokens, (sw_tokens, sub_tokens)
-        super_rows.append(
-            {
-                "what": "superword",
-                "vocab": super_vocab,
-                "transition": transition,
-                "subword_bytes/tok": heldout_bytes / sub_tokens,
-                "superword_bytes/tok": heldout_bytes / sw_tokens,
-                "fewer_tokens_%": 100 * (1 - sw_tokens / sub_tokens),
-                "train_wall_s": sw_wall,
-                "train_cpu_s": sw_cpu,
-            }
-        )
+    for stage2 in ("superbpe", "lines"):
+        for transition in transitions:
+            sw, sw_wall, sw_cpu = timed(
+                lambda t=transition, s=stage2: train_superword_bpe(
+                    train, super_vocab, t, superword_pre_tokenizer=make_pre_tokenizer(s),
+                    progress=not args.quick,
+                )
+            )  # fmt: skip
+            sw_hf = sw.to_hf()
+            for text in heldout[:3]:
+                assert sw.encode(text) == sw_hf.encode(text, add_special_tokens=False), "export != encoder"
+            sw_tokens = count_tokens(sw_hf, heldout)
+            if stage2 == "lines":  # whole lines compress held-out code even at the quick scale
+                assert sw_tokens < sub_tokens, (sw_tokens, sub_tokens)
+            super_rows.append(
+                {
+                    "what": "superword",
+                    "stage2": stage2,
+                    "vocab": super_vocab,
+                    "transition": transition,
+                    "subword_bytes/tok": heldout_bytes / sub_tokens,
+                    "superword_bytes/tok": heldout_bytes / sw_tokens,
+                    "fewer_tokens_%": 100 * (1 - sw_tokens / sub_tokens),
+                    "train_wall_s": sw_wall,
+                    "train_cpu_s": sw_cpu,
+                }
+            )
     harness.print_table(super_rows, list(super_rows[0]))
     harness.finish(args, device, "tokenization", rows + super_rows)
 

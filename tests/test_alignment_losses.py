@@ -284,7 +284,60 @@ def test_gtpo_conflict_tokens_on_constructed_group():
     mask[1, 3] = 0  # masked tokens never conflict
     want = torch.zeros(8, 4, dtype=torch.bool)
     want[0, 0] = want[0, 2] = want[1, 0] = want[1, 2] = True
+    assert torch.equal(gtpo_conflict_tokens(ids, mask, adv, group_size=4, rule="anywhere"), want)
+    # The authors' runs: row 0 and row 1 match at t = 0, miss at t = 1, so the coincidence at t = 2
+    # is not a conflict; from the end (row 1 has 3 valid tokens) 8 vs 7 already differ.
+    want[0, 2] = want[1, 2] = False
     assert torch.equal(gtpo_conflict_tokens(ids, mask, adv, group_size=4), want)
+
+
+def test_gtpo_runs_from_the_end_align_completions_at_their_last_token():
+    ids = torch.tensor(
+        [
+            [1, 2, 3, 9, 4, 5],  # A > 0, 6 tokens
+            [7, 9, 4, 5, 0, 0],  # A < 0, 4 tokens (right-padded): ends "9 4 5" like row 0
+            [1, 2, 8, 8, 8, 8],  # A < 0, shares the first two tokens with row 0
+            [6, 6, 6, 6, 6, 6],  # A > 0, no match
+        ]
+    )
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    want = torch.zeros(4, 6, dtype=torch.bool)
+    want[0, [0, 1, 3, 4, 5]] = True  # run from the start (1 2 with row 2), run from the end (9 4 5)
+    want[1, [1, 2, 3]] = True
+    want[2, [0, 1]] = True
+    got = gtpo_conflict_tokens(ids, mask, adv, group_size=4)
+    assert torch.equal(got, want)
+    # 9 at column 3 of row 0 vs column 1 of row 1: matched only through the end alignment
+    assert not gtpo_conflict_tokens(ids, mask, adv, group_size=4, rule="anywhere")[0, 3]
+
+
+def test_gtpo_loss_follows_the_authors_rule(pair):
+    """Entropy shaping Â = A − 0.1·H̄ (kept when H̄ ≤ 0.7), run weights multiplied, each completion's loss
+    divided by its number of conflict tokens, sequence normalisation — against a loop over the formula."""
+    c, _ = pair
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 9, 9, 9, 6], [7, 2, 8, 8, 5, 6], [0, 0, 0, 0, 0, 0]])
+    adv = torch.tensor([1.0, -1.0, -0.5, 0.5], dtype=torch.float64)
+    mean_entropy = (c.tokens.entropy * c.mask).sum(-1) / c.mask.sum(-1)
+    threshold = mean_entropy.max().item() - 1e-9  # drops exactly the highest-entropy completion
+    out = gtpo_loss(c.tokens, adv, ids, 4, entropy_threshold=threshold, entropy_penalty=0.1, amplify=3.0)
+    conflict = gtpo_conflict_tokens(ids, c.mask, adv, 4)
+    per_seq = []
+    for i in range(B):
+        toks = c.tokens_of(i)
+        h = sum(c.p.entropy()[i, t] for t in toks) / len(toks)
+        shaped = adv[i] - 0.1 * h if h <= threshold else 0.0
+        n_conflict = max(1, sum(bool(conflict[i, t]) for t in toks))
+        total = 0.0
+        for t in toks:
+            w = 1.0
+            if conflict[i, t]:
+                w = 0.0 if adv[i] < 0 else 3.0  # here no token lies in both runs
+            total = total - w * shaped / n_conflict  # on-policy: ratio 1, no clipping
+        per_seq.append(total / len(toks))
+    assert conflict.any()
+    close(out.loss, sum(per_seq) / B)
 
 
 def test_gtpo_loss_weights_and_entropy_filter(pair):
@@ -293,8 +346,11 @@ def test_gtpo_loss_weights_and_entropy_filter(pair):
     adv = torch.tensor([1.0, -1.0, -0.5, 0.5], dtype=torch.float64)
     mean_entropy = (c.tokens.entropy * c.mask).sum(-1) / c.mask.sum(-1)
     threshold = mean_entropy.max().item() - 1e-9  # drops exactly the highest-entropy completion
-    out = gtpo_loss(c.tokens, adv, ids, 4, entropy_threshold=threshold, amplify=3.0)
-    conflict = gtpo_conflict_tokens(ids, c.mask, adv, 4)
+    out = gtpo_loss(
+        c.tokens, adv, ids, 4, entropy_threshold=threshold, amplify=3.0, rule="anywhere",
+        entropy_penalty=0.0, conflict_normalization=False, normalization="token",
+    )  # fmt: skip
+    conflict = gtpo_conflict_tokens(ids, c.mask, adv, 4, rule="anywhere")
     total, count = 0.0, 0
     for i in range(B):
         mean_entropy = sum(c.p.entropy()[i, t] for t in c.tokens_of(i)) / len(c.tokens_of(i))

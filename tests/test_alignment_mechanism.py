@@ -64,6 +64,21 @@ def test_chunked_float32_matches_float64_reference():
         assert_relative_error(g, w, 1e-5, "gradient")
 
 
+def test_chunked_bias_gradient_float64_with_frozen_weight():
+    """A trainable bias beside a frozen LM-head weight (PEFT ``bias="all"``) gets its gradient in float64
+    on float64 inputs, as when the weight is trainable (it was accumulated in float32: 7e-8)."""
+    head, _, labels = _heads(37, 12, 53)
+    frozen_weight = LinearHead(head.hidden, head.weight.detach(), head.bias)
+    grads = {}
+    for backend, chunk_size in (("reference", 1), ("chunked", 7)):
+        stats = token_stats(frozen_weight, labels, entropy=True, chunk_size=chunk_size, backend=backend)
+        total = (stats.logps * torch.linspace(-1, 2, labels.numel(), dtype=torch.float64)).sum()
+        grads[backend] = torch.autograd.grad(total + stats.entropy.sum(), [head.hidden, head.bias])
+    for got, want in zip(grads["chunked"], grads["reference"]):
+        assert got.dtype == torch.float64
+        assert_relative_error(got, want, 1e-12, "gradient with a frozen weight")
+
+
 def test_naive_path_equals_torch_distributions():
     head, ref, labels = _heads(20, 8, 31)
     stats = token_stats(head, labels, reference=ref, entropy=True, backend="reference")

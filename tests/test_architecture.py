@@ -1,10 +1,11 @@
 """The import rule of docs/architecture.md, enforced on every ``import`` in ``src/tokenlab`` (also the
 ones inside functions): layers point one way, families do not import each other.
 
-    tour, testing  →  families  →  kernels  →  backend, _checks  →  torch, triton, …
+    tour, testing  →  families  →  kernels  →  backend, _checks, _atomic, _hf  →  torch, transformers, …
 
-* ``tokenlab._checks`` imports no tokenlab module; ``tokenlab.backend`` only ``_checks``;
-* ``tokenlab.kernels`` imports only itself and the two ground modules — no family;
+* ``tokenlab._checks``, ``tokenlab._atomic`` and ``tokenlab._hf`` import no tokenlab module;
+  ``tokenlab.backend`` only ``_checks``;
+* ``tokenlab.kernels`` imports only itself and the ground modules — no family;
 * a family (attention, tokenization, decoding, alignment, merging) imports itself, ``kernels`` and the
   ground modules, never ``tour`` or ``testing``, and another family only through a shared mechanism
   listed in :data:`SHARED_MECHANISMS`;
@@ -21,11 +22,17 @@ import tokenlab
 
 ROOT = Path(tokenlab.__file__).parent
 FAMILIES = ("attention", "tokenization", "decoding", "alignment", "merging")
-GROUND = ("_checks", "backend")
+GROUND = ("_checks", "backend", "_atomic", "_hf")
 
 # Cross-family imports allowed because the imported module is a mechanism both families share;
 # each entry: (importing family, imported module) → why.
-SHARED_MECHANISMS: dict[tuple[str, str], str] = {}
+SHARED_MECHANISMS: dict[tuple[str, str], str] = {
+    ("decoding", "tokenlab.tokenization.byte_level"): (
+        "the byte view of a byte-level BPE vocabulary (ByteLevelBPE: the exact bytes of every token, the "
+        "tokens starting with given bytes): constraints judge tokens by their bytes, and token healing "
+        "backs a prompt up to tokens that some vocabulary token extends"
+    ),
+}
 
 
 def _module_name(path: Path) -> str:
@@ -62,7 +69,7 @@ def _allowed(importer: str, imported: str) -> bool:
     src, dst = _layer(importer), _layer(imported)
     if src == dst:
         return True
-    if src == "_checks":
+    if src in ("_checks", "_atomic", "_hf"):
         return False
     if src == "backend":
         return dst == "_checks"
@@ -96,6 +103,8 @@ def test_the_rule_itself_catches_upward_and_cross_family_imports() -> None:
     assert not _allowed("tokenlab.merging.methods", "tokenlab.tour.toy")
     assert not _allowed("tokenlab.alignment.common", "tokenlab.testing")
     assert not _allowed("tokenlab._checks", "tokenlab.backend")
+    assert not _allowed("tokenlab._atomic", "tokenlab._checks")
+    assert _allowed("tokenlab.merging.checkpoint", "tokenlab._atomic")
     assert _allowed("tokenlab.decoding.speculative", "tokenlab.kernels.warping")
     assert _allowed("tokenlab.tour.decoding", "tokenlab.decoding")
 

@@ -4,11 +4,22 @@ through both the reference and the Triton kernel (interpreter), and the per-laye
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers.masking_utils import AttentionMaskInterface
 
-from tokenlab.attention.hf import ATTN_IMPLEMENTATION, configure_attention, tokenlab_attention_mask
+from tokenlab.attention import analyze_sinks, initial_token_scaling
+from tokenlab.attention.hf import (
+    ATTN_IMPLEMENTATION,
+    configure_attention,
+    register_attention,
+    tokenlab_attention_mask,
+)
 
 LOGIT_TOL = 2e-5  # float32 models, max |Δ logit|
 
@@ -31,7 +42,7 @@ def _qwen2_config():
 def _pair(config):
     torch.manual_seed(0)
     eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    ours = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation=register_attention()).eval()
     ours.load_state_dict(eager.state_dict())
     assert ours.config._attn_implementation == ATTN_IMPLEMENTATION
     return eager, ours
@@ -178,3 +189,44 @@ def test_public_attention_functions_are_typed_and_documented():
             if untyped or sig.return_annotation is inspect.Signature.empty or not fn.__doc__:
                 missing.append(f"{module.__name__}.{name}")
     assert not missing, missing
+
+
+def _tokenlab_registrations() -> list[str]:
+    names = [*AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping]
+    return sorted(k for k in names if k.startswith("tokenlab"))
+
+
+@pytest.fixture
+def unregistered():
+    """transformers' attention registries without tokenlab's entries, as in a fresh process."""
+    saved = [(i, dict(i._global_mapping)) for i in (AttentionInterface, AttentionMaskInterface)]
+    for interface, mapping in saved:
+        interface._global_mapping = {k: v for k, v in mapping.items() if not k.startswith("tokenlab")}
+    yield
+    for interface, mapping in saved:
+        interface._global_mapping = mapping
+
+
+def test_importing_registers_nothing_and_registration_is_explicit(unregistered):
+    """transformers' attention registries are process-wide: executing any module of
+    ``tokenlab.attention`` (a fresh module object, so that ``sys.modules`` is left alone) must leave
+    them as they are; ``register_attention()`` adds ``"tokenlab"`` (idempotent), and the entry points
+    that switch a model's implementation themselves register what they switch to."""
+    package = importlib.import_module("tokenlab.attention")
+    names = [package.__name__] + [
+        f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)
+    ]
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert len(names) >= 9 and _tokenlab_registrations() == []
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_llama_config(), attn_implementation="eager").eval()
+    ids = torch.randint(0, 97, (1, 5))
+    analyze_sinks(model, ids, method="fused")
+    assert _tokenlab_registrations() == ["tokenlab", "tokenlab"]  # attention and mask functions
+    with initial_token_scaling(model, 2.0, mode="eager"):
+        model(ids)
+    assert _tokenlab_registrations() == ["tokenlab"] * 2 + ["tokenlab_zerotuning_eager"] * 2
+    assert register_attention() == register_attention() == ATTN_IMPLEMENTATION

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from tokenlab.attention import flash_attention
+from tokenlab.attention import AttentionVariant, flash_attention
 from tokenlab.kernels.attention import attention_reference, visible_keys
 from tokenlab.testing import assert_relative_error, relative_error
 
@@ -33,6 +33,16 @@ def _per_head(Hq, seed, low=-1.0, high=1.0, dtype=torch.float64):
 def _segments(B, S, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 3, (B, S), generator=g)
+
+
+def _tree(B, n, seed):
+    """Packed ancestor bitmasks ``[B, n]`` of random trees (node ``i``'s parent is a random earlier node)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.zeros(B, n, dtype=torch.int64)
+    for i in range(n):
+        parent = torch.randint(0, max(i, 1), (B,), generator=g)
+        bits[:, i] = (bits.gather(1, parent[:, None])[:, 0] if i else 0) | (1 << i)
+    return bits
 
 
 def _run(backend, q, k, v, dout, **kw):
@@ -91,6 +101,13 @@ FLAG_CASES = {
         "segment_ids": lambda B, S: _segments(B, S, 10),
     },
     "relu_window_causal": {"score_fn": "relu", "causal": True, "window": 20},
+    "tree": {"tree": lambda B, S: _tree(B, 20, 11)},
+    "causal_tree_segments_sinks": {
+        "causal": True,
+        "tree": lambda B, S: _tree(B, 40, 12),
+        "segment_ids": lambda B, S: _segments(B, S, 13),
+        "sinks": lambda H: _per_head(H, 14),
+    },
 }
 
 
@@ -98,7 +115,7 @@ def _materialise(flags, B, Hq, S):
     out = {}
     for name, value in flags.items():
         if callable(value):
-            value = value(B, S) if name == "segment_ids" else value(Hq)
+            value = value(B, S) if name in ("segment_ids", "tree") else value(Hq)
         out[name] = value
     return out
 
@@ -184,8 +201,8 @@ def test_triton_backward_is_deterministic():
 @pytest.mark.parametrize("T,S,window", [(23, 23, None), (11, 30, None), (30, 30, 6), (7, 19, 5)])
 def test_reference_matches_sdpa(T, S, window):
     q, k, v = (t.detach() for t in _inputs(2, 4, 2, T, S, 32, seed=61))
-    ours = attention_reference(q, k, v, causal=True, window=window, scale=0.2)[0]
-    mask = visible_keys(T, S, causal=True, window=window, segment_ids=None, device=q.device)
+    ours = attention_reference(q, k, v, AttentionVariant(causal=True, window=window, scale=0.2))[0]
+    mask = visible_keys(AttentionVariant(causal=True, window=window), T, S, device=q.device)
     # SDPA's is_causal is top-left aligned, so the bottom-right causal/window mask is passed explicitly.
     theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2, enable_gqa=True)
     assert relative_error(ours, theirs) < 1e-13
@@ -226,12 +243,9 @@ def test_reference_matches_flex_attention_softcap_gamma_segments_window():
         return (kj <= p) & (kj > p - w) & ((sq == 0) | (sk == 0) | (sq == sk))
 
     out_flex, lse_flex = _flex(q, k, v, score_mod, mask_mod)
-    out, lse = attention_reference(
-        q, k, v, causal=True, window=w, softcap=c, initial_token_scale=gamma, segment_ids=segs
-    )
-    visible_rows = (
-        visible_keys(T, S, causal=True, window=w, segment_ids=segs, device=q.device).any(-1).expand_as(lse)
-    )
+    variant = AttentionVariant(causal=True, window=w, softcap=c, initial_token_scale=gamma, segment_ids=segs)
+    out, lse = attention_reference(q, k, v, variant)
+    visible_rows = visible_keys(variant, T, S, device=q.device).any(-1).expand_as(lse)
     assert relative_error(out, out_flex) < 1e-12
     assert relative_error(lse[visible_rows], lse_flex[visible_rows]) < 1e-12
 
@@ -251,16 +265,20 @@ def test_sinks_match_flex_attention_with_a_sink_key():
         return (kj <= qi) | (kj == S)
 
     out_flex, lse_flex = _flex(q, k_ext, v_ext, score_mod, mask_mod)
-    out, lse = attention_reference(q, k, v, causal=True, sinks=sinks)
+    out, lse = attention_reference(q, k, v, AttentionVariant(causal=True, sinks=sinks))
     assert relative_error(out, out_flex) < 1e-12 and relative_error(lse, lse_flex) < 1e-12
 
 
 def test_sink_limits():
     q, k, v = (t.detach() for t in _inputs(1, 2, 2, 10, 10, 16, seed=91))
-    plain, lse = attention_reference(q, k, v, causal=True)
-    far = attention_reference(q, k, v, causal=True, sinks=torch.full((2,), -1e4, dtype=q.dtype))[0]
+    plain, lse = attention_reference(q, k, v, AttentionVariant(causal=True))
+    far = attention_reference(
+        q, k, v, AttentionVariant(causal=True, sinks=torch.full((2,), -1e4, dtype=q.dtype))
+    )[0]
     assert relative_error(far, plain) < 1e-14  # sink → −∞ is plain softmax
-    plus_one = attention_reference(q, k, v, causal=True, sinks=torch.zeros(2, dtype=q.dtype))[0]
+    plus_one = attention_reference(
+        q, k, v, AttentionVariant(causal=True, sinks=torch.zeros(2, dtype=q.dtype))
+    )[0]
     # sink = 0 is softmax-plus-one: weights exp(s)/(Σ exp(s) + 1).
     assert relative_error(plus_one, plain * (lse.exp() / (lse.exp() + 1))[..., None]) < 1e-14
 
@@ -269,12 +287,15 @@ def test_initial_token_scale_multiplies_key_zero_weight():
     q, k, _ = (t.detach() for t in _inputs(1, 2, 2, 8, 8, 16, seed=92))
     gamma = torch.tensor([0.5, 3.0], dtype=q.dtype)
     eye = torch.eye(8, dtype=q.dtype).expand(1, 2, 8, 8)  # value j = one-hot(j): output = weights
-    weights = attention_reference(q, k, eye, causal=True)[0]
+    weights = attention_reference(q, k, eye, AttentionVariant(causal=True))[0]
     scaled = weights.clone()
     scaled[..., 0] *= gamma[None, :, None]
     expected = scaled / scaled.sum(-1, keepdim=True)
     assert (
-        relative_error(attention_reference(q, k, eye, causal=True, initial_token_scale=gamma)[0], expected)
+        relative_error(
+            attention_reference(q, k, eye, AttentionVariant(causal=True, initial_token_scale=gamma))[0],
+            expected,
+        )
         < 1e-14
     )
 
@@ -282,10 +303,11 @@ def test_initial_token_scale_multiplies_key_zero_weight():
 def test_sigmoid_and_relu_formulas():
     q, k, v = (t.detach() for t in _inputs(1, 2, 1, 6, 9, 16, seed=93))
     s = torch.einsum("bhtd,bhsd->bhts", q, k.expand(1, 2, 9, 16)) / 4.0
-    vis = visible_keys(6, 9, causal=True, window=None, segment_ids=None, device=q.device)
-    sig = attention_reference(q, k, v, causal=True, score_fn="sigmoid", sigmoid_bias=-1.5)[0]
+    vis = visible_keys(AttentionVariant(causal=True), 6, 9, device=q.device)
+    sigmoid = AttentionVariant(causal=True, score_fn="sigmoid", sigmoid_bias=-1.5)
+    sig = attention_reference(q, k, v, sigmoid)[0]
     assert relative_error(sig, (torch.sigmoid(s - 1.5) * vis) @ v.expand(1, 2, 9, 16)) < 1e-14
-    rel = attention_reference(q, k, v, causal=True, score_fn="relu")[0]
+    rel = attention_reference(q, k, v, AttentionVariant(causal=True, score_fn="relu"))[0]
     assert relative_error(rel, (s.relu() * vis) @ v.expand(1, 2, 9, 16)) < 1e-14
 
 
@@ -295,19 +317,28 @@ def test_reference_gradcheck_float64():
     segs = torch.tensor([[0, 1, 1, 2, 0, 2, 1]])
     assert torch.autograd.gradcheck(
         lambda q, k, v, s, g: attention_reference(
-            q, k, v, causal=True, window=4, sinks=s, softcap=2.0, initial_token_scale=g, segment_ids=segs
+            q,
+            k,
+            v,
+            AttentionVariant(
+                causal=True, window=4, sinks=s, softcap=2.0, initial_token_scale=g, segment_ids=segs
+            ),
         )[0],
         (q, k, v, sinks, gamma),
     )
     assert torch.autograd.gradcheck(
-        lambda q, k, v, b: attention_reference(q, k, v, causal=True, score_fn="sigmoid", sigmoid_bias=b)[0],
+        lambda q, k, v, b: attention_reference(
+            q, k, v, AttentionVariant(causal=True, score_fn="sigmoid", sigmoid_bias=b)
+        )[0],
         (q, k, v, bias),
     )
 
 
 def test_auto_backend_on_cpu_is_reference():
     q, k, v = (t.detach() for t in _inputs(1, 2, 2, 5, 5, 8, seed=98))  # D=8: reference only
-    assert torch.equal(flash_attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True)[0])
+    assert torch.equal(
+        flash_attention(q, k, v, causal=True), attention_reference(q, k, v, AttentionVariant(causal=True))[0]
+    )
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -323,7 +354,7 @@ _q, _k, _v = (t.detach() for t in _inputs(1, 4, 2, 6, 8, 16, seed=99))
         ((_q[0], _k, _v), {}, ValueError, "`q` must be 4-D"),
         ((_q, _k[:, :, :, :8], _v[:, :, :, :8]), {}, ValueError, "`k` must be"),
         ((_q[:, :3], _k, _v), {}, ValueError, "multiple of"),
-        ((_q, _k, _v), {"window": 0}, ValueError, "`window` must be > 0"),
+        ((_q, _k, _v), {"window": 0}, ValueError, "`window` must be an int >= 1"),
         ((_q, _k, _v), {"window": 2.5}, TypeError, "`window`"),
         ((_q, _k, _v), {"sinks": torch.zeros(3, dtype=torch.float64)}, ValueError, "`sinks` must be"),
         (
@@ -370,7 +401,23 @@ def test_bad_head_dim_and_device_for_triton():
 
 
 def test_window_semantics_match_docstring():
-    vis = visible_keys(3, 5, causal=True, window=2, segment_ids=None, device=torch.device("cpu"))[0, 0]
+    vis = visible_keys(AttentionVariant(causal=True, window=2), 3, 5, device=torch.device("cpu"))[0, 0]
     # Query i sits at key position i + 2; it sees positions p - 1 and p.
     expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
     assert torch.equal(vis, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_inputs_propagate_as_documented(backend):
+    """docs/attention.md: NaN is not checked for; a NaN in query i reaches output row i only, one in key
+    j every row that sees key j, one in value j every row of its head (0 · NaN = NaN)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 2, 3] = k[0, 1, 5, 0] = v[0, 0, 4, 1] = float("nan")
+    rows = torch.arange(8)
+    for causal in (False, True):
+        nan_rows = torch.isnan(flash_attention(q, k, v, causal=causal, backend=backend)).any(-1)[0]
+        assert torch.equal(nan_rows[0], torch.ones(8, dtype=torch.bool))  # value 4 of head 0
+        assert torch.equal(nan_rows[1], rows >= 5 if causal else torch.ones(8, dtype=torch.bool))  # key 5
+    q_only = torch.isnan(flash_attention(q, k.nan_to_num(), v.nan_to_num(), backend=backend)).any(-1)[0]
+    assert q_only.nonzero().tolist() == [[0, 2]]

@@ -233,13 +233,34 @@ def test_superword_fewer_tokens_than_subword_at_equal_vocab(corpus, heldout):
     """Fewer tokens on held-out text (the margin grows with corpus and vocabulary: ≈ 1 % here,
     ≥ 15 % in the full benchmark) and ≥ 5 % fewer on the training text."""
     sub = train_bpe(corpus, 1024, progress=False).to_hf()
-    sw = train_superword_bpe(corpus, 1024, 400, progress=False).to_hf()
+    lines = make_pre_tokenizer("lines")  # at this small scale; the benchmark compares both stage-2 rules
+    sw = train_superword_bpe(corpus, 1024, 400, superword_pre_tokenizer=lines, progress=False).to_hf()
 
     def n_tokens(tokenizer, texts):
         return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     assert n_tokens(sw, heldout) < n_tokens(sub, heldout)
     assert n_tokens(sw, corpus) < 0.95 * n_tokens(sub, corpus)
+
+
+def test_superbpe_stage2_rule_is_the_default():
+    """SuperBPE's stage-2 regex (scripts/extend_tokenizer.sh), isolated: digits in groups of ≤ 3,
+    punctuation runs of ≥ 2 and space runs stand alone; words join across single spaces and newlines."""
+    text = "def f(x):\n    return x + 12345  # ok\nby the way"
+    assert make_pre_tokenizer("superbpe").split(text) == [
+        "def f(x", "):\n", "   ", " return x + ", "123", "45", " ", " # ok\nby the way",
+    ]  # fmt: skip
+    corpus = ["ab\ncd 1234567 ==> ef\n"] * 40 + ["ab cd\n", "ef"] * 5
+    sw = train_superword_bpe(corpus, 290, 262, progress=False)
+    assert sw.pre_tokenizer == make_pre_tokenizer("superbpe")
+    assert b"ab\ncd" in sw.tokens  # a merge across a newline (whole lines could not learn it)
+    assert not any(t.isdigit() and len(t) > 3 for t in sw.tokens)  # digits stay in groups of ≤ 3
+    fused = [t for t in sw.tokens if b"=>" in t and any(chr(c).isalnum() for c in t)]
+    assert not fused  # a punctuation run stays apart from words and digits
+    lines = train_superword_bpe(corpus, 290, 262, superword_pre_tokenizer=make_pre_tokenizer("lines"),
+                                progress=False)  # fmt: skip
+    assert b"ab\ncd" not in lines.tokens
+    assert b"cd 1234567 ==> ef\n" in lines.tokens  # whole lines fuse digits and punctuation with words
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -274,10 +274,13 @@ def test_bad_input(world):
         ByteLevelBPE(PreTrainedTokenizerFast(tokenizer_object=plain))
     with pytest.raises(TypeError, match="text"):
         world.lm.next_byte_distribution(3)
-    with pytest.raises(ValueError, match="`text`"):  # a lone surrogate has no UTF-8 encoding
-        world.lm.next_byte_distribution("a\ud800")
     with pytest.raises(ValueError, match="context_ids"):
         world.lm.next_byte_distribution(b"a", [999])
+    for call in (world.lm.next_byte_distribution, world.lm.naive_next_byte_distribution):
+        with pytest.raises(ValueError, match="`text` is not valid Unicode"):  # a lone surrogate
+            call("a\ud800")
+    with pytest.raises(ValueError, match="`prompt` is not valid Unicode"):
+        generate_bytes(world.lm, "\udfff", 2)
     with pytest.raises(ValueError, match="probability zero"):
         world.lm.next_byte_distribution(b"b", [world.tokenizer.bos_token_id, world.lm.bpe.encode(b"a")[0]])
     with pytest.raises(ValueError, match="max_new_bytes"):
@@ -286,6 +289,8 @@ def test_bad_input(world):
         generate_bytes(world.lm, b"a", 2.0)
     with pytest.raises(ValueError, match="`temperature`"):  # inf: law ** 0, uniform over all 257
         generate_bytes(world.lm, b"a", 2, do_sample=True, temperature=float("inf"))
+    with pytest.raises(TypeError, match="`generator`"):
+        generate_bytes(world.lm, b"a", 2, do_sample=True, generator=0)
 
 
 def test_canonical_prefixes_on_toy_tokenizer(tiny_world):

@@ -7,7 +7,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +23,14 @@ from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tokenlab._atomic import _host
 from tokenlab._checks import check_number
 from tokenlab.merging import (
     MERGE_METHODS,
     MergeInputs,
     Param,
     load_recipe,
+    magprune_probabilities,
     merge_checkpoints,
     merge_from_recipe,
     merge_state_dicts,
@@ -34,8 +42,8 @@ from tokenlab.merging import (
 )
 from tokenlab.merging.cli import main as cli_main
 from tokenlab.merging.methods import DENSITY
-from tokenlab.merging.registry import check_with
-from tokenlab.tour.merging import SUBSETS, subset_ids, toy_finetunes
+from tokenlab.merging.registry import Target, check_with
+from tokenlab.tour.merging import DOMAINS, domain_ids, toy_finetunes
 
 SHAPES = [(7, 13), (33,), (4, 5, 6)]
 PEFT_METHODS = {
@@ -90,18 +98,6 @@ def test_dare_explicit_masks_and_rescale():
     out = merge_tensors("dare_linear", base, finetuned, [1.0, 1.0], density=0.25, masks=masks)
     expected = base + sum(m * (t - base) / 0.25 for m, t in zip(masks, finetuned))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    # drop-and-rescale keeps the task vector in expectation: mean over many seeds ≈ task arithmetic
-    mean = torch.stack(
-        [
-            merge_tensors(
-                "dare_linear", base, finetuned, density=0.5, generator=torch.Generator().manual_seed(s)
-            )
-            for s in range(400)
-        ]
-    ).mean(0)
-    ta = merge_tensors("task_arithmetic", base, finetuned)
-    # per-entry std of the mean is ≈ |τ|·sqrt((1-p)/p)/sqrt(400)·sqrt(2) ≈ 0.07|τ|: 5σ bound on the norm
-    assert (mean - ta).norm() / (ta - base).norm() < 0.15
 
 
 def test_ties_by_hand_with_sign_conflicts():
@@ -124,31 +120,219 @@ def test_ties_by_hand_with_sign_conflicts():
 
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.4}), ("slerp", {"t": 0.4})],
+    [
+        ("ties", {"density": 0.3}),
+        ("dare_ties", {"density": 0.4}),
+        ("slerp", {"t": 0.4}),
+        ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.1, "rescale": "l1", "weighted_sign": True}),
+        ("della", {"density": 0.5, "epsilon": 0.2}),
+        ("della_linear", {"density": [0.3, 0.5, 0.7], "epsilon": 0.1, "rescale": "l1"}),
+        ("model_stock", {}),
+        ("model_stock", {"filter_wise": True}),
+        ("linear", {}),
+    ],
 )
 def test_row_blocks_do_not_change_the_result(method, params):
-    """Streaming in row blocks (as checkpoint merges do) gives the whole-tensor result, bit for bit."""
+    """Streaming in row blocks (as checkpoint merges do) gives the whole-tensor result, bit for bit
+    (2-D rows, and a 1-D tensor cut into pieces: DELLA ranks a 1-D tensor whole)."""
     n = 1 if method == "slerp" else 3
-    base, finetuned = _models((37, 11), n, torch.float32, seed=5)
     entry = MERGE_METHODS[method]
     if entry.random:
         params = {**params, "generator": torch.Generator().manual_seed(9)}
     weights = torch.ones(n, dtype=torch.float64)
-    results = []
-    for block_elements in (11, 50, 10_000):  # one row, a few rows, everything
-        inputs = MergeInputs.from_tensors(base, finetuned)
-        inputs = dataclasses.replace(inputs, block_elements=block_elements)
-        if entry.random:
-            params["generator"].manual_seed(9)
-        full = {**entry.defaults, **params}
-        results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
-    assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
+    for shape in ((37, 11), (53,)):
+        base, finetuned = _models(shape, n, torch.float32, seed=5)
+        results = []
+        for block_elements in (11, 50, 10_000):  # one row, a few rows, everything
+            inputs = MergeInputs.from_tensors(base, finetuned)
+            inputs = dataclasses.replace(inputs, block_elements=block_elements)
+            if entry.random:
+                params["generator"].manual_seed(9)
+            full = entry.resolve(params, Target(n, tuple(base.shape)))
+            results.append(torch.cat(list(entry.fn(inputs, weights, **full))))
+        assert len(inputs.blocks()) == 1 and all(torch.equal(r, results[-1]) for r in results)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (0, 4)], ids=str)
+def test_every_method_merges_0d_and_empty_tensors(method, shape):
+    """Scalars (e.g. a learned temperature) and tensors with no entries (a zero-width layer) merge
+    like any other: same shape and dtype, finite, an empty result for an empty tensor."""
+    entry = MERGE_METHODS[method]
+    n = 1 if method == "slerp" else 3
+    base, finetuned = _models(shape, n, torch.float32)
+    params = {name: value for name, value in (("density", 0.5), ("t", 0.3)) if entry.param(name)}
+    if entry.random:
+        params["generator"] = torch.Generator().manual_seed(0)
+    out = merge_tensors(method, base, finetuned, **params)
+    assert out.shape == base.shape and out.dtype == base.dtype and torch.isfinite(out).all()
 
 
 def test_trim_keeps_ties_at_the_threshold():
     base = torch.zeros(4)
     out = merge_tensors("magnitude_prune", base, [torch.tensor([1.0, -1.0, 1.0, 0.5])], density=0.5)
     torch.testing.assert_close(out, torch.tensor([1.0, -1.0, 1.0, 0.0]))  # k = 2, three tied at |1|
+
+
+# ------------------------------------------------------- linear, Breadcrumbs, DELLA, Model Stock
+def test_linear_by_hand_and_one_model_is_that_model():
+    base, finetuned = _models((6, 5), 2, torch.float64)
+    out = merge_tensors("linear", base, finetuned, [1.0, 3.0])
+    torch.testing.assert_close(out, (finetuned[0] + 3 * finetuned[1]) / 4, rtol=0, atol=1e-12)
+    raw = merge_tensors("linear", base, finetuned, [1.0, 3.0], normalize="none")
+    torch.testing.assert_close(raw, finetuned[0] + 3 * finetuned[1], rtol=0, atol=1e-12)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):  # one model: that model, bit for bit
+        b, (m,) = _models((7, 3), 1, torch.float32)
+        assert torch.equal(merge_tensors("linear", b.to(dtype), [m.to(dtype)]), m.to(dtype))
+    assert torch.equal(merge_tensors("linear", base, finetuned[:1], [0.25]), finetuned[0])
+    with pytest.raises(ValueError, match="sum to 0"):
+        merge_tensors("linear", base, finetuned, [1.0, -1.0])
+
+
+def test_task_arithmetic_scaling_and_weight_normalization():
+    base, finetuned = _models((4, 3), 2, torch.float64)
+    tau = [t - base for t in finetuned]
+    out = merge_tensors("task_arithmetic", base, finetuned, [1.0, 3.0], normalize="weight", scaling=0.5)
+    torch.testing.assert_close(out, base + 0.5 * (tau[0] + 3 * tau[1]) / 4, rtol=0, atol=1e-12)
+
+
+def test_ties_mergekit_conventions_by_hand():
+    """The sign elected on the weighted task vectors and the disjoint merge normalized by the agreeing
+    weights (mergekit) differ from PEFT's (unweighted sign, mean over the agreeing count) at entry 1."""
+    base = torch.ones(4, dtype=torch.float64)
+    tau = torch.tensor(
+        [[10.0, -1.0, 2.0, 0.5], [-3.0, -2.0, 0.5, 1.0], [-2.0, 3.0, -1.0, 0.1]], dtype=torch.float64
+    )
+    finetuned, w = list(base + tau), [1.0, 2.0, 1.0]
+    # trimmed (density 0.5): [10, 0, 2, 0], [-3, -2, 0, 0], [-2, 3, 0, 0]; weighted: model 1 doubled
+    # weighted sums [2, -1, 2, 0] → signs [+, -, +, +]; agreeing weighted entries / their weights:
+    mergekit = merge_tensors("ties", base, finetuned, w, density=0.5, weighted_sign=True, normalize="weight")
+    torch.testing.assert_close(mergekit, base + torch.tensor([10.0, -4.0 / 2, 2.0, 0.0], dtype=torch.float64))
+    unnormalized = merge_tensors(
+        "ties", base, finetuned, w, density=0.5, weighted_sign=True, normalize="none"
+    )
+    torch.testing.assert_close(unnormalized, base + torch.tensor([10.0, -4.0, 2.0, 0.0], dtype=torch.float64))
+    # PEFT: unweighted sums [5, 1, 2, 0] → all +; entry 1 = 1·3 / 1
+    peft = merge_tensors("ties", base, finetuned, w, density=0.5)
+    torch.testing.assert_close(peft, base + torch.tensor([10.0, 3.0, 2.0, 0.0], dtype=torch.float64))
+
+
+def test_l1_rescale_restores_each_task_vector_norm():
+    """mergekit's rescale: the kept entries, scaled so each sparsified task vector keeps its L1 norm."""
+    base, (ft,) = _models((20, 9), 1, torch.float64)
+    tau = ft - base
+    for method, params in (
+        ("ties", {"density": 0.3, "rescale": "l1"}),
+        ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "rescale": "l1"}),
+        ("dare_linear", {"density": 0.4, "rescale": "l1", "generator": torch.Generator().manual_seed(0)}),
+        (
+            "della_linear",
+            {"density": 0.4, "epsilon": 0.2, "rescale": "l1", "masks": torch.rand(1, 20, 9) < 0.4},
+        ),
+    ):
+        delta = merge_tensors(method, base, [ft], **params) - base
+        assert delta.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-12), method
+        assert 0 < (delta != 0).double().mean() < 0.7, method
+
+
+def test_breadcrumbs_drops_both_tails_by_hand():
+    tau = torch.tensor([0.1, -0.5, 2.0, -3.0, 0.3, 1.0, -0.05, 0.7, 4.0, -1.5], dtype=torch.float64)
+    base = torch.zeros(10, dtype=torch.float64)
+    # density 0.6 keeps 6 of 10; gamma 0.2 drops the 2 largest (4, -3), hence the 2 smallest (-0.05, 0.1)
+    out = merge_tensors("breadcrumbs", base, [tau], density=0.6, gamma=0.2)
+    torch.testing.assert_close(out, tau * torch.tensor([0, 1, 1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.float64))
+    # gamma larger than 1 − density: fewer of the largest are dropped, none of the smallest
+    out = merge_tensors("breadcrumbs", base, [tau], density=0.6, gamma=0.5)
+    torch.testing.assert_close(out, tau * (tau.abs() <= 1.0))
+    # zero tails: task arithmetic (and density 1 keeps everything, as in mergekit)
+    base3, finetuned = _models((9, 4), 3, torch.float64)
+    ta = merge_tensors("task_arithmetic", base3, finetuned, [0.5, 1.0, 0.7])
+    for gamma in (0.0, 0.2):
+        tails = merge_tensors("breadcrumbs", base3, finetuned, [0.5, 1.0, 0.7], density=1.0, gamma=gamma)
+        assert torch.equal(tails, ta)
+    tiesless = merge_tensors(
+        "breadcrumbs_ties", base3, finetuned, density=1.0, gamma=0.0, majority_sign="total"
+    )
+    assert torch.equal(tiesless, merge_tensors("ties", base3, finetuned, density=1.0))
+
+
+def test_della_keep_probabilities_by_hand():
+    row = torch.tensor([[0.1, -0.4, 0.2, 0.3]], dtype=torch.float64)
+    # magnitude ranks 0, 3, 1, 2 → p = 0.5 − 0.2 + 0.4 · rank / 3
+    expected = torch.tensor([[0.3, 0.7, 0.3 + 0.4 / 3, 0.3 + 0.8 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(magprune_probabilities(row, 0.5, 0.2), expected, rtol=0, atol=1e-15)
+    base = torch.zeros(1, 4, dtype=torch.float64)
+    masks = torch.tensor([[[True, True, False, True]]])
+    out = merge_tensors("della_linear", base, [row], density=0.5, epsilon=0.2, masks=masks)
+    torch.testing.assert_close(out, row * masks[0] / expected)
+    with pytest.raises(ValueError, match="density − epsilon"):
+        merge_tensors("della", base, [row], density=0.2, epsilon=0.3)
+
+
+@pytest.mark.parametrize(("della", "dare"), [("della", "dare_ties"), ("della_linear", "dare_linear")])
+def test_della_at_uniform_probabilities_is_dare(della, dare):
+    base, finetuned = _models((23, 7), 3, torch.float32)
+    density = [0.3, 0.5, 0.8]
+    got = merge_tensors(della, base, finetuned, [1.0, 0.5, 2.0], density=density, epsilon=0.0,
+                        generator=torch.Generator().manual_seed(4))  # fmt: skip
+    want = merge_tensors(dare, base, finetuned, [1.0, 0.5, 2.0], density=density,
+                         generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_drops_keep_the_task_vector_in_expectation(method):
+    """Dividing by the keep probability keeps ``E[m ⊙ τ / p] = τ``: the mean over 400 seeds ≈ task
+    arithmetic; the per-entry std of the mean is ≤ |τ|·sqrt((1−p)/p)/20·sqrt(2) ≈ 0.07|τ| at p ≥ 0.4:
+    a 5σ bound on the norm."""
+    base, finetuned = _models((50, 40), 2, torch.float64)
+    params = {"density": 0.5} | ({"epsilon": 0.1} if method == "della_linear" else {})
+    draws = [
+        merge_tensors(method, base, finetuned, generator=torch.Generator().manual_seed(s), **params)
+        for s in range(400)
+    ]
+    ta = merge_tensors("task_arithmetic", base, finetuned)
+    assert (torch.stack(draws).mean(0) - ta).norm() / (ta - base).norm() < 0.15
+
+
+def _equiangular(n: int, cos: float, d: int = 16) -> torch.Tensor:
+    """``n`` task vectors of equal norms with every pairwise cosine ``cos``: ``a·u_0 + b·u_i``
+    (orthonormal ``u``), ``cos = a² / (a² + b²)``."""
+    u = torch.linalg.qr(
+        torch.randn(d, n + 1, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    )[0]
+    a, b = math.sqrt(cos), math.sqrt(1 - cos)
+    return torch.stack([a * u[:, 0] + b * u[:, i + 1] for i in range(n)]) * 3.0
+
+
+@pytest.mark.parametrize(("n", "cos"), [(2, 0.5), (3, 0.2), (5, 0.9)])
+def test_model_stock_ratio_is_the_papers_formula(n, cos):
+    base = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tau = _equiangular(n, cos)
+    t = n * cos / (1 + (n - 1) * cos)  # Model Stock, eq. for t with n fine-tuned models at angle θ
+    out = merge_tensors("model_stock", base, list(base + tau))
+    torch.testing.assert_close(out, base + t * tau.mean(0), rtol=0, atol=1e-12)
+    # per filter: each row of a 2-D tensor has its own angle and ratio
+    rows = torch.stack([_equiangular(n, c) for c in (cos, 0.6)], dim=1)  # (n, 2, 16)
+    base2 = torch.zeros(2, 16, dtype=torch.float64)
+    out = merge_tensors("model_stock", base2, list(rows), filter_wise=True)
+    for r, c in enumerate((cos, 0.6)):
+        t = n * c / (1 + (n - 1) * c)
+        torch.testing.assert_close(out[r], t * rows[:, r].mean(0), rtol=0, atol=1e-12)
+    # opposite pair: 1 + (n − 1) cos θ = 0 has no finite ratio → the base
+    assert torch.equal(merge_tensors("model_stock", base, [base + tau[0], base - tau[0]]), base)
+
+
+def test_slerp_dot_threshold_falls_back_to_linear():
+    u0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    u1 = torch.tensor([math.cos(0.02), math.sin(0.02)], dtype=torch.float64)  # cos Ω = 0.9998
+    lerp = 0.7 * u0 + 0.3 * u1
+    linear = merge_tensors("slerp", u0, [u1], t=0.3, dot_threshold=0.9995)
+    torch.testing.assert_close(linear, lerp, rtol=0, atol=1e-15)
+    spherical = merge_tensors("slerp", u0, [u1], t=0.3)  # on the unit circle at angle 0.3 Ω
+    expected = torch.tensor([math.cos(0.006), math.sin(0.006)], dtype=torch.float64)
+    torch.testing.assert_close(spherical, expected, rtol=0, atol=1e-15)
+    assert (spherical - lerp).norm() > 1e-6
 
 
 # ----------------------------------------------------------------------------------------- SLERP
@@ -241,11 +425,11 @@ def finetunes(tiny_world):
 
 
 def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
-    models, _ = finetunes
+    models = finetunes
     ctx = tiny_world.config.context_length
     probe = []
-    for subset in SUBSETS:
-        ids = subset_ids(tiny_world, "train", subset, 60_000)
+    for domain in DOMAINS:
+        ids = domain_ids(tiny_world, "train", domain, 60_000)
         windows = ids[: 4 * ctx].view(4, ctx)
         probe += [{"input_ids": w, "labels": w} for w in windows.split(2)]
     ft = list(models.values())
@@ -269,9 +453,9 @@ def test_self_positioning_lowers_probe_loss(tiny_world, finetunes):
 
 def test_self_positioning_gradient_matches_finite_differences(tiny_world, finetunes):
     """One plain SGD step moves α by −lr·∂L/∂α; compare ∂L/∂α with central differences of the loss."""
-    models, _ = finetunes
+    models = finetunes
     ft = list(models.values())
-    ids = subset_ids(tiny_world, "train", "modules", 60_000)[: 2 * 64].view(2, 64)
+    ids = domain_ids(tiny_world, "train", "tests", 60_000)[: 2 * 64].view(2, 64)
     probe = [{"input_ids": ids, "labels": ids}]
     start, lr, h = [0.3, 0.6], 1e-3, 1e-2
     step = self_positioning(tiny_world.target, ft, probe, steps=1, lr=lr, momentum=0.0, init=start)
@@ -505,13 +689,134 @@ def test_checkpoint_bad_input(checkpoints, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
+def test_truncated_or_corrupt_input_file_is_named(checkpoints, tmp_path):
+    """safetensors' own error ("incomplete metadata") did not say which file of which input it was."""
+    base_dir, ft0, ft1, _ = checkpoints
+    truncated = _copy(ft1, tmp_path / "truncated") / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    with pytest.raises(
+        ValueError, match=re.escape(f"`finetuned_dirs[1]`: {str(truncated)!r}") + ".*truncated"
+    ):
+        merge_checkpoints(
+            "task_arithmetic", base_dir, [ft0, truncated.parent], tmp_path / "out", progress=False
+        )
+    index = _copy(ft0, tmp_path / "bad_index") / "model.safetensors.index.json"
+    index.write_text("{")
+    with pytest.raises(ValueError, match=re.escape(str(index))):
+        merge_checkpoints("task_arithmetic", base_dir, [index.parent], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_inputs_are_rejected_naming_the_tensor(checkpoints, tmp_path):
+    """A NaN in one task vector used to spread (task arithmetic) or, in TIES, to become the trim
+    threshold of the whole tensor, which then trimmed every other entry silently."""
+    base, finetuned = _models((6, 5), 2, torch.float32)
+    finetuned[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`finetuned\[1\]` 'layer.w' holds NaN"):
+        merge_tensors("ties", base, finetuned, density=0.5, name="layer.w")
+    with pytest.raises(ValueError, match=r"`base` 'w' holds NaN"):
+        merge_state_dicts("task_arithmetic", {"w": torch.tensor([math.inf])}, [{"w": torch.ones(1)}])
+    base_dir, ft0, ft1, _ = checkpoints
+    weights = load_file(ft1 / "model.safetensors")
+    weights["model.norm.weight"][7] = float("nan")
+    nan_dir = _rewrite(ft1, tmp_path / "nan", weights)
+    with pytest.raises(ValueError, match=r"merged tensor 'model\.norm\.weight' has NaN"):
+        merge_checkpoints("ties", base_dir, [ft0, nan_dir], tmp_path / "out", density=0.5, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+_TERMINATED_MERGE = """
+import os, signal, sys
+from tokenlab.merging import merge_checkpoints, register_merge_method, task_arithmetic
+
+@register_merge_method("test_terminated", paper="(test)")
+def terminated(inputs, weights):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the output is being written
+    yield from task_arithmetic(inputs, weights)
+
+merge_checkpoints("test_terminated", sys.argv[1], [sys.argv[2]], sys.argv[3], progress=False)
+"""
+
+
+def test_sigterm_during_a_merge_leaves_no_temporary_directory(checkpoints, tmp_path):
+    """Ctrl-C cleaned up, SIGTERM left a hidden temporary directory of the output's size behind."""
+    base_dir, ft0, _, _ = checkpoints
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_MERGE, str(base_dir), str(ft0), str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]  # the process still ends by SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_directories_are_swept_and_outputs_follow_the_umask(checkpoints, tmp_path):
+    """A temporary directory of the same output left by a dead process goes on the next run (one of a
+    live process stays); the output is created with the umask (it was drwx------)."""
+    base_dir, ft0, _, _ = checkpoints
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.merging-{dead.pid}@{_host()}-0123abcd"
+    live = tmp_path / f".out.merging-{os.getppid()}@{_host()}-4567cdef"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    previous = os.umask(0o027)
+    try:
+        out = merge_checkpoints("task_arithmetic", base_dir, [ft0], tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and live.exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_tour_domains_split_by_file(tmp_path, monkeypatch, tiny_world):
+    """Unit tests (.py under test dirs) vs text/data files; library .py and binary files belong to
+    neither; of every ten files in SHA-1 order the first is held out and the sixth is validation.
+    Without those files the tour section says so instead of running."""
+    from tokenlab.tour import merging
+
+    for i in range(20):
+        (tmp_path / "test" / "sub").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "test" / "sub" / f"test_{i}.py").write_text(f"# test {i}\n")
+        (tmp_path / f"notes_{i}.txt").write_text(f"note {i}\n")
+    (tmp_path / "library.py").write_text("x = 1\n")
+    (tmp_path / "blob.txt").write_bytes(b"\xff\xfe\x00binary")
+    splits = {
+        split: merging.domain_texts(split, 10**6, tmp_path) for split in ("train", "validation", "heldout")
+    }
+    for domain in merging.DOMAINS:
+        texts = [t for split in splits.values() for t in split[domain]]
+        assert len(texts) == 20 == len(set(texts))  # the undecodable blob.txt is skipped
+    assert [len(splits[s]["tests"]) for s in ("train", "validation", "heldout")] == [16, 2, 2]
+    assert all(t.startswith("# test") for t in splits["train"]["tests"])
+    assert all(t.startswith("note") for t in splits["train"]["data"])
+
+    merging.domain_texts.cache_clear()
+    only_tests = tmp_path / "only_tests"
+    (only_tests / "test").mkdir(parents=True)
+    (only_tests / "test" / "test_a.py").write_text("pass\n")
+    monkeypatch.setattr(merging, "stdlib_root", lambda: only_tests)
+    try:
+        assert merging.tour_section(tiny_world) == [
+            "skipped: this Python's standard library ships no data files (no Lib/test)"
+        ]
+    finally:
+        merging.domain_texts.cache_clear()
+
+
 def test_tour_section_runs(tiny_world):
     from tokenlab.tour.merging import tour_section
 
     lines = tour_section(tiny_world)
-    assert any(line.startswith("TIES merge") for line in lines)
-    values = [float(v) for line in lines[3:] for v in line.split()[-2:]]
-    assert all(math.isfinite(v) and 0 < v < 10 for v in values)
+    rows = {line[:20].strip(): [float(v) for v in line[20:].split()] for line in lines[4:8]}
+    assert list(rows) == ["base", "tuned on tests", "tuned on data", "TIES merge"]
+    assert all(math.isfinite(v) and 0 < v < 10 for values in rows.values() for v in values)
+    for column, domain in enumerate(DOMAINS):  # each fine-tune improves on its own domain
+        assert rows[f"tuned on {domain}"][column] < rows["base"][column] - 0.05, rows
+    assert lines[-1].startswith("the merge keeps ")
 
 
 def test_public_merging_functions_are_typed_and_documented():

@@ -80,8 +80,10 @@ def _f_loop(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return out
 
 
-def test_carope_phases_match_loop_over_the_formula() -> None:
-    """φ_i^{(h)}(m) = Σ_{t=1}^{m} f(x_t)_h^i evaluated by plain loops, on a ragged small case."""
+@pytest.mark.parametrize("first_exponent", [0, 1])
+def test_carope_phases_match_loop_over_the_formula(first_exponent: int) -> None:
+    """φ_i^{(h)}(m) = Σ_{t=1}^{m} f(x_t)_h^i evaluated by plain loops, on a ragged small case, for the
+    paper's exponents i = 1 … D/2 and for RoFormer's i = 0 … D/2 − 1."""
     torch.manual_seed(1)
     batch, seq, d_model, heads, head_dim = 2, 5, 6, 3, 6
     x = torch.randn(batch, seq, d_model, dtype=torch.float64)
@@ -94,15 +96,46 @@ def test_carope_phases_match_loop_over_the_formula() -> None:
         for h in range(heads):
             for m in range(seq):
                 for i in range(head_dim // 2):
-                    expected[b, h, m, i] = sum(float(f[b, t, h]) ** i for t in range(m + 1))
-    assert_relative_error(
-        carope_phases(carope_frequencies(x, weight, bias), head_dim), expected, 1e-12, "phi"
-    )
+                    power = i + first_exponent
+                    expected[b, h, m, i] = sum(float(f[b, t, h]) ** power for t in range(m + 1))
+    phases = carope_phases(carope_frequencies(x, weight, bias), head_dim, first_exponent=first_exponent)
+    assert_relative_error(phases, expected, 1e-12, "phi")
+
+
+def test_carope_paper_exponents_make_every_pair_context_dependent() -> None:
+    """The paper's θ_i = θ_1^i, i = 1 … D/2: pair 0 turns at f(x) itself, so two contexts of the same
+    length give different pair-0 phases; RoFormer's ladder (i from 0) gives pair 0 the token count."""
+    torch.manual_seed(4)
+    weight, bias = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    a, b = torch.randn(2, 1, 5, 6, dtype=torch.float64)
+    pair0 = {
+        e: [carope_phases(carope_frequencies(x, weight, bias), 8, first_exponent=e)[..., 0] for x in (a, b)]
+        for e in (0, 1)
+    }
+    assert torch.equal(pair0[0][0], pair0[0][1])  # the count 1 … T, whatever the tokens
+    assert torch.equal(pair0[0][0][0, 0], torch.arange(1, 6, dtype=torch.float64))
+    assert float((pair0[1][0] - pair0[1][1]).abs().min()) > 0
+    assert ContextAwareRotaryEmbedding(6, 2, 8).first_exponent == 1  # the paper's rule is the default
+
+
+def test_carope_paper_exponents_with_constant_f_equal_rope_at_scaled_positions() -> None:
+    """W = 0 with the paper's exponents: φ_i(m) = m·θ_1^i = (θ_1·m)·θ_1^(i−1), RoPE at positions θ_1·m."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    q, k = torch.randn(2, 2, 3, 7, 10, dtype=torch.float64)
+    carope = ContextAwareRotaryEmbedding(12, 3, 10).double()
+    theta_1 = float(carope.frequencies(x).flatten()[0])
+    base = theta_1 ** (-10 / 2)
+    scaled = theta_1 * torch.arange(1, 8, dtype=torch.float64)
+    q_c, k_c = carope(x, q, k)
+    assert_relative_error(q_c, apply_rope(q, positions=scaled, base=base), 1e-12, "q")
+    assert_relative_error(k_c, apply_rope(k, positions=scaled, base=base), 1e-12, "k")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_carope_with_constant_f_equals_rope(dtype: torch.dtype) -> None:
-    """W = 0 makes f constant; CARoPE is then RoPE at positions 1 … T with θ_1 = f."""
+    """W = 0 makes f constant; with RoFormer's exponents (from 0) CARoPE is then RoPE at positions 1 … T
+    with θ_1 = f."""
     torch.manual_seed(2)
     batch, seq, d_model, heads, head_dim = 2, 9, 12, 3, 10
     x = torch.randn(batch, seq, d_model, dtype=dtype)
@@ -111,7 +144,7 @@ def test_carope_with_constant_f_equals_rope(dtype: torch.dtype) -> None:
     tol = 1e-12 if dtype == torch.float64 else 2e-5
 
     # Default initialisation from RoPE: W = 0, bias chosen so f = base^(-2/D) (to float32 rounding).
-    carope = ContextAwareRotaryEmbedding(d_model, heads, head_dim, base=10000.0).to(dtype)
+    carope = ContextAwareRotaryEmbedding(d_model, heads, head_dim, base=10000.0, first_exponent=0).to(dtype)
     f = carope.frequencies(x).detach()
     assert float((f - f.flatten()[0]).abs().max()) == 0.0
     assert float(f.flatten()[0]) == pytest.approx(10000.0 ** (-2 / head_dim), rel=1e-6)
@@ -122,7 +155,7 @@ def test_carope_with_constant_f_equals_rope(dtype: torch.dtype) -> None:
 
     # W = 0 and no bias: f = 1/(1 + ln 2) = θ_1 of RoPE with base (1 + ln 2)^(D/2).
     weight = torch.zeros(heads, d_model, dtype=dtype)
-    cos, sin, _ = carope_cos_sin(x, weight, None, head_dim)
+    cos, sin, _ = carope_cos_sin(x, weight, None, head_dim, first_exponent=0)
     base = (1.0 + math.log(2.0)) ** (head_dim / 2)
     assert_relative_error(apply_rope(q, cos=cos, sin=sin), apply_rope(q, positions=positions, base=base), tol)
 

@@ -30,36 +30,11 @@ from transformers import (
 from tokenlab.decoding import speculative_generate, warp_cutoff, warp_logits, warped_probs
 from tokenlab.kernels.speculative_verify import speculative_verify as verify
 from tokenlab.kernels.speculative_verify.reference import acceptance_probability, residual_distribution
+from tokenlab.testing.tiny_models import left_padded_prompts as _prompts
+from tokenlab.testing.tiny_models import noisy_copy as _noisy_copy
+from tokenlab.testing.tiny_models import tiny_causal_lm as _tiny
 
 WARPINGS = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.5, 4, 0.7), (2.0, 1, None)]
-
-
-def _tiny(cls, config_cls, hidden, layers, vocab, seed):
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        initializer_range=0.1,  # peakier attention than the default 0.02: positions matter
-    )
-    return cls(config).double().eval()
-
-
-def _noisy_copy(model, scale, seed):
-    """A draft that agrees with ``model`` often but not always (relative weight noise)."""
-    torch.manual_seed(seed)
-    draft = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * scale * p.std())
-    return draft
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +47,6 @@ def pairs(tiny_world):
         "qwen2-noisy": (qwen, _noisy_copy(qwen, 0.15, seed=4)),
         "toy-trained": (tiny_world.target, tiny_world.draft),
     }
-
-
-def _prompts(batch, max_len, vocab, seed):
-    """Left-padded random prompts of mixed lengths (pad id 0, tokens >= 3)."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max_len + 1, (batch,), generator=gen)
-    lengths[0] = max_len
-    ids = torch.randint(3, vocab, (batch, max_len), generator=gen)
-    mask = (torch.arange(max_len) >= (max_len - lengths)[:, None]).long()
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 # ---------------------------------------------------------------------------------- warping
@@ -365,6 +330,28 @@ def test_draft_equal_to_target_accepts_everything(pairs):
         assert out.stats.target_calls == 3  # ceil(13 / (k + 1)) steps, the whole batch each time
 
 
+@pytest.mark.parametrize("strategy", ["eqspec", "exspec"])
+def test_left_padded_batch_without_mask_equals_masked_call(pairs, strategy):
+    """As ``generate`` does, the mask is inferred from a pad id that is not an EOS id (it was silently
+    taken for prompt tokens); a pad id that is also an EOS id is ambiguous and raises."""
+    target, draft = pairs["llama-noisy"]
+    ids, mask = _prompts(4, 7, 64, seed=11)
+    assert (mask == 0).any()
+    kwargs = dict(max_new_tokens=9, num_draft_tokens=3, pad_token_id=0, eos_token_id=1, strategy=strategy)
+    masked = speculative_generate(target, draft, ids, attention_mask=mask, **kwargs).sequences
+    unmasked = speculative_generate(target, draft, ids, **kwargs).sequences
+    assert torch.equal(unmasked, masked)
+    # The pad id defaults to the target's generation config (0 here), as in generate.
+    kwargs.pop("pad_token_id")
+    assert torch.equal(speculative_generate(target, draft, ids, **kwargs).sequences, masked)
+    with pytest.raises(ValueError, match="attention_mask"):  # pad id 0 is also an EOS id
+        speculative_generate(target, draft, ids, **(kwargs | dict(pad_token_id=0, eos_token_id=[0, 1])))
+    inner = ids.clone()
+    inner[0, 3] = 0  # a pad id inside a prompt: not left padding
+    with pytest.raises(ValueError, match="attention_mask"):
+        speculative_generate(target, draft, inner, **kwargs)
+
+
 # --------------------------------------------------------------------------------- bad input
 def test_bad_input(pairs):
     target, draft = pairs["llama-noisy"]
@@ -399,6 +386,9 @@ def test_bad_input(pairs):
         speculative_generate(target, copy.deepcopy(draft).to("meta"), ids, max_new_tokens=3)
     with pytest.raises(ValueError, match="input_ids"):
         speculative_generate(target, draft, ids.to("meta"), max_new_tokens=3)
+    for bad in (64, -1):  # checked against both models' vocabularies before any forward
+        with pytest.raises(ValueError, match=r"`input_ids`.*vocabulary"):
+            speculative_generate(target, draft, torch.tensor([[5, bad, 7]]), max_new_tokens=3)
 
     logits, q, tokens, _, uniforms, noise = _verify_inputs(2, 3, 10, torch.float64, seed=0)
     with pytest.raises(ValueError, match="draft_tokens"):

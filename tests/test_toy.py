@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import os
+import stat
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from tokenlab.tour.toy import (
     PRESETS,
+    ToyModelSize,
+    ToyWorldConfig,
+    build_once,
     build_toy_model,
     load_toy_world,
     stdlib_documents,
@@ -86,3 +93,75 @@ def test_build_is_seeded():
     torch.manual_seed(0)
     b = build_toy_model(size, 300, 32)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+MICRO = ToyWorldConfig(
+    corpus_bytes=20_000,
+    vocab_size=260,
+    context_length=16,
+    target=ToyModelSize(16, 1, 2, 1, 32),
+    draft=ToyModelSize(8, 1, 2, 1, 16),
+    train_steps=3,
+    batch_size=2,
+    eval_tokens=256,
+)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_first_build_says_what_where_and_shows_one_bar_per_stage(tmp_path, capsys, monkeypatch):
+    """The first build used to print nothing on stdout for minutes while tqdm bars (leave=False)
+    scrolled on stderr even when redirected, and transformers added its own loading/saving bars."""
+    previous = os.umask(0o022)
+    try:
+        load_toy_world(MICRO, cache=tmp_path / "redirected", device="cpu")  # stderr is not a terminal
+    finally:
+        os.umask(previous)
+    out, err = capsys.readouterr()
+    entry = tmp_path / "redirected" / f"toy-{MICRO.key()}"
+    assert f"building a custom toy world on cpu once; cached in {entry}" in out and "built in" in out
+    assert err == ""  # no bars, not even transformers' "Loading weights" / "Writing model shards"
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755  # the umask, not drwx------
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary directory left
+
+    load_toy_world(MICRO, cache=tmp_path / "redirected", device="cpu")  # cached: silent
+    assert capsys.readouterr() == ("", "")
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    load_toy_world(MICRO, cache=tmp_path / "terminal", device="cpu")
+    finished = [line.rsplit("\r", 1)[-1] for line in terminal.getvalue().split("\n")[:-1]]
+    assert [line.split(":")[1].strip() for line in finished] == [
+        "corpus and tokenizer",
+        "training target",
+        "training draft",
+    ]
+    assert all("100%" in line for line in finished)
+
+    capsys.readouterr()
+    load_toy_world(MICRO, cache=tmp_path / "quiet", device="cpu", progress=False)
+    assert capsys.readouterr().out == "" and terminal.getvalue().count("\n") == 3
+
+
+def test_build_once_publishes_complete_entries_only(tmp_path):
+    entry, calls = tmp_path / "entry", []
+
+    def failing(out):
+        (out / "part").write_text("half")
+        raise RuntimeError("interrupted")
+
+    def good(out):
+        calls.append(out)
+        (out / "data").write_text("x")
+        (out / "done").write_text("")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_once(entry, failing, complete="done", name="test", progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the entry nor a temporary directory
+    assert build_once(entry, good, complete="done", name="test", progress=False) == entry
+    assert build_once(entry, good, complete="done", name="test", progress=False) == entry
+    assert len(calls) == 1 and (entry / "data").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

@@ -4,6 +4,8 @@ recovering planted sparse combinations, tied/untied embeddings, save/reload, bad
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from tokenlab.tokenization.byte_level import ByteLevelBPE
 from tokenlab.tokenization.transplant import (
     TRANSPLANT_METHODS,
+    hf_text_embedder,
     orthogonal_matching_pursuit,
     transplant_tokenizer,
 )
@@ -137,19 +140,143 @@ def test_omp_transplant_reconstructs_linear_donor(toks):
     assert err < 1e-5
 
 
-def test_tokenadapt_without_global_part_is_length_weighted_local(toks):
-    old_tok, new_tok = toks
-    base = model_for(old_tok, 0)
+def _bpe_tokenizer(letters: str, merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over ``letters`` with explicit ``merges`` (ids: <s>, letters, merged tokens)."""
+    vocab = {"<s>": 0, **{c: i + 1 for i, c in enumerate(letters)}}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+# TokenAdapt's rule on one unique token: old vocabulary {a, b, c, x, ab}, new vocabulary adds "abc",
+# which the old tokenizer splits into [ab, c]. Auxiliary vectors (unit after normalisation) chosen so
+# that cos(φ(abc), ·) is exact: x 0.96, ab 0.8, c 0.6, a 0.28, b 0.
+PHI = {
+    "abc": [2.0, 0.0, 0.0],
+    "x": [0.96, 0.0, 0.28],
+    "ab": [0.8, 0.6, 0.0],
+    "c": [0.6, 0.0, 0.8],
+    "a": [0.28, 0.96, 0.0],
+    "b": [0.0, 1.0, 0.0],
+}
+
+
+@pytest.fixture(scope="module")
+def abc_pair():
+    old = _bpe_tokenizer("abcx", [("a", "b")])
+    new = _bpe_tokenizer("abcx", [("a", "b"), ("ab", "c")])
+    assert ByteLevelBPE(old).encode(b"abc") == [
+        old.convert_tokens_to_ids("ab"),
+        old.convert_tokens_to_ids("c"),
+    ]
+    torch.manual_seed(0)
+    base = model_for(old, 0).double()
+    return old, new, base
+
+
+def _tokenadapt_by_hand(rows: torch.Tensor, old_tok) -> torch.Tensor:
+    """The rule computed by hand for "abc" (τ = 0.3, k = 3, θ = 0.7, w = 0.3).
+
+    local: scores ((0.8 + 2/3)/2, (0.6 + 1/3)/2) = (0.7333, 0.4667) over [ab, c]; softmax of
+    score/τ gives w_ab = 1/(1 + e^{-0.2667/0.3}) = 0.70866, w_c = 0.29134.
+    global: top-3 = x 0.96, ab 0.8, c 0.6; c is below θ = 0.7 and dropped; softmax(0.96/τ, 0.8/τ)
+    gives w_x = 1/(1 + e^{-0.16/0.3}) = 0.63026, w_ab = 0.36974.
+    """
+    w_ab = 1 / (1 + math.exp(-(0.8 + 2 / 3 - 0.6 - 1 / 3) / 2 / 0.3))
+    w_c = 1 - w_ab
+    g_x = 1 / (1 + math.exp(-(0.96 - 0.8) / 0.3))
+    assert (round(w_ab, 5), round(g_x, 5)) == (0.70866, 0.63026)
+    e = {t: rows[old_tok.convert_tokens_to_ids(t)] for t in ("ab", "c", "x")}
+    local = w_ab * e["ab"] + w_c * e["c"]
+    global_ = g_x * e["x"] + (1 - g_x) * e["ab"]
+    return 0.7 * local + 0.3 * global_
+
+
+def test_tokenadapt_rule_on_a_constructed_example(abc_pair):
+    """Paper's local weights softmax(((cos + len share) / 2) / τ), global top-k over the whole old
+    vocabulary above θ with softmax(cos / τ), hybrid (1 − w) local + w global: equal to the hand
+    computation to 1e-12 with an external embedder, and the same with a donor whose rows are φ."""
+    old_tok, new_tok, base = abc_pair
     rows = base.get_input_embeddings().weight.detach().clone()
-    model = transplant_tokenizer(
-        copy.deepcopy(base), old_tok, new_tok, method="tokenadapt", global_weight=0.0, progress=False
+    asked = []
+
+    def embedder(texts: list[str]) -> torch.Tensor:
+        asked.extend(texts)
+        return torch.tensor([PHI[t] for t in texts], dtype=torch.float64)
+
+    kwargs = dict(method="tokenadapt", top_k=3, temperature=0.3, similarity_threshold=0.7, global_weight=0.3)
+    model = transplant_tokenizer(copy.deepcopy(base), old_tok, new_tok, text_embedder=embedder, **kwargs)
+    abc = new_tok.convert_tokens_to_ids("abc")
+    want = _tokenadapt_by_hand(rows, old_tok)
+    assert (model.get_input_embeddings().weight[abc] - want).abs().max() < 1e-12
+    assert sorted(set(asked)) == sorted(PHI)  # every old token but the special one, and the new token
+
+    donor = model_for(new_tok, 1).double()
+    with torch.no_grad():
+        for text, phi in PHI.items():
+            donor.get_input_embeddings().weight[new_tok.convert_tokens_to_ids(text)] = 0
+            donor.get_input_embeddings().weight[new_tok.convert_tokens_to_ids(text), :3] = torch.tensor(
+                phi, dtype=torch.float64
+            )
+    in_donor = transplant_tokenizer(copy.deepcopy(base), old_tok, new_tok, donor=donor, **kwargs)
+    assert (in_donor.get_input_embeddings().weight[abc] - want).abs().max() < 1e-12
+
+    # θ above every similarity: no neighbour survives and the row is the local estimate alone
+    strict = transplant_tokenizer(
+        copy.deepcopy(base),
+        old_tok,
+        new_tok,
+        text_embedder=embedder,
+        **{**kwargs, "similarity_threshold": 0.97},
     )
-    old_bpe, new_bpe = ByteLevelBPE(old_tok), ByteLevelBPE(new_tok)
-    new_ids = {n for n, _ in shared_pairs(old_tok, new_tok)}
-    for u in [i for i in range(len(new_tok)) if i not in new_ids][:10]:
-        sub = old_bpe.encode(new_bpe.token_bytes[u])
-        w = torch.tensor([len(old_bpe.token_bytes[t]) for t in sub], dtype=torch.float32)
-        assert torch.allclose(model.get_input_embeddings().weight[u], (w / w.sum()) @ rows[sub], atol=1e-6)
+    w_ab = 1 / (1 + math.exp(-(0.8 + 2 / 3 - 0.6 - 1 / 3) / 2 / 0.3))
+    local = (
+        w_ab * rows[old_tok.convert_tokens_to_ids("ab")]
+        + (1 - w_ab) * rows[old_tok.convert_tokens_to_ids("c")]
+    )
+    assert (strict.get_input_embeddings().weight[abc] - local).abs().max() < 1e-12
+    defaults = inspect.signature(transplant_tokenizer).parameters
+    assert [
+        defaults[k].default for k in ("top_k", "temperature", "similarity_threshold", "global_weight")
+    ] == [3, 0.3, 0.6, 0.3]
+
+
+def test_tokenadapt_base_space_without_donor_or_embedder(abc_pair):
+    """No embedder, no donor: φ is the base model's input embedding space, φ(abc) = mean of the rows
+    of its old decomposition [ab, c], φ(old token) = its row."""
+    old_tok, new_tok, base = abc_pair
+    rows = base.get_input_embeddings().weight.detach().clone()
+    ids = {t: old_tok.convert_tokens_to_ids(t) for t in ("a", "b", "c", "x", "ab")}
+    unit = torch.nn.functional.normalize
+    query = unit((rows[ids["ab"]] + rows[ids["c"]]) / 2, dim=0)
+    cos = {t: float(unit(rows[i], dim=0) @ query) for t, i in ids.items()}
+    score = torch.tensor([(cos["ab"] + 2 / 3) / 2, (cos["c"] + 1 / 3) / 2], dtype=torch.float64) / 0.3
+    w = torch.softmax(score, 0)
+    local = w[0] * rows[ids["ab"]] + w[1] * rows[ids["c"]]
+    top = sorted(cos, key=cos.get, reverse=True)[:3]  # θ = −1 keeps all three
+    g = torch.softmax(torch.tensor([cos[t] for t in top], dtype=torch.float64) / 0.3, 0)
+    global_ = sum(gi * rows[ids[t]] for gi, t in zip(g, top))
+    model = transplant_tokenizer(
+        copy.deepcopy(base), old_tok, new_tok, method="tokenadapt", similarity_threshold=-1.0, progress=False
+    )
+    got = model.get_input_embeddings().weight[new_tok.convert_tokens_to_ids("abc")]
+    assert (got - (0.7 * local + 0.3 * global_)).abs().max() < 1e-12
+
+
+def test_hf_text_embedder_mean_pools_last_hidden_states(abc_pair):
+    old_tok, _, base = abc_pair
+    embed = hf_text_embedder(base.model, old_tok, batch_size=2)
+    texts = ["abcx", "a", "xab"]
+    got = embed(texts)
+    assert got.shape == (3, SIZE.hidden_size)
+    for text, vec in zip(texts, got):
+        ids = old_tok(text, return_tensors="pt").input_ids
+        want = base.model(input_ids=ids).last_hidden_state[0].mean(0)
+        assert (vec - want).abs().max() < 1e-12
 
 
 def test_save_and_reload_with_new_tokenizer(toks, tmp_path):
@@ -213,10 +340,13 @@ def test_bad_input(toks):
 
 
 def test_tour_lines_on_tiny_world(tiny_world):
-    from tokenlab.tour.transplant import byte_level_and_transplant_lines
+    from tokenlab.tour.transplant import byte_level_and_transplant_lines, load_transplant_donor
 
     lines = byte_level_and_transplant_lines(tiny_world)
     text = "\n".join(lines)
     assert "exact next-byte law" in text and "naive token completion" in text
-    for method in set(TRANSPLANT_METHODS) - {"omp"}:  # the tour trains no donor
+    for method in TRANSPLANT_METHODS:
         assert f"transplant: {method}" in text
+    assert "tokenadapt (donor space)" in text and "tokenadapt (base space)" in text
+    new_tok, donor = load_transplant_donor(tiny_world, progress=False)  # cached: the same donor again
+    assert donor.config.vocab_size == len(new_tok) == len(tiny_world.tokenizer) + 64

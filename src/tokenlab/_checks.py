@@ -28,6 +28,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_finite",
+    "check_generator",
     "check_int",
     "check_number",
     "check_positive",
@@ -137,6 +138,24 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
     if _outside(int(value), low, high, False, False):
         raise ValueError(message)
     return int(value)
+
+
+def check_generator(
+    name: str, value: object, device: torch.device | str | None = None
+) -> torch.Generator | None:
+    """Return ``value`` if it is ``None`` or a ``torch.Generator`` (on the type of ``device`` — where
+    its random numbers are drawn — when ``device`` is given)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise ArgumentTypeError(f"`{name}` must be a torch.Generator or None, got {type(value).__name__}")
+    if device is not None and value.device.type != torch.device(device).type:
+        kind = torch.device(device).type
+        raise ValueError(
+            f"`{name}` must be a torch.Generator on {kind} (where its numbers are drawn), got one on "
+            f"{value.device.type}: create it with torch.Generator(device={kind!r})"
+        )
+    return value
 
 
 def check_choice(name: str, value: object, choices: Collection[object]) -> object:

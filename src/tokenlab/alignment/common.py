@@ -1,9 +1,12 @@
-"""Shared pieces of every alignment loss: the per-token input record, the output record, input checks,
-masked sums, sequence log-ratios and the sigmoid preference loss."""
+"""Shared pieces of every alignment loss: the per-token input record, the output record, the declaration
+:func:`token_loss`, input checks, masked sums, sequence log-ratios and the sigmoid preference loss."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,11 +64,87 @@ class TokenLogps:
         for name in ("logps", "ref_logps", "kl", "entropy"):
             check_finite(name, getattr(self, name))
 
+    @classmethod
+    def trusted(
+        cls,
+        logps: Tensor,
+        mask: Tensor,
+        ref_logps: Tensor | None = None,
+        kl: Tensor | None = None,
+        entropy: Tensor | None = None,
+    ) -> TokenLogps:
+        """A record built without the constructor's checks, for inner loops whose inputs were checked once
+        (``chunked_loss`` evaluates its loss once per group of tokens); ``mask`` is in ``logps``' dtype."""
+        record = object.__new__(cls)
+        record.logps, record.mask, record.ref_logps, record.kl, record.entropy = (
+            logps,
+            mask,
+            ref_logps,
+            kl,
+            entropy,
+        )
+        return record
+
     def require(self, *names: str) -> None:
         """Raise a ``ValueError`` naming the fields a loss needs that were not given."""
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise ValueError(f"this loss needs TokenLogps fields {missing}")
+
+
+SumOver = Literal["tokens", "sequences"]
+
+
+@dataclass(frozen=True)
+class LossDeclaration:
+    """What :func:`~tokenlab.alignment.fused_linear.chunked_loss` needs to know about a loss.
+
+    Attributes:
+        needs: per-token quantities the loss reads besides ``logps``/``ref_logps``: ``"entropy"``, ``"kl"``.
+        sum_over: ``"tokens"`` — the loss is a sum of per-token terms, each depending on the per-token
+            quantities of its own token only; ``"sequences"`` — a sum of per-sequence terms, each depending
+            on those of sequence ``i`` only (row ``i`` of every input record, e.g. chosen and rejected
+            ``i``); ``None`` — neither. Other inputs (masks, advantages, weights, batch sizes, token counts)
+            may enter any term. The finer the declaration, the earlier ``∂loss/∂quantities`` is known while
+            scoring, and the fewer logits the chunked path recomputes (none for ``"tokens"``).
+    """
+
+    needs: tuple[str, ...] = ()
+    sum_over: SumOver | None = None
+
+
+L = TypeVar("L", bound=Callable[..., LossOutput])
+TOKEN_QUANTITIES = ("entropy", "kl")
+
+
+def token_loss(*, sum_over: SumOver | None, needs: tuple[str, ...] = ()) -> Callable[[L], L]:
+    """Declare a loss (a function of :class:`TokenLogps` records returning a :class:`LossOutput`) for the
+    chunked fused-linear path: which per-token quantities it ``needs`` and what it is a ``sum_over`` (see
+    :class:`LossDeclaration`; ``tests/test_alignment_fused.py`` checks the claim for every loss in
+    ``LOSSES``). A new loss is its formula plus this one line::
+
+        @token_loss(sum_over="sequences", needs=("kl",))
+        def my_loss(chosen: TokenLogps, rejected: TokenLogps, *, beta: float = 0.1) -> LossOutput: ...
+    """
+    unknown = set(needs) - set(TOKEN_QUANTITIES)
+    if unknown:
+        raise ValueError(f"`needs` must name quantities among {TOKEN_QUANTITIES}, got {sorted(unknown)}")
+    if sum_over not in ("tokens", "sequences", None):
+        raise ValueError(f"`sum_over` must be 'tokens', 'sequences' or None, got {sum_over!r}")
+
+    def declare(fn: L) -> L:
+        fn.token_loss = LossDeclaration(tuple(needs), sum_over)
+        return fn
+
+    return declare
+
+
+def loss_declaration(loss_fn: Callable) -> LossDeclaration:
+    """The :func:`token_loss` declaration of ``loss_fn`` (looking through ``functools.partial``); an
+    undeclared callable needs nothing extra and is a sum over nothing finer than the batch."""
+    while not hasattr(loss_fn, "token_loss") and isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return getattr(loss_fn, "token_loss", LossDeclaration())
 
 
 def check_weights(name: str, weights: Tensor | None, like: TokenLogps) -> None:

@@ -1,25 +1,135 @@
-"""Hugging Face glue: run causal LMs on (prompt + completion) batches and return the per-token record the
-losses take, through the chunked mechanism of :mod:`tokenlab.alignment.fused_linear`; and T-REG's
-self-generated token rewards by contrastive prompting."""
+"""Hugging Face glue: run causal LMs on (prompt + completion) batches and return what the losses take —
+:class:`~tokenlab.alignment.fused_linear.Completions` for
+:func:`~tokenlab.alignment.fused_linear.chunked_loss`, or per-token
+:class:`~tokenlab.alignment.common.TokenLogps` through :func:`~tokenlab.alignment.fused_linear.token_stats`
+— and T-REG's self-generated token rewards by contrastive prompting.
+
+Models run through their own ``forward`` (``output_hidden_states=True, logits_to_keep=1``: one position's
+logits), so wrappers that act in ``forward`` — DDP's gradient synchronisation, FSDP2's parameter gathering,
+PEFT adapters — see an ordinary call. The LM head is then read from the model: its ``weight`` and ``bias``,
+or, for a LoRA adapter on the head, the effective weight ``W + Σ s·B A``.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from tokenlab._checks import check_shape, check_tensor
 from tokenlab.alignment.common import TokenLogps
-from tokenlab.alignment.fused_linear import HeadBackend, causal_lm_head, shift_for_next_token, token_stats
+from tokenlab.alignment.fused_linear import IGNORE_INDEX, Completions, HeadBackend, LinearHead, token_stats
 
 
-def completion_token_logps(
-    model: torch.nn.Module,
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (FSDP2 and PEFT keep the model's methods)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight ``[V, H]`` and bias ``[V]`` (or None) of a causal LM, as the logits use them.
+
+    An ``nn.Linear`` head gives its parameters. A LoRA adapter on the head (PEFT) gives the effective weight
+    ``W + Σ_a s_a B_a A_a`` over the active adapters (the base weight when adapters are disabled or merged),
+    so gradients reach ``A`` and ``B``; adapters with dropout in training mode, DoRA or a bias on ``B`` have
+    no such weight and are refused."""
+    head = _unwrapped(model).get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    base = getattr(head, "base_layer", None)
+    if not (isinstance(base, nn.Linear) and hasattr(head, "lora_A")):
+        kind = type(head).__name__
+        raise TypeError(f"`model` must have an nn.Linear LM head (or a LoRA adapter on one), got {kind}")
+    weight = base.weight
+    if head.disable_adapters or head.merged:
+        return weight, base.bias
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        dropout = head.training and not isinstance(head.lora_dropout[name], nn.Identity)
+        if dropout or head.use_dora.get(name) or head.lora_B[name].bias is not None:
+            raise ValueError(
+                f"the LoRA adapter {name!r} on the LM head has dropout (in training mode), DoRA or a bias: "
+                "its logits are not those of one weight matrix; use lora_dropout=0, no DoRA and no lora_bias"
+            )
+        weight = weight + head.scaling[name] * (head.lora_B[name].weight @ head.lora_A[name].weight)
+    return weight, base.bias
+
+
+def causal_lm_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> LinearHead:
+    """Run a Hugging Face causal LM and return its last hidden states ``[B, T, H]`` with its LM head.
+
+    Position ``t`` predicts token ``t + 1``; use :func:`shift_for_next_token` to align labels. The model runs
+    its own ``forward`` with ``output_hidden_states=True`` and ``logits_to_keep=1`` (works on DDP/FSDP2/PEFT
+    wrapped models); the head is :func:`lm_head_parameters`. Models that post-process logits (final logit
+    soft-capping, logit scaling) are refused, since the head alone would not reproduce their logits.
+    """
+    config = getattr(_unwrapped(model), "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            value = getattr(config, attr)
+            raise ValueError(f"`model` post-processes its logits ({attr}={value}); unsupported")
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return LinearHead(out.hidden_states[-1], *lm_head_parameters(model))
+
+
+def shift_for_next_token(
+    head: LinearHead, input_ids: Tensor, completion_mask: Tensor
+) -> tuple[LinearHead, Tensor]:
+    """Align a :func:`causal_lm_head` output with next-token labels: hidden ``[B, T−1, H]``, labels
+    ``[B, T−1]`` = ``input_ids[:, 1:]`` with ``-100`` where ``completion_mask[:, 1:]`` is 0."""
+    labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
+    return LinearHead(head.hidden[:, :-1], head.weight, head.bias), labels
+
+
+def completions(
+    model: nn.Module,
     input_ids: Tensor,
     completion_mask: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    reference_model: torch.nn.Module | None = None,
+    reference_model: nn.Module | None = None,
+    last: int | None = None,
+) -> Completions:
+    """The :class:`~tokenlab.alignment.fused_linear.Completions` of ``input_ids [B, T]`` under ``model`` (with
+    gradient) and ``reference_model`` (without), for :func:`~tokenlab.alignment.fused_linear.chunked_loss`.
+
+    Position ``t`` scores ``input_ids[:, t+1]``; ``completion_mask [B, T]`` marks completion tokens. ``last``
+    keeps only the last ``last`` scored positions (e.g. the completion part of prompt + completion, as
+    trainers lay out their per-token tensors): hidden ``[B, last, H]`` scoring ``input_ids[:, -last:]``.
+    For paired losses, score chosen and rejected in one call and split with
+    :meth:`~tokenlab.alignment.fused_linear.Completions.select`.
+    """
+    check_tensor("input_ids", input_ids)
+    check_tensor("completion_mask", completion_mask)
+    check_shape("completion_mask", completion_mask, input_ids.shape, of="`input_ids`")
+    keep = slice(-last, None) if last is not None else slice(None)
+
+    def scored(m: nn.Module) -> LinearHead:
+        head = causal_lm_head(m, input_ids, attention_mask)
+        return LinearHead(head.hidden[:, :-1][:, keep], head.weight, head.bias)
+
+    reference = None
+    if reference_model is not None:
+        with torch.no_grad():
+            reference = scored(reference_model)
+    labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, IGNORE_INDEX)
+    return Completions(scored(model), labels[:, keep], reference)
+
+
+def completion_token_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    reference_model: nn.Module | None = None,
     kl: bool = False,
     entropy: bool = False,
     chunk_size: int = 1024,
@@ -57,7 +167,7 @@ def completion_token_logps(
 
 @torch.no_grad()
 def contrastive_token_rewards(
-    model: torch.nn.Module,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     completions: list[str],

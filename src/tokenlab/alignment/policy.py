@@ -13,9 +13,10 @@ Training*).
   group-normalised advantages (:func:`group_advantages`) and the k3 KL estimator
   ``exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1`` with weight β.
 * GTPO (*GTPO: Trajectory-Based Policy Optimization in Large Language Models*): no reference model;
-  conflict tokens — the same token at the same position in completions of one group with advantages
-  of opposite sign (:func:`gtpo_conflict_tokens`) — get no update from negative completions and an
-  amplified update from positive ones; completions whose mean entropy exceeds a threshold are dropped.
+  conflict tokens — the runs of tokens, from the start and from the end, that completions of one group
+  with advantages of opposite sign share position by position (:func:`gtpo_conflict_tokens`) — get no
+  update from negative completions and an amplified update from positive ones; completions whose mean
+  entropy exceeds a threshold are dropped and the others' advantages lowered by their entropy.
 * IcePop (*Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking Model*):
   tokens whose training/inference probability ratio ``k_t = π_train(y_t) / π_infer(y_t)`` (both at the
   sampling parameters) leaves ``[α, β]`` are masked; inside the band the surrogate is weighted by
@@ -29,8 +30,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_positive, check_tensor
-from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights
+from tokenlab._checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_number,
+    check_positive,
+    check_tensor,
+)
+from tokenlab.alignment.common import LossOutput, TokenLogps, check_weights, token_loss
 
 
 def _by_sequence(per_token: Tensor, mask: Tensor, max_len: int | None) -> Tensor:
@@ -115,6 +124,7 @@ def _check_clip(epsilon_low: float, epsilon_high: float | None) -> float:
     return epsilon_high
 
 
+@token_loss(sum_over="tokens")
 def grpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
@@ -125,6 +135,7 @@ def grpo_loss(
     epsilon_high: float | None = None,
     normalization: str = "sequence",
     max_completion_length: int | None = None,
+    kl_importance_weight: bool = False,
 ) -> LossOutput:
     """GRPO loss: clipped surrogate + β·k3 KL to the reference, length-normalised.
 
@@ -134,8 +145,11 @@ def grpo_loss(
         old_logps: log-probs at sampling time; default ``logps.detach()`` (one update per batch).
         beta: KL weight ≥ 0 (0: no reference needed).
         normalization: a key of :data:`NORMALIZATIONS`; ``max_completion_length`` is dr_grpo's constant.
+        kl_importance_weight: weight the k3 term by the token ratio ``ρ_t`` (with its gradient), the
+            importance-sampling-corrected KL estimate of *DeepSeek-V3.2* (TRL's ``use_bias_correction_kl``).
     """
     check_number("beta", beta, low=0.0)
+    check_bool("kl_importance_weight", kl_importance_weight)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     old = tokens.logps.detach() if old_logps is None else old_logps
@@ -144,21 +158,78 @@ def grpo_loss(
         tokens.require("ref_logps")
         d = tokens.ref_logps - tokens.logps
         kl = torch.exp(d) - d - 1
-        per_token = per_token + beta * kl
         token_metrics["kl"] = kl
+        if kl_importance_weight:
+            kl = kl * torch.exp(tokens.logps - old)
+        per_token = per_token + beta * kl
     return _finish(per_token, tokens.mask, normalization, max_completion_length, token_metrics)
 
 
-def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_size: int) -> Tensor:
-    """Conflict tokens ``[B, T]`` (bool): token ``y_{i,t}`` also appears at position ``t`` of another
-    completion of the same group whose advantage has the opposite sign (zero advantages never conflict).
+GTPO_CONFLICT_RULES: tuple[str, ...] = ("runs", "anywhere")
+
+
+def _opposite_match(ids: Tensor, valid: Tensor, sign: Tensor) -> Tensor:
+    """``[G, g, T]`` bool: token ``t`` of completion ``i`` also stands at position ``t`` of a completion
+    of the same group whose advantage has the opposite sign (zero advantages never match)."""
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [G, i, j, T]
+    opposite = (sign.unsqueeze(2) * sign.unsqueeze(1)) < 0  # [G, i, j]
+    return (same & opposite.unsqueeze(-1)).any(2)
+
+
+def _gtpo_conflicts(
+    completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_size: int, rule: str
+) -> tuple[Tensor, Tensor]:
+    """Conflict tokens ``[B, T]`` as two masks ``(from_start, from_end)`` (for ``"anywhere"`` the second
+    is all False). Inputs are checked by the callers."""
+    B, T = completion_ids.shape
+    ids = completion_ids.view(-1, group_size, T)
+    valid = (mask > 0).view(-1, group_size, T)
+    sign = torch.sign(advantages).view(-1, group_size)
+    if rule == "anywhere":
+        return _opposite_match(ids, valid, sign).view(B, T), torch.zeros(B, T, dtype=torch.bool)
+    # From the start: the unbroken run of matches at positions 0, 1, … (cumprod stops at the first miss).
+    from_start = _opposite_match(ids, valid, sign).long().cumprod(-1).bool() & valid
+    # From the end: align the completions at their last valid token (``back = last − column``), then the
+    # unbroken run of matches at back = 0, 1, … ; map the run back to the columns.
+    columns = torch.arange(T, device=ids.device)
+    last = torch.where(valid, columns, -1).amax(-1, keepdim=True)  # [G, g, 1]
+    source = last - columns  # column of the token `back` places before the last one
+    rev_ids = ids.gather(-1, source.clamp(min=0))
+    rev_valid = valid.gather(-1, source.clamp(min=0)) & (source >= 0)
+    run = _opposite_match(rev_ids, rev_valid, sign).long().cumprod(-1).bool() & rev_valid
+    from_end = run.gather(-1, source.clamp(0, T - 1)) & valid & (source >= 0)
+    return from_start.view(B, T), (from_end & valid).view(B, T)
+
+
+def gtpo_conflict_tokens(
+    completion_ids: Tensor, mask: Tensor, advantages: Tensor, group_size: int, *, rule: str = "runs"
+) -> Tensor:
+    """GTPO's conflict tokens ``[B, T]`` (bool).
+
+    A token *matches* when the same token stands at the same position of another completion of its group
+    whose advantage has the opposite sign (zero advantages never match). *GTPO: Trajectory-Based Policy
+    Optimization in Large Language Models* protects the tokens completions share with opposite rewards;
+    the authors' code (``build_conflict_mask`` in ``gtpo/gtpo_training.py``) marks as conflicts only
+
+    * ``rule="runs"`` (default, the authors' rule): the unbroken run of matching tokens counted from the
+      completion's start (a ``cumprod`` of the match indicator), plus the unbroken run counted back from
+      its end, with the completions aligned at their last token — a coincidence in the middle of the
+      text, after a first mismatch, is not a conflict;
+    * ``rule="anywhere"``: every matching position (the literal "same token, same position" reading).
 
     ``completion_ids``/``mask``: ``[B, T]`` in consecutive groups of ``group_size``; ``advantages``: ``[B]``.
     """
+    _check_conflict_inputs(completion_ids, mask, advantages, group_size, rule)
+    from_start, from_end = _gtpo_conflicts(completion_ids, mask, advantages, group_size, rule)
+    return from_start | from_end
+
+
+def _check_conflict_inputs(completion_ids, mask, advantages, group_size, rule) -> None:
     check_tensor("completion_ids", completion_ids)
     check_tensor("mask", mask)
     check_tensor("advantages", advantages)
     check_int("group_size", group_size, low=1)
+    check_choice("rule", rule, GTPO_CONFLICT_RULES)
     if completion_ids.ndim != 2:
         raise ValueError(f"`completion_ids` must be [B, T], got shape {tuple(completion_ids.shape)}")
     B, T = completion_ids.shape
@@ -166,55 +237,79 @@ def gtpo_conflict_tokens(completion_ids: Tensor, mask: Tensor, advantages: Tenso
         raise ValueError(
             "`completion_ids`/`mask` [B, T] and `advantages` [B] must split into groups of `group_size`"
         )
-    ids = completion_ids.view(-1, group_size, T)
-    valid = (mask > 0).view(-1, group_size, T)
-    sign = torch.sign(advantages).view(-1, group_size)
-    same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [G, i, j, T]
-    opposite = (sign.unsqueeze(2) * sign.unsqueeze(1)) < 0  # [G, i, j]
-    return (same & opposite.unsqueeze(-1)).any(2).view(B, T)
 
 
+@token_loss(sum_over="sequences", needs=("entropy",))
 def gtpo_loss(
     tokens: TokenLogps,
     advantages: Tensor,
     completion_ids: Tensor,
     group_size: int,
     *,
-    entropy_threshold: float,
-    old_logps: Tensor | None = None,
+    entropy_threshold: float = 0.7,
+    entropy_penalty: float = 0.1,
     amplify: float = 2.0,
+    rule: str = "runs",
+    conflict_normalization: bool = True,
+    old_logps: Tensor | None = None,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
-    normalization: str = "token",
+    normalization: str = "sequence",
 ) -> LossOutput:
-    """GTPO loss (no reference model): the clipped surrogate with token weights
+    """GTPO loss (*GTPO: Trajectory-Based Policy Optimization in Large Language Models*), no reference
+    model. With ``A_i`` the completion's advantage, ``H̄_i`` its mean token entropy (``tokens.entropy``,
+    nats) and the conflict runs of :func:`gtpo_conflict_tokens`::
 
-    ``w_t = 0`` for conflict tokens of negative-advantage completions, ``w_t = amplify`` for conflict
-    tokens of positive-advantage completions, 1 otherwise; and ``w = 0`` on every token of a completion
-    whose mean token entropy (``tokens.entropy``) exceeds ``entropy_threshold`` (in nats).
+        Â_i   = A_i − λ_H · H̄_i   if H̄_i ≤ τ,  else 0          (entropy shaping and filter)
+        w_t   = c(start_t) · c(end_t),   c(x) = amplify if x and A_i > 0, 0 if x and A_i < 0, else 1
+        ℓ_i,t = w_t · clipped_surrogate(ρ_t, Â_i) / max(1, |C_i|)
+
+    where ``start_t``/``end_t`` say whether token ``t`` is in the conflict run from the start/end and
+    ``|C_i|`` counts the tokens in either run; the per-token losses are then length-normalised
+    (``normalization``, default ``"sequence"``: mean over each completion, then over completions).
+
+    Defaults follow the authors' code (``gtpo/gtpo_training.py``): ``τ = 0.7`` (``ENT_THRESHOLD``),
+    ``λ_H = 0.1`` (``ENT_SCALE``: kept completions' advantages are lowered by 0.1·entropy), conflict
+    weight 2 (``W_RAW``), the conflict flags taken from the advantages *before* entropy shaping, the
+    two runs' weights multiplied, and each completion's loss divided by its number of conflict tokens
+    (``conflict_normalization``). ``rule="anywhere"``, ``entropy_penalty=0``,
+    ``conflict_normalization=False`` and ``normalization="token"`` give the plain reading of the
+    paper's text (every same-position match conflicts; filter only).
     """
     check_positive("entropy_threshold", entropy_threshold)
+    check_number("entropy_penalty", entropy_penalty, low=0.0)
     check_positive("amplify", amplify)
+    check_bool("conflict_normalization", conflict_normalization)
     epsilon_high = _check_clip(epsilon_low, epsilon_high)
     tokens.require("entropy")
     adv = _check_policy_inputs(tokens, advantages, normalization, old_logps=old_logps)
     if advantages.ndim != 1:
         raise ValueError("GTPO needs one advantage per completion: `advantages` [B]")
-    conflict = gtpo_conflict_tokens(completion_ids, tokens.mask, advantages, group_size)
-    weights = torch.ones_like(tokens.logps)
-    weights = torch.where(conflict & (adv < 0), 0.0, weights)
-    weights = torch.where(conflict & (adv > 0), amplify, weights)
+    _check_conflict_inputs(completion_ids, tokens.mask, advantages, group_size, rule)
+    from_start, from_end = _gtpo_conflicts(completion_ids, tokens.mask, advantages, group_size, rule)
+    valid = tokens.mask > 0
+    from_start, from_end = from_start.to(valid.device) & valid, from_end.to(valid.device) & valid
+
+    def run_weight(in_run: Tensor) -> Tensor:
+        weight = torch.where(in_run & (adv > 0), amplify, 1.0)
+        return torch.where(in_run & (adv < 0), 0.0, weight).to(tokens.logps.dtype)
+
+    weights = run_weight(from_start) * run_weight(from_end)
+    conflict = from_start | from_end
+    if conflict_normalization:
+        weights = weights / conflict.sum(-1, keepdim=True).clamp(min=1).to(weights.dtype)
     mean_entropy = (tokens.entropy.detach() * tokens.mask).sum(-1) / tokens.mask.sum(-1)
-    kept = (mean_entropy <= entropy_threshold).unsqueeze(-1)
-    weights = weights * kept
+    kept = mean_entropy <= entropy_threshold
+    shaped = torch.where(kept, advantages - entropy_penalty * mean_entropy, 0.0).unsqueeze(-1)
     old = tokens.logps.detach() if old_logps is None else old_logps
-    per_token, token_metrics = clipped_surrogate(tokens.logps, old, adv, epsilon_low, epsilon_high)
-    token_metrics.update({"conflict_fraction": conflict.float(), "entropy": tokens.entropy})
+    per_token, token_metrics = clipped_surrogate(tokens.logps, old, shaped, epsilon_low, epsilon_high)
+    token_metrics.update({"conflict_fraction": conflict.to(tokens.logps.dtype), "entropy": tokens.entropy})
     out = _finish(per_token * weights, tokens.mask, normalization, None, token_metrics)
     out.metrics["filtered_fraction"] = (~kept).float().mean()
     return out
 
 
+@token_loss(sum_over="tokens")
 def icepop_loss(
     tokens: TokenLogps,
     advantages: Tensor,

@@ -35,6 +35,7 @@ from tokenlab.alignment.common import (
     sequence_kl,
     sequence_logratio,
     sigmoid_preference_loss,
+    token_loss,
 )
 
 
@@ -74,6 +75,7 @@ def token_level_margin(
     return margin, preference_metrics(chosen_rewards, rejected_rewards, **extra)
 
 
+@token_loss(sum_over="sequences")
 def token_weighted_dpo_loss(
     chosen: TokenLogps,
     rejected: TokenLogps,
@@ -89,11 +91,13 @@ def token_weighted_dpo_loss(
     return LossOutput(sigmoid_preference_loss(margin), metrics)
 
 
+@token_loss(sum_over="sequences")
 def dpo_loss(chosen: TokenLogps, rejected: TokenLogps, *, beta: float = 0.1) -> LossOutput:
     """*Direct Preference Optimization*: ``−log σ(β (log π_θ/π_ref)(y⁺) − β (log π_θ/π_ref)(y⁻))``."""
     return token_weighted_dpo_loss(chosen, rejected, beta=beta)
 
 
+@token_loss(sum_over="sequences")
 def ipo_loss(chosen: TokenLogps, rejected: TokenLogps, *, beta: float = 0.1) -> LossOutput:
     """IPO (*A General Theoretical Paradigm to Understand Learning from Human Preferences*, Eq. 17):
     ``(h − 1/(2τ))²`` with ``τ = beta`` and ``h`` the difference of length-averaged log-ratios (the
@@ -107,6 +111,7 @@ def ipo_loss(chosen: TokenLogps, rejected: TokenLogps, *, beta: float = 0.1) -> 
     return LossOutput(loss, metrics)
 
 
+@token_loss(sum_over="sequences", needs=("kl",))
 def tdpo_loss(
     chosen: TokenLogps, rejected: TokenLogps, *, beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2"
 ) -> LossOutput:
@@ -127,6 +132,7 @@ def tdpo_loss(
     return LossOutput(sigmoid_preference_loss(margin), metrics)
 
 
+@token_loss(sum_over="sequences", needs=("kl",))
 def sparsepo_loss(
     chosen: TokenLogps,
     rejected: TokenLogps,
@@ -200,6 +206,7 @@ def critical_token_weights(positive_logps: Tensor, negative_logps: Tensor, *, ce
     return 1 - score.clamp(max=0).exp()
 
 
+@token_loss(sum_over="sequences")
 def cdpo_loss(
     chosen: TokenLogps,
     rejected: TokenLogps,
@@ -219,6 +226,7 @@ def cdpo_loss(
     return out
 
 
+@token_loss(sum_over="sequences")
 def treg_loss(
     chosen: TokenLogps,
     rejected: TokenLogps,

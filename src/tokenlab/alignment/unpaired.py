@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenlab._checks import check_finite, check_positive, check_tensor
-from tokenlab.alignment.common import LossOutput, TokenLogps, sequence_logratio
+from tokenlab.alignment.common import LossOutput, TokenLogps, sequence_logratio, token_loss
 
 
 def _check_labels(desirable: Tensor, tokens: TokenLogps) -> Tensor:
@@ -47,6 +47,7 @@ def _unpaired_metrics(rewards: Tensor, desirable: Tensor, **extra: Tensor) -> di
     }
 
 
+@token_loss(sum_over="sequences")
 def kto_loss(
     tokens: TokenLogps,
     desirable: Tensor,
@@ -109,6 +110,7 @@ class RewardShift:
         return self.value
 
 
+@token_loss(sum_over="sequences")
 def bco_loss(
     tokens: TokenLogps,
     desirable: Tensor,

@@ -9,15 +9,25 @@ half-split layout (channel ``i`` pairs with channel ``i + D/2``)::
 
 so that ``⟨rope(q, m), rope(k, n)⟩`` depends on the positions only through ``m − n``.
 
-**CARoPE** (*Context-aware Rotary Position Embedding*, Veisi et al. 2025). RoPE's frequencies are
-powers of one base frequency, ``θ_i = θ_1^i`` with ``θ_1 = base^(−2/D)``. CARoPE makes that base
-frequency a bounded, head-specific function of the token embedding ``x_t`` (``W ∈ R^{d_model × H}``)::
+**CARoPE** (*Context-aware Rotary Position Embedding*, Veisi et al. 2025). The paper writes RoPE's
+frequencies as powers of one base frequency, ``θ_i = θ_1^i`` with ``θ_1 = base^(−2/D)``, and makes that
+base frequency a bounded, head-specific function of the token embedding ``x_t``
+(``W ∈ R^{d_model × H}``)::
 
     f(x_t) = 1 / (softplus(x_t W + b) + 1)          ∈ (0, 1)^H
     φ_i^{(h)}(m) = Σ_{t=1}^{m} f(x_t)_h^i           (phases accumulate over the positions 1 … m)
 
-and rotates query and key of head ``h`` at position ``m`` by ``φ^{(h)}(m)`` exactly as RoPE does. When
-``f ≡ θ_1`` the sum is ``m·θ_1^i``: CARoPE is RoPE at the 1-based positions ``1 … T``. The bias ``b``
+and rotates query and key of head ``h`` at position ``m`` by ``φ^{(h)}(m)`` exactly as RoPE does.
+
+*Which exponents.* With ``θ_1`` the base frequency and ``θ_i = θ_1^i``, the paper's channel pairs carry
+the exponents ``i = 1 … D/2`` (``first_exponent=1``, the default here): every pair rotates at a power
+``f^i < 1`` of the token's frequency, so every pair depends on the context. RoFormer and Hugging Face
+index RoPE from ``i = 0`` (``θ = base^(−2i/D)``, ``i = 0 … D/2 − 1``): pair 0 turns at frequency 1 for
+every token. ``first_exponent=0`` uses that ladder; there pair 0's phase is the token count, the same
+for every context. Either way ``f ≡ θ_1`` (``W = 0``) reduces CARoPE to RoPE: with
+``first_exponent=0`` it is RoPE at the 1-based positions ``1 … T`` exactly; with the paper's
+``first_exponent=1`` the phases are ``m·θ_1^i = (θ_1·m)·θ_1^{i−1}``, i.e. RoPE evaluated at the scaled
+positions ``θ_1·m`` — the same rotations up to one constant rescaling of position. The bias ``b``
 (zero weight, ``b = softplus⁻¹(1/θ_1 − 1)``) is how :class:`ContextAwareRotaryEmbedding` starts from
 RoPE, the initialisation the paper uses.
 """
@@ -30,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tokenlab._checks import check_tensor
+from tokenlab._checks import check_choice, check_int, check_number, check_tensor
 
 __all__ = [
     "ContextAwareRotaryEmbedding",
@@ -46,15 +56,13 @@ __all__ = [
 
 
 def _check_head_dim(head_dim: int) -> int:
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+    if check_int("head_dim", head_dim, low=2) % 2:
         raise ValueError(f"`head_dim` must be a positive even int, got {head_dim!r}")
     return head_dim
 
 
 def _check_base(base: float) -> float:
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-        raise ValueError(f"`base` must be a number > 1, got {base!r}")
-    return float(base)
+    return check_number("base", base, low=1.0, low_open=True)
 
 
 def rotary_frequencies(
@@ -205,9 +213,14 @@ def carope_frequencies(
 
 
 def carope_phases(
-    frequencies: torch.Tensor, head_dim: int, *, initial_phase: torch.Tensor | None = None
+    frequencies: torch.Tensor,
+    head_dim: int,
+    *,
+    initial_phase: torch.Tensor | None = None,
+    first_exponent: int = 1,
 ) -> torch.Tensor:
-    """Accumulated CARoPE phases ``φ_i^{(h)}(m) = φ_0 + Σ_{t≤m} f_{t,h}^i`` for ``i = 0 … D/2 − 1``.
+    """Accumulated CARoPE phases ``φ_i^{(h)}(m) = φ_0 + Σ_{t≤m} f_{t,h}^i`` for the ``D/2`` exponents
+    ``i = first_exponent … first_exponent + D/2 − 1``.
 
     Args:
         frequencies: ``f [B, T, H]`` in ``(0, 1)`` (from :func:`carope_frequencies`).
@@ -215,6 +228,8 @@ def carope_phases(
         initial_phase: optional ``[B, H, D/2]`` phase already accumulated by earlier tokens (the last
             phase of a previous chunk), so that a sequence can be processed in chunks, e.g. when decoding
             with a KV cache.
+        first_exponent: ``1`` (the paper's ``θ_i = θ_1^i``, ``i = 1 … D/2``) or ``0`` (RoFormer/HF's
+            ladder, ``i = 0 … D/2 − 1``, whose pair 0 ignores the context); see the module docstring.
 
     Returns:
         ``φ [B, H, T, D/2]`` in float32 (float64 if ``frequencies`` is float64). The powers are computed
@@ -224,8 +239,9 @@ def carope_phases(
     head_dim = _check_head_dim(head_dim)
     if frequencies.ndim != 3:
         raise ValueError(f"`frequencies` must have shape [B, T, H], got {tuple(frequencies.shape)}")
+    check_choice("first_exponent", first_exponent, (0, 1))
     compute = torch.float64 if frequencies.dtype == torch.float64 else torch.float32
-    ladder = torch.arange(head_dim // 2, dtype=compute, device=frequencies.device)
+    ladder = torch.arange(head_dim // 2, dtype=compute, device=frequencies.device) + first_exponent
     log_f = frequencies.to(compute).log().transpose(1, 2)  # [B, H, T]
     phases = torch.exp(log_f[..., None] * ladder).cumsum(dim=2)  # [B, H, T, D/2]
     if initial_phase is not None:
@@ -247,14 +263,19 @@ def carope_cos_sin(
     *,
     initial_phase: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    first_exponent: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CARoPE ``cos``/``sin`` tables ``[B, H, T, D]`` for :func:`apply_rope`, and the last phase.
 
     The last phase ``[B, H, D/2]`` (that of position ``T``) is what :func:`carope_phases` takes as
-    ``initial_phase`` to continue the sequence. ``dtype`` defaults to that of ``hidden_states``.
+    ``initial_phase`` to continue the sequence. ``dtype`` defaults to that of ``hidden_states``;
+    ``first_exponent`` as in :func:`carope_phases`.
     """
     phases = carope_phases(
-        carope_frequencies(hidden_states, weight, bias), head_dim, initial_phase=initial_phase
+        carope_frequencies(hidden_states, weight, bias),
+        head_dim,
+        initial_phase=initial_phase,
+        first_exponent=first_exponent,
     )
     cos, sin = _cos_sin_from_phases(phases, dtype or hidden_states.dtype)
     return cos, sin, phases[:, :, -1]
@@ -270,8 +291,10 @@ class ContextAwareRotaryEmbedding(nn.Module):
 
     ``forward(hidden_states [B, T, d_model], q [B, H, T, D], k [B, H, T, D]) -> (q_rot, k_rot)``; the
     frequency projection ``W`` is an ``nn.Linear(d_model, H)``. With ``init_from_rope=True`` (default)
-    ``W = 0`` and the bias is set so that ``f ≡ base^(−2/D)``: the module starts as RoPE at positions
-    ``1 … T`` and learns to depart from it (gradients reach ``W`` because ``∂f/∂W`` involves ``x``).
+    ``W = 0`` and the bias is set so that ``f ≡ base^(−2/D)``: the module starts as RoPE (at positions
+    ``θ_1·m`` with the paper's ``first_exponent=1``, at ``m = 1 … T`` exactly with ``first_exponent=0``,
+    the choice for retrofitting a model pretrained with HF RoPE) and learns to depart from it
+    (gradients reach ``W`` because ``∂f/∂W`` involves ``x``).
     """
 
     def __init__(
@@ -283,12 +306,13 @@ class ContextAwareRotaryEmbedding(nn.Module):
         base: float = 10000.0,
         bias: bool = True,
         init_from_rope: bool = True,
+        first_exponent: int = 1,
     ) -> None:
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        self.head_dim, self.num_heads, self.base = _check_head_dim(head_dim), num_heads, _check_base(base)
+        check_int("hidden_size", hidden_size, low=1)
+        self.num_heads = check_int("num_heads", num_heads, low=1)
+        self.head_dim, self.base = _check_head_dim(head_dim), _check_base(base)
+        self.first_exponent = check_choice("first_exponent", first_exponent, (0, 1))
         self.frequency_proj = nn.Linear(hidden_size, num_heads, bias=bias)
         if init_from_rope:
             if not bias:
@@ -323,8 +347,12 @@ class ContextAwareRotaryEmbedding(nn.Module):
             self.frequency_proj.bias,
             self.head_dim,
             dtype=q.dtype,
+            first_exponent=self.first_exponent,
         )
         return apply_rope(q, cos=cos, sin=sin), apply_rope(k, cos=cos, sin=sin)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}"
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}, "
+            f"first_exponent={self.first_exponent}"
+        )

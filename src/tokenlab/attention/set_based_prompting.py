@@ -33,8 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from tokenlab._checks import check_int
+from tokenlab._hf import cache_kwargs
 from tokenlab.kernels.warping import Warping
 
 __all__ = ["SetBasedInputs", "segment_attention_mask", "set_based_generate", "set_based_inputs"]
@@ -248,8 +250,8 @@ def set_based_generate(
             f"would pass the model's max_position_embeddings = {limit}"
         )
 
-    out = model(**inputs.model_inputs(), use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache = DynamicCache(config=model.config)  # filled in place by every call below
+    logits = model(**inputs.model_inputs(), **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
     length, new_tokens = inputs.input_ids.shape[1], []
     for step in tqdm(range(max_new_tokens), desc="set-based generate", disable=not progress):
         token = _next_token(logits, warping, generator)
@@ -261,8 +263,8 @@ def set_based_generate(
             input_ids=token[:, None],
             attention_mask=torch.zeros(1, 1, 1, length, dtype=param.dtype, device=param.device),
             position_ids=torch.full((1, 1), inputs.next_position + step, device=param.device),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        logits = out.logits[:, -1]
     return torch.stack(new_tokens, dim=1)

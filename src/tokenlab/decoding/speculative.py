@@ -18,6 +18,12 @@ numbers of tokens (the *ragged tensor problem*), so after every step the batch i
   concatenated), topping the group up with the nearest lengths (realigned as in EQSPEC) only when
   too few share a length.
 
+Token trees (``tree="static" | "rsd" | "dyspec"``, :mod:`tokenlab.decoding.token_tree`) replace the
+chain by a drafted tree scored in one target forward and verified by
+:func:`tokenlab.kernels.tree_verify.verify_tree_block`; the loop, the batching and the realignment
+are the same: a step hands :func:`_commit` the accepted path (its tokens and the cache columns
+that hold them), whatever drafted it.
+
 A batch of one is the chain algorithm. Layout invariant of a group (tokens ``[G, L]``, left
 padded): the target cache covers columns ``[0, L − 1)`` (all but the last token), the draft cache
 ``[0, C_d)`` with ``C_d ≤ L − 1``; each forward feeds the uncached columns, with
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,9 +42,19 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from tokenlab._checks import check_choice, check_int
+from tokenlab._checks import check_choice, check_generator, check_int
 from tokenlab.backend import Backend, resolve_backend
+from tokenlab.decoding.incremental import check_causal_lm, check_prompts, eos_token_ids, pad_token_id_for
+from tokenlab.decoding.token_tree import (
+    DraftModelOracle,
+    TreeSpec,
+    draft_tree,
+    score_tree,
+    tree_forward,
+    tree_spec,
+)
 from tokenlab.kernels.speculative_verify import verify_block
+from tokenlab.kernels.tree_verify import child_links, verify_tree_block
 from tokenlab.kernels.warping import Warping
 
 Strategy = Literal["eqspec", "exspec"]
@@ -49,7 +66,12 @@ class SpeculativeStats:
     """Counters of one :func:`speculative_generate` call.
 
     ``steps`` counts (sequence, target call) pairs; ``accepted``/``drafted`` count draft tokens
-    over all steps; ``new_tokens`` the tokens returned (after cutting at EOS / ``max_new_tokens``).
+    (chain tokens or tree nodes) over all steps; ``new_tokens`` the tokens returned (after cutting
+    at EOS / ``max_new_tokens``). ``phase_seconds`` splits the wall-clock time by phase: ``"draft"``
+    (draft forwards), ``"tree"`` (tree bookkeeping and drawing between draft forwards), ``"target"``
+    (the target forward), ``"verify"`` (the verification, its random numbers included) and
+    ``"commit"`` (recording tokens, realigning the batch and its caches); on CUDA each phase ends
+    with a synchronisation.
     """
 
     target_calls: int = 0
@@ -59,16 +81,27 @@ class SpeculativeStats:
     accepted: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / proposed draft tokens."""
+        """Accepted / proposed draft tokens (for trees: accepted path nodes / tree nodes)."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
-    def mean_accepted_length(self) -> float:
+    def tokens_per_target_call(self) -> float:
         """Tokens emitted per sequence per target call (accepted drafts + 1), before truncation."""
         return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """The same as :attr:`tokens_per_target_call`."""
+        return self.tokens_per_target_call
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Draft tokens scored per sequence per target call (``k`` for a chain, the nodes of a tree)."""
+        return self.drafted / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -90,6 +123,23 @@ class _Sampling:
     generator: torch.Generator | None
     backend: Backend
     impl: str  # the verification kernel's implementation, resolved once
+    tree: TreeSpec | None  # None: chain drafting of k tokens
+
+
+class _Clock:
+    """Adds the time since the previous lap to ``stats.phase_seconds[phase]``."""
+
+    def __init__(self, stats: SpeculativeStats, device: torch.device) -> None:
+        self.stats, self.device, self.last = stats, device, time.perf_counter()
+
+    def lap(self, phase: str, exclude: float = 0.0) -> None:
+        """Close ``phase`` (minus ``exclude`` seconds, already counted elsewhere)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        seconds = self.stats.phase_seconds
+        seconds[phase] = seconds.get(phase, 0.0) + now - self.last - exclude
+        self.last = now
 
 
 @dataclass
@@ -110,14 +160,15 @@ class _Group:
 
 @dataclass
 class _Verified:
-    """A group right after verification: ``ids``/``mask`` ``[G, L + k]`` hold the drafts."""
+    """A group right after verification: ``num_accepted [G]`` and ``next_tokens [G, D+1]`` (the
+    accepted tokens, the emitted one, then ``-1``), and for the ``D`` path slots the cache column of
+    each accepted token in the target's and the draft's cache (``-1``: not in the draft cache)."""
 
     group: _Group
-    ids: torch.Tensor
-    lengths: torch.Tensor
     num_accepted: torch.Tensor
     next_tokens: torch.Tensor
-    k: int
+    target_columns: torch.Tensor
+    draft_columns: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------ caches
@@ -172,29 +223,18 @@ def _empty_cache(model: PreTrainedModel) -> DynamicCache:
 
 
 # ------------------------------------------------------------------------------------- steps
-def _forward(model: PreTrainedModel, ids, mask, cache: DynamicCache, logits_to_keep: int) -> torch.Tensor:
-    """Feed the columns of ``ids`` the cache does not cover; logits of the last ``logits_to_keep``."""
-    start = cache.get_seq_length()
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids[:, start:],
-        attention_mask=mask,
-        position_ids=positions[:, start:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    )
-    return out.logits
-
-
-def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: SpeculativeStats) -> _Verified:
-    """Draft ``k`` tokens, score them with one target call, verify."""
+def _step(
+    target, draft, group: _Group, k: int, sampling: _Sampling, stats: SpeculativeStats, clock: _Clock
+) -> _Verified:
+    """Draft ``k`` tokens (or a tree), score them with one target call, verify."""
+    if sampling.tree is not None:
+        return _tree_step(target, draft, group, sampling, stats, clock)
     ids, mask = group.ids, group.mask
-    G = ids.shape[0]
+    G, L = ids.shape
     ones = torch.ones(G, 1, dtype=mask.dtype, device=mask.device)
     draft_tokens, draft_probs = [], []
     for _ in range(k):
-        logits = _forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
+        logits = tree_forward(draft, ids, mask, group.draft_cache, 1)[:, -1].float()
         if sampling.warping.do_sample:
             q = sampling.warping.probs(logits, backend=sampling.backend)
             token = torch.multinomial(q, 1, generator=sampling.generator)
@@ -204,8 +244,10 @@ def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: Spec
         draft_tokens.append(token)
         ids, mask = torch.cat([ids, token], dim=1), torch.cat([mask, ones], dim=1)
     stats.draft_calls += k
-    target_logits = _forward(target, ids, mask, group.target_cache, k + 1).float()
+    clock.lap("draft")
+    target_logits = tree_forward(target, ids, mask, group.target_cache, k + 1).float()
     stats.target_calls += 1
+    clock.lap("target")
     uniforms = exponentials = q_all = None
     if sampling.warping.do_sample:
         q_all = torch.stack(draft_probs, dim=1)
@@ -218,16 +260,60 @@ def _step(target, draft, group: _Group, k: int, sampling: _Sampling, stats: Spec
     stats.steps += G
     stats.drafted += G * k
     stats.accepted += int(num_accepted.sum())
-    return _Verified(group, ids, group.lengths, num_accepted, next_tokens, k)
+    clock.lap("verify")
+    # Draft j sits at column L + j of both caches; the draft never saw the last one.
+    columns = L + torch.arange(k, device=ids.device).expand(G, -1)
+    draft_columns = torch.where(columns < L + k - 1, columns, -1)
+    return _Verified(group, num_accepted, next_tokens, columns, draft_columns)
+
+
+def _tree_step(
+    target, draft, group: _Group, sampling: _Sampling, stats: SpeculativeStats, clock: _Clock
+) -> _Verified:
+    """Draft a tree, score every node with one target call, verify; the accepted path's columns are
+    node ``i`` at ``L + i − 1`` in the target cache and where the draft put it in its own."""
+    G, L = group.ids.shape
+    oracle = DraftModelOracle(draft, group.ids, group.mask, group.draft_cache)
+    tree = draft_tree(
+        sampling.tree, oracle, group.ids[:, -1], sampling.warping, generator=sampling.generator,
+        backend=sampling.backend,
+    ).trimmed()  # fmt: skip
+    stats.draft_calls += oracle.calls
+    clock.lap("tree", exclude=oracle.seconds)
+    stats.phase_seconds["draft"] = stats.phase_seconds.get("draft", 0.0) + oracle.seconds
+    target_logits = score_tree(target, group.ids, group.mask, group.target_cache, tree)
+    target_logits = target_logits.to(torch.promote_types(target_logits.dtype, torch.float32))
+    stats.target_calls += 1
+    clock.lap("target")
+    uniforms = exponentials = None
+    if sampling.warping.do_sample:
+        uniforms = torch.rand(tree.tokens.shape, device=group.ids.device, generator=sampling.generator)
+        exponentials = torch.empty_like(target_logits[:, 0]).exponential_(generator=sampling.generator)
+    num_accepted, path, next_tokens = verify_tree_block(
+        target_logits, tree.draft_probs, tree.tokens, *child_links(tree.parents, tree.valid),
+        sampling.warping, tree.replacement, uniforms, exponentials, sampling.impl,
+    )  # fmt: skip
+    D = int(num_accepted.max())
+    path, next_tokens = path[:, :D], next_tokens[:, : D + 1]
+    node = path.clamp(min=0)
+    stats.steps += G
+    stats.drafted += int(tree.valid[:, 1:].sum())
+    stats.accepted += int(num_accepted.sum())
+    clock.lap("verify")
+    draft_columns = oracle.node_columns(tree.num_nodes + 1).gather(1, node)
+    return _Verified(group, num_accepted, next_tokens, L + node - 1, draft_columns)
 
 
 def _commit(v: _Verified, keep: torch.Tensor, pad_token_id: int) -> _Group:
     """Unpad-update-repad: the sequences at positions ``keep`` of ``v``, each extended by its
-    accepted tokens and emitted token, right-aligned again with caches gathered to match."""
+    accepted tokens and emitted token, right-aligned again with caches gathered to match.
+
+    Old layout, extended: columns ``[0, L)`` the group's tokens, ``L + j`` the ``j``-th accepted token
+    (held in cache column ``target_columns[:, j]`` / ``draft_columns[:, j]``), then the emitted one."""
     L = v.group.ids.shape[1]
-    n, a = v.lengths[keep], v.num_accepted[keep]
-    ext = torch.nn.functional.pad(v.ids[keep], (0, 1), value=pad_token_id)
-    ext.scatter_(1, (L + a).unsqueeze(1), v.next_tokens[keep].gather(1, a.unsqueeze(1)))
+    n, a = v.group.lengths[keep], v.num_accepted[keep]
+    tokens = v.next_tokens[keep]
+    ext = torch.cat([v.group.ids[keep], torch.where(tokens >= 0, tokens, pad_token_id)], dim=1)
     new_n = n + a + 1
     new_L = int(new_n.max())
     shift = ((L - n) - (new_L - new_n)).unsqueeze(1)  # old column = new column + shift
@@ -236,14 +322,23 @@ def _commit(v: _Verified, keep: torch.Tensor, pad_token_id: int) -> _Group:
     source = (columns + shift).clamp(0, ext.shape[1] - 1)
     ids = torch.where(valid, ext.gather(1, source), pad_token_id)
     # Target cache: every real token except the emitted one. Draft cache: the context and the
-    # accepted drafts it has seen (it never saw the last draft), common to the group.
-    draft_len = int(((new_L - new_n) + n + a.clamp(max=v.k - 1)).min())
+    # accepted tokens it holds (a prefix of the path: it never saw the last chain draft or the tree
+    # leaves), as many columns as every member has.
+    committed = torch.arange(L, device=ext.device).expand(keep.numel(), -1)
+    target_source = torch.cat([committed, v.target_columns[keep]], dim=1)
+    draft_columns = v.draft_columns[keep]
+    draft_source = torch.cat([committed, draft_columns], dim=1)
+    accepted = torch.arange(draft_columns.shape[1], device=ext.device) < a[:, None]
+    held = ((draft_columns >= 0) & accepted).sum(dim=1)
+    draft_len = int(((new_L - new_n) + n + held).min())
+    target_kept = target_source.gather(1, source[:, : new_L - 1])
+    draft_kept = draft_source.gather(1, source[:, :draft_len])
     return _Group(
         rows=v.group.rows[keep],
         ids=ids,
         mask=valid.long(),
-        target_cache=_gather_cache(v.group.target_cache, keep, source[:, : new_L - 1]),
-        draft_cache=_gather_cache(v.group.draft_cache, keep, source[:, :draft_len]),
+        target_cache=_gather_cache(v.group.target_cache, keep, target_kept),
+        draft_cache=_gather_cache(v.group.draft_cache, keep, draft_kept),
     )
 
 
@@ -288,9 +383,8 @@ def _model_vocab(model) -> int:
 
 def _check_models(target, draft) -> torch.device:
     """Both HF causal LMs, one vocabulary, one device; returns the device."""
-    for name, model in (("target", target), ("draft", draft)):
-        if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
-            raise TypeError(f"`{name}` must be a Hugging Face causal LM (PreTrainedModel with an LM head)")
+    check_causal_lm("target", target)
+    check_causal_lm("draft", draft)
     vocab = (_model_vocab(target), _model_vocab(draft))
     if vocab[0] != vocab[1]:
         raise ValueError(f"`target` and `draft` must share a vocabulary, got sizes {vocab[0]} and {vocab[1]}")
@@ -300,31 +394,6 @@ def _check_models(target, draft) -> torch.device:
             f"`target` and `draft` must be on one device, got {device} and {next(draft.parameters()).device}"
         )
     return device
-
-
-def _check_prompts(input_ids, attention_mask, device: torch.device) -> None:
-    """``[B, T]`` int64 prompts on ``device``, with an optional left-padding 0/1 mask."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError("`input_ids` must be a [B, T] int64 tensor")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"`input_ids` must be non-empty, got shape {tuple(input_ids.shape)}")
-    if input_ids.device != device:
-        raise ValueError(f"`input_ids` is on {input_ids.device} but the models are on {device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_ids.shape)}")
-        if attention_mask.device != device:
-            raise ValueError(f"`attention_mask` is on {attention_mask.device} but the models are on {device}")
-        m = attention_mask.long()
-        if not (((m == 0) | (m == 1)).all() and (m[:, 1:] >= m[:, :-1]).all() and (m[:, -1] == 1).all()):
-            raise ValueError("`attention_mask` must be 0/1 with left padding (zeros only before the tokens)")
-
-
-def _eos_ids(eos_token_id) -> list[int]:
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
-        raise ValueError(f"`eos_token_id` must be None, an int or a list of ints, got {eos_token_id!r}")
-    return eos
 
 
 # ------------------------------------------------------------------------------------ public
@@ -347,55 +416,69 @@ def speculative_generate(
     strategy: Strategy = "eqspec",
     group_size: int | None = None,
     backend: Backend = "auto",
+    tree: str | None = None,
+    tree_budget: int | None = None,
+    tree_widths: Sequence[int] | None = None,
 ) -> SpeculativeOutput:
-    """Generate with speculative decoding; a batch is handled by EQSPEC or EXSPEC.
+    """Generate with speculative decoding — a chain or a token tree per step; a batch is handled by
+    EQSPEC or EXSPEC.
 
     Args:
         target, draft: HF causal LMs with the same vocabulary, on one device (full-attention
             caches). Greedy output equals ``target.generate(do_sample=False)`` token for token;
             sampled output follows the target's warped distribution.
-        input_ids: ``[B, P]`` prompts, left-padded when ``attention_mask`` ``[B, P]`` is given.
+        input_ids: ``[B, P]`` prompts (token ids of both models' vocabulary), left-padded.
+        attention_mask: ``[B, P]`` 0/1, zeros on the left padding. Without it, as in ``generate``,
+            padding is where ``input_ids`` holds the pad id (``pad_token_id`` or the target's
+            generation config) if that id is no EOS id; a pad id that is also an EOS id counts as
+            text, and raises when the rows start with different numbers of it (pass the mask).
         max_new_tokens: tokens to generate per sequence (fewer when it emits an EOS).
-        num_draft_tokens: ``k ≥ 1`` draft tokens per target call.
+        num_draft_tokens: ``k ≥ 1`` draft tokens per target call; with a ``tree``, its largest depth.
         do_sample, temperature, top_k, top_p: the warping of :class:`tokenlab.kernels.warping.Warping`,
             applied identically to the target and the draft.
         eos_token_id: token id(s) that end a sequence (kept in the output); ``None`` takes the
             target's ``generation_config.eos_token_id``, as ``generate`` does; ``[]`` never stops.
-        pad_token_id: fills the output after a sequence ends (default: the target's generation
-            config, then the first EOS id, then 0).
+        pad_token_id: the prompts' padding (see ``attention_mask``) and the filler of the output
+            after a sequence ends (default: the target's generation config, then for the filler
+            only the first EOS id, then 0).
         generator: the random source of sampling (draft tokens, uniforms, Exp(1) noise).
         strategy: ``"eqspec"`` (lockstep with realignment) or ``"exspec"`` (same-length groups).
         group_size: EXSPEC's largest group (default: the batch size); ignored by EQSPEC.
         backend: of the verification kernel and the warped softmax.
+        tree: ``None`` (a chain of ``k`` tokens), or draft a token tree each step
+            (:mod:`tokenlab.decoding.token_tree`): ``"static"`` (fixed widths, i.i.d. children,
+            SpecInfer's verification), ``"rsd"`` (*Recursive Speculative Decoding*: fixed widths,
+            children without replacement by Gumbel-top-k, recursive rejection sampling) or
+            ``"dyspec"`` (*DySpec*: greedy best-first growth under ``tree_budget`` and depth ``k``).
+        tree_budget: nodes per tree, at most 64 (default 16). Static/RSD without ``tree_widths``
+            branch in two on the first levels and continue as chains to depth ``k``, as many
+            binary levels as the budget allows (:func:`~tokenlab.decoding.token_tree.tree_spec`).
+        tree_widths: static/RSD only: children per node at each depth, e.g. ``(4, 2, 1)``.
 
     Returns:
         :class:`SpeculativeOutput` with ``sequences [B, P + N]`` and :class:`SpeculativeStats`.
     """
     device = _check_models(target, draft)
-    _check_prompts(input_ids, attention_mask, device)
+    eos = eos_token_ids(target, eos_token_id)
+    declared_pad = target.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+    pad_token_id = pad_token_id_for(target, pad_token_id, eos)  # the output's filler, checked here
+    input_ids, mask = check_prompts(target, input_ids, attention_mask, pad_token_id=declared_pad, eos=eos)
+    check_prompts(draft, input_ids, mask)  # the draft embeds every prompt token too
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("num_draft_tokens", num_draft_tokens, low=1)
-    eos = _eos_ids(target.generation_config.eos_token_id if eos_token_id is None else eos_token_id)
-    if generator is not None and (
-        not isinstance(generator, torch.Generator) or generator.device.type != device.type
-    ):
-        raise ValueError(f"`generator` must be a torch.Generator on {device.type}")
+    check_generator("generator", generator, device)
     check_choice("strategy", strategy, STRATEGIES)
     if group_size is not None:
         check_int("group_size", group_size, low=1)
+    spec = tree_spec(tree, tree_budget, tree_widths, num_draft_tokens)
     warping = Warping(do_sample, temperature, top_k, top_p)
-    if pad_token_id is None:
-        pad_token_id = target.generation_config.pad_token_id
-        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    vocab = _model_vocab(target)
-    check_int("pad_token_id", pad_token_id, low=0, high=vocab - 1)
-    sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids))
+    sampling = _Sampling(warping, generator, backend, resolve_backend(backend, input_ids=input_ids), spec)
     B = input_ids.shape[0]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     stats = SpeculativeStats()
     generated: list[list[int]] = [[] for _ in range(B)]
     eos_set = set(eos)
     start = time.perf_counter()
+    clock = _Clock(stats, device)
 
     def emit(v: _Verified) -> torch.Tensor:
         """Record each sequence's new tokens; return the positions (in ``v``) still active."""
@@ -422,9 +505,10 @@ def speculative_generate(
     if strategy == "eqspec":
         group: _Group | None = new_group(all_rows)
         while group is not None:
-            verified = _step(target, draft, group, num_draft_tokens, sampling, stats)
+            verified = _step(target, draft, group, num_draft_tokens, sampling, stats, clock)
             active = emit(verified)
             group = _commit(verified, active, pad_token_id) if active.numel() else None
+            clock.lap("commit")
     else:
         size = group_size or B
         pool = [new_group(all_rows[i : i + 1]) for i in range(B)]
@@ -432,8 +516,9 @@ def speculative_generate(
             chosen = _pick_exspec(pool, size)
             group = _merge([pool[i] for i in chosen], pad_token_id)
             pool = [g for i, g in enumerate(pool) if i not in chosen]
-            verified = _step(target, draft, group, num_draft_tokens, sampling, stats)
+            verified = _step(target, draft, group, num_draft_tokens, sampling, stats, clock)
             pool.extend(_commit(verified, i.view(1), pad_token_id) for i in emit(verified))
+            clock.lap("commit")
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -11,9 +11,13 @@ boolean masks (DARE) — not the model, and not ``n`` copies of any tensor.
 
 Every check runs before anything is written: tensor names, shapes and dtypes (errors name the
 tensor), ``config.json`` architecture fields, parameter values, and that the output directory is
-neither an input nor inside one nor contains one. The output goes to a temporary directory beside
-``out_dir`` that is renamed into place at the end; config, generation config and tokenizer files are
-copied from the base; a ``tokenlab_merge.json`` records the recipe.
+neither an input nor inside one nor contains one; a truncated or corrupt input file is named. The
+output goes to a temporary directory beside ``out_dir`` (:func:`tokenlab._atomic.atomic_directory`:
+created with the user's umask, removed on any error, ``Ctrl-C`` or ``SIGTERM``, and swept on the next
+run if its process died) that is renamed into place at the end; config, generation config and
+tokenizer files are copied from the base; a ``tokenlab_merge.json`` records the recipe. A merged
+tensor with NaN or infinite entries (an input holds NaN or infinity there) raises naming the tensor,
+and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,18 +27,19 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from tokenlab._checks import check_bool, check_int
+from tokenlab._atomic import atomic_directory, publish
+from tokenlab._checks import check_bool, check_choice, check_int
 from tokenlab.merging.methods import MergeInputs, ReadRows
-from tokenlab.merging.registry import Target, merge_method
+from tokenlab.merging.registry import merge_method
+from tokenlab.merging.settings import jsonable, varies
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -58,6 +63,8 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# output dtypes a merge may be written in (``dtype=``), by their torch names
+OUTPUT_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,10 @@ class Checkpoint:
             raise FileNotFoundError(f"{role} {str(path)!r} has no config.json")
         index = path / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{role}: {str(index)!r} is not a safetensors index ({err!r})") from None
             files = sorted(set(weight_map.values()))
         elif (path / SAFETENSORS_SINGLE).is_file():
             files = [SAFETENSORS_SINGLE]
@@ -107,12 +117,17 @@ class Checkpoint:
                 raise FileNotFoundError(
                     f"{role} {str(path)!r}: shard {name!r} listed in the index is missing"
                 )
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    s = f.get_slice(key)
-                    if s.get_dtype() not in _DTYPES:
-                        raise ValueError(f"{role}: tensor {key!r} has unsupported dtype {s.get_dtype()}")
-                    tensors[key] = TensorInfo(file, s.get_dtype(), tuple(s.get_shape()))
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        s = f.get_slice(key)
+                        if s.get_dtype() not in _DTYPES:
+                            raise ValueError(f"{role}: tensor {key!r} has unsupported dtype {s.get_dtype()}")
+                        tensors[key] = TensorInfo(file, s.get_dtype(), tuple(s.get_shape()))
+            except SafetensorError as err:
+                raise ValueError(
+                    f"{role}: {str(file)!r} is not a complete safetensors file (truncated or corrupt: {err})"
+                ) from None
         return cls(path, json.loads(config_file.read_text()), tensors)
 
     def read(self, name: str) -> torch.Tensor:
@@ -248,6 +263,7 @@ def merge_checkpoints(
     *,
     seed: int = 0,
     max_shard_size: int | str = "5GB",
+    dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **params,
@@ -259,50 +275,63 @@ def merge_checkpoints(
         base_dir: the base model's directory (``config.json`` + safetensors, single or sharded).
         finetuned_dirs: the fine-tuned models' directories (same architecture and tensors).
         out_dir: where the merged model is written; must not exist, be empty, or ``overwrite=True``.
-        weights: per-model weights (default 1 each).
-        seed: seeds DARE's masks, per tensor (see :func:`~tokenlab.merging.tensor_generator`).
+        weights: per-model weights (default 1 each); each may be a
+            :class:`~tokenlab.merging.TensorSetting` (a value per tensor).
+        seed: seeds the random masks (DARE, DELLA), per tensor (see
+            :func:`~tokenlab.merging.tensor_generator`).
         max_shard_size: shard size (bytes or ``"2GB"``); one ``model.safetensors`` when it all fits.
+        dtype: the floating tensors' output dtype (``"float16"``, ``"bfloat16"``, ``"float32"``,
+            ``"float64"``; default: each input tensor's own); ``config.json`` records it.
         overwrite: replace a non-empty ``out_dir`` (never an input).
         progress: tqdm bar over tensors.
-        **params: the method's declared parameters (``density``, ``majority_sign``, ``t``; not the
-            tensor-only ``generator``/``masks``).
+        **params: the method's declared parameters (``density``, ``majority_sign``, ``t`` …; not the
+            tensor-only ``generator``/``masks``); any value (or per-model entry) may be a
+            :class:`~tokenlab.merging.TensorSetting`.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`; ``from_pretrained(out_dir)`` loads the merge.
 
-    The result equals :func:`~tokenlab.merging.merge_state_dicts` on the loaded state dicts.
+    The result equals :func:`~tokenlab.merging.merge_state_dicts` on the loaded state dicts (cast to
+    ``dtype``).
     """
     entry = merge_method(method)
     if isinstance(finetuned_dirs, (str, os.PathLike)) or not finetuned_dirs:
         raise TypeError("`finetuned_dirs` must be a non-empty list of directories")
     n = len(finetuned_dirs)
-    full = entry.resolve(params, Target(n, where="checkpoint"))
-    w = entry.resolve_weights(weights, n)
     seed = check_int("seed", seed)
     shard_bytes = parse_size(max_shard_size)
+    out_code = None if dtype is None else OUTPUT_DTYPES[check_choice("dtype", dtype, tuple(OUTPUT_DTYPES))]
     overwrite, progress = check_bool("overwrite", overwrite), check_bool("progress", progress)
     out_dir = Path(out_dir)
     base = Checkpoint.open(base_dir, "`base_dir`")
     models = [Checkpoint.open(d, f"`finetuned_dirs[{i}]`") for i, d in enumerate(finetuned_dirs)]
+    floating = [k for k, info in base.tensors.items() if _DTYPES[info.dtype].is_floating_point]
+    plan = entry.plan(params, weights, n, floating, "checkpoint")
     _check_out_dir(out_dir, [base.path, *(m.path for m in models)], overwrite)
     _check_inputs(base, models)
+    converted = set(floating) if out_code is not None else set()
+    outputs = {
+        k: TensorInfo(info.file, out_code, info.shape) if k in converted else info
+        for k, info in base.tensors.items()
+    }
 
     def produce(name: str) -> Iterator[torch.Tensor]:
         info = base.tensors[name]
-        dtype = _DTYPES[info.dtype]
-        if not dtype.is_floating_point:
+        in_dtype, out_dtype = _DTYPES[info.dtype], _DTYPES[outputs[name].dtype]
+        if not in_dtype.is_floating_point:
             yield base.read(name)
             return
         inputs = MergeInputs(
-            name, info.shape, dtype, base.read_rows(name), tuple(m.read_rows(name) for m in models)
+            name, info.shape, in_dtype, base.read_rows(name), tuple(m.read_rows(name) for m in models)
         )
+        w, full = plan(name)
         for block in entry.fn(inputs, w, **(full | entry.seeded(seed, name))):
-            yield block.to(dtype)
+            if not bool(torch.isfinite(block).all()):
+                raise ValueError(f"merged tensor {name!r} has NaN or infinite entries (from an input's)")
+            yield block.to(out_dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.merging-", dir=out_dir.parent))
-    try:
-        shards = plan_shards(base.tensors, shard_bytes)
+    with atomic_directory(out_dir, "merging") as tmp:
+        shards = plan_shards(outputs, shard_bytes)
         names = (
             [SAFETENSORS_SINGLE]
             if len(shards) == 1
@@ -310,32 +339,32 @@ def merge_checkpoints(
         )
         with tqdm(total=len(base.tensors), desc=f"merging ({method})", disable=not progress) as bar:
             for file, shard in zip(names, shards):
-                _write_shard(tmp / file, shard, base.tensors, produce, bar)
+                _write_shard(tmp / file, shard, outputs, produce, bar)
         if len(shards) > 1:
             index = {
-                "metadata": {"total_size": sum(i.nbytes for i in base.tensors.values())},
+                "metadata": {"total_size": sum(i.nbytes for i in outputs.values())},
                 "weight_map": {k: f for f, shard in zip(names, shards) for k in shard},
             }
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
         for f in base.path.iterdir():
             if f.is_file() and not _WEIGHT_FILE.fullmatch(f.name):
                 shutil.copy2(f, tmp / f.name)
+        if dtype is not None:  # the config states the weights' dtype (transformers reads "dtype")
+            config = {**base.config, "dtype": dtype}
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        varying = varies(weights) or any(varies(v) for v in params.values())
+        w, full = plan(floating[0]) if floating else (None, {})
         recipe = {
             "method": method,
             "base": str(base.path.resolve()),
             "models": [str(m.path.resolve()) for m in models],
-            "weights": w.tolist() if entry.weighted else None,
-            "parameters": entry.recorded(full),
+            "weights": jsonable(weights) if varying else (w.tolist() if entry.weighted else None),
+            "parameters": jsonable(params) if varying else entry.recorded(full),
             "seed": seed,
+            "dtype": dtype,
         }
         (tmp / "tokenlab_merge.json").write_text(json.dumps(recipe, indent=2))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "old")
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out_dir, replace=True)
     return out_dir

@@ -15,9 +15,11 @@ directory, seed and shard size::
     max_shard_size: 2GB
     out: merged/ties
 
-Relative paths are resolved against the recipe file's directory. :func:`load_recipe` reads and
-checks the recipe's structure; the values themselves are checked by
-:func:`~tokenlab.merging.merge_checkpoints`, against the method's declared parameters.
+Relative paths are resolved against the recipe file's directory; ``dtype`` (optional) is the output
+dtype. :func:`load_recipe` reads and checks the recipe's structure; the values themselves are checked
+by :func:`~tokenlab.merging.merge_checkpoints`, against the method's declared parameters. A file (or
+mapping) with a ``merge_method`` key is a mergekit config, read by
+:func:`~tokenlab.merging.mergekit.from_mergekit`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from pathlib import Path
 import yaml
 
 from tokenlab.merging.checkpoint import merge_checkpoints
+from tokenlab.merging.mergekit import from_mergekit
 from tokenlab.merging.registry import REQUIRED, merge_method
 
-RECIPE_KEYS = frozenset({"method", "base", "models", "parameters", "seed", "max_shard_size", "out"})
+RECIPE_KEYS = frozenset({"method", "base", "models", "parameters", "seed", "max_shard_size", "dtype", "out"})
 
 
 def _model_entry(entry: object, i: int, per_model: Collection[str]) -> tuple[str, dict]:
@@ -50,7 +53,8 @@ def load_recipe(source: str | os.PathLike | Mapping) -> dict:
 
     Returns a dict with ``method``, ``base``, ``models`` (paths), ``weights`` (list or ``None``),
     ``parameters`` (per-model parameters given in ``models`` as lists of one value per model),
-    ``seed``, ``max_shard_size`` and ``out`` (or ``None``).
+    ``seed``, ``max_shard_size``, ``dtype`` and ``out`` (or ``None``). A mergekit config (a
+    ``merge_method`` key) is read by :func:`~tokenlab.merging.mergekit.from_mergekit`.
     """
     root = Path.cwd()
     if isinstance(source, Mapping):
@@ -64,6 +68,8 @@ def load_recipe(source: str | os.PathLike | Mapping) -> dict:
         root = path.resolve().parent
         if not isinstance(recipe, Mapping):
             raise ValueError(f"recipe file {str(path)!r} must hold a mapping, got {type(recipe).__name__}")
+    if "merge_method" in recipe:
+        return from_mergekit(recipe, root)
     unknown = sorted(set(recipe) - RECIPE_KEYS)
     if unknown:
         raise ValueError(f"recipe has unknown key(s) {unknown}; allowed: {sorted(RECIPE_KEYS)}")
@@ -95,6 +101,7 @@ def load_recipe(source: str | os.PathLike | Mapping) -> dict:
         "parameters": params,
         "seed": recipe.get("seed", 0),
         "max_shard_size": recipe.get("max_shard_size", "5GB"),
+        "dtype": recipe.get("dtype"),
         "out": None if out is None else root / out,
     }
 
@@ -103,10 +110,12 @@ def merge_from_recipe(
     source: str | os.PathLike | Mapping,
     out_dir: str | os.PathLike | None = None,
     *,
+    seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Run :func:`~tokenlab.merging.merge_checkpoints` as a recipe says (``out_dir`` overrides ``out``)."""
+    """Run :func:`~tokenlab.merging.merge_checkpoints` as a recipe (or mergekit config) says;
+    ``out_dir`` overrides its ``out``, ``seed`` its ``seed`` (mergekit configs hold none: 0)."""
     r = load_recipe(source)
     out = out_dir if out_dir is not None else r["out"]
     if out is None:
@@ -117,8 +126,9 @@ def merge_from_recipe(
         r["models"],
         out,
         r["weights"],
-        seed=r["seed"],
+        seed=r["seed"] if seed is None else seed,
         max_shard_size=r["max_shard_size"],
+        dtype=r["dtype"],
         overwrite=overwrite,
         progress=progress,
         **r["parameters"],

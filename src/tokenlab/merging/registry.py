@@ -6,24 +6,30 @@ A merge method is a generator function ``fn(inputs, weights, *, **params)`` (see
 * its keyword parameters, each a :class:`Param` — name, check, default (or :data:`REQUIRED`), a
   one-line doc, and whether it takes one value per fine-tuned model (``per_model``), exists only
   for one-tensor merges (``tensor_only``), or is set per tensor from the merge's seed (``from_seed``);
-* how many fine-tuned models it takes (``min_models`` / ``max_models``) and whether it takes
-  per-model ``weights``.
+* how many fine-tuned models it takes (``min_models`` / ``max_models``), whether it takes
+  per-model ``weights`` and whether it reads the base's values (``uses_base``);
+* a ``constraint`` between parameters (DELLA's ``density ± epsilon``), checked after each one's own;
+* ``mergekit``: for a method mergekit shares (same name), the tokenlab values that stand for
+  mergekit's defaults (:class:`Mergekit`), read by :mod:`tokenlab.merging.mergekit`.
 
 Parameters shared by several methods are declared once (``DENSITY`` …) and listed by each.
 :meth:`MergeMethod.resolve` reads these declarations — and nothing else — to reject unknown and
 missing parameters, fill in defaults and run each check, once per merge call and before any work;
-so a new method or parameter is a function and its declaration, never an edit here.
+:meth:`MergeMethod.plan` does so per tensor when values vary by tensor
+(:class:`~tokenlab.merging.settings.TensorSetting`). So a new method or parameter is a function and its
+declaration, never an edit here.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tokenlab._checks import check_finite
+from tokenlab.merging.settings import NOT_SET, evaluate, layer_positions, varies
 
 MergeFn = Callable[..., Iterator[torch.Tensor]]
 
@@ -87,7 +93,9 @@ class Param:
         value = params.get(self.name, self.default)
         if not self.per_model:
             return value if value is self.default else self.check(self.name, value, target)
-        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value] * target.n
+        if not isinstance(value, Sequence) or isinstance(value, str):  # one value for every model
+            return (value if value is self.default else self.check(self.name, value, target),) * target.n
+        values = value
         if len(values) != target.n:
             raise ValueError(
                 f"`{self.name}` must be one value or one per fine-tuned model ({target.n}), got {len(values)}"
@@ -102,6 +110,24 @@ def _count(k: int) -> str:
     return {1: "one", 2: "two", 3: "three"}.get(k, str(k))
 
 
+Constraint = Callable[[Mapping[str, object], torch.Tensor, Target], None]  # (values, weights, target)
+Settled = tuple[torch.Tensor, dict[str, object]]  # (weights as float64, every parameter's value)
+
+
+@dataclass(frozen=True)
+class Mergekit:
+    """How a mergekit config naming the same method maps onto it.
+
+    ``defaults``: tokenlab parameter values standing for mergekit's defaults, used where the config
+    leaves the parameter out (e.g. ``ties``: ``normalize="weight"``, ``weighted_sign=True``,
+    ``density=1.0``); ``no_effect``: mergekit parameters accepted (checked as booleans) that change
+    nothing in tokenlab (``int8_mask``: tokenlab's sign masks are boolean already).
+    """
+
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    no_effect: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: its function, its declared parameters and model-count rule."""
@@ -113,6 +139,13 @@ class MergeMethod:
     weighted: bool = True  # takes per-model ``weights``
     min_models: int = 1
     max_models: int | None = None
+    uses_base: bool = True  # False: the base gives only the layout (linear averages the models alone)
+    constraint: Constraint | None = None
+    mergekit: Mergekit | None = None
+
+    def param(self, name: str) -> Param | None:
+        """The declared parameter called ``name`` (``None`` if there is none)."""
+        return next((p for p in self.params if p.name == name), None)
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -177,6 +210,66 @@ class MergeMethod:
         check_finite("weights", w)
         return w
 
+    def settle(
+        self, params: Mapping[str, object], weights: Sequence[float] | torch.Tensor | None, target: Target
+    ) -> Settled:
+        """:meth:`resolve_weights` and :meth:`resolve`, then the method's ``constraint``."""
+        values = self.resolve(params, target)
+        w = self.resolve_weights(weights, target.n)
+        if self.constraint is not None:
+            self.constraint(values, w, target)
+        return w, values
+
+    def plan(
+        self,
+        params: Mapping[str, object],
+        weights: Sequence[object] | torch.Tensor | None,
+        n: int,
+        names: Sequence[str],
+        where: str,
+    ) -> Callable[[str], Settled]:
+        """Weights and parameter values for each tensor of a whole-model merge of tensors ``names``,
+        all checked now, before any work.
+
+        Values (or per-model entries, or weights) that are
+        :class:`~tokenlab.merging.settings.TensorSetting` s are evaluated per tensor at its layer
+        position (:func:`~tokenlab.merging.settings.layer_positions`); a setting that gives no value
+        leaves the parameter at its default (weights at 1). Errors name the tensor.
+        """
+        if not varies(weights) and not any(varies(v) for v in params.values()):
+            settled = self.settle(params, weights, Target(n, where=where))
+            return lambda name: settled
+        positions = layer_positions(names)
+        table = {}
+        for name in names:
+            try:
+                given = self._given({k: evaluate(v, name, positions[name]) for k, v in params.items()}, name)
+                w = evaluate(weights, name, positions[name])
+                if isinstance(w, list):
+                    w = [1.0 if v is NOT_SET else v for v in w]
+                table[name] = self.settle(given, w, Target(n, where=f"{where} tensor {name!r}"))
+            except (TypeError, ValueError) as e:
+                if repr(name) in str(e):
+                    raise
+                raise type(e)(f"{e} (tensor {name!r})") from e
+        return table.__getitem__
+
+    def _given(self, values: Mapping[str, object], tensor: str) -> dict[str, object]:
+        """Evaluated ``values`` without the ones no setting gave (:data:`NOT_SET`); per-model entries
+        left unset take the parameter's default (or raise if it is required)."""
+        given = {}
+        for key, value in values.items():
+            if value is NOT_SET:
+                continue
+            param = self.param(key)
+            if isinstance(value, list) and param is not None and any(v is NOT_SET for v in value):
+                unset = [i for i, v in enumerate(value) if v is NOT_SET]
+                if param.required:
+                    raise ValueError(f"`{key}` is not set for model(s) {unset} at tensor {tensor!r}")
+                value = [param.default if v is NOT_SET else v for v in value]
+            given[key] = value
+        return given
+
     def seeded(self, seed: int, tensor: str) -> dict[str, object]:
         """The parameters a whole-model merge seeded with ``seed`` sets for tensor ``tensor``."""
         return {p.name: p.from_seed(seed, tensor) for p in self.params if p.from_seed is not None}
@@ -197,12 +290,18 @@ def register_merge_method(
     weighted: bool = True,
     min_models: int = 1,
     max_models: int | None = None,
+    uses_base: bool = True,
+    constraint: Constraint | None = None,
+    mergekit: Mergekit | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn(inputs, weights, *, <params>) -> Iterator[Tensor]`` under ``name``.
 
     ``params`` declares every keyword parameter (the function's keyword-only parameters, by name,
     without defaults of their own); ``min_models``/``max_models`` bound the number of fine-tuned
-    models; ``weighted=False``: the method takes no per-model ``weights``.
+    models; ``weighted=False``: the method takes no per-model ``weights``; ``uses_base=False``: it
+    does not read the base's values; ``constraint(values, weights, target)`` raises for values that
+    pass each parameter's check but not together; ``mergekit``: mergekit's defaults, for a method
+    mergekit has under the same name.
     """
 
     def register(fn: MergeFn) -> MergeFn:
@@ -219,7 +318,9 @@ def register_merge_method(
                 f"merge method {name!r}: declared parameters {declared} do not match the keyword-only "
                 f"parameters of {fn.__name__}: {keywords}"
             )
-        MERGE_METHODS[name] = MergeMethod(name, fn, tuple(params), paper, weighted, min_models, max_models)
+        MERGE_METHODS[name] = MergeMethod(
+            name, fn, tuple(params), paper, weighted, min_models, max_models, uses_base, constraint, mergekit
+        )
         return fn
 
     return register

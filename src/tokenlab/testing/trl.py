@@ -59,9 +59,16 @@ def _unshifted(mask: Tensor) -> Tensor:
 
 
 def trl_dpo_loss(
-    chosen: TokenLogps, rejected: TokenLogps, *, beta: float, loss_type: str = "sigmoid"
+    chosen: TokenLogps,
+    rejected: TokenLogps,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    f_divergence_type: str = "reverse_kl",
+    label_smoothing: float = 0.0,
 ) -> Tensor:
-    """``DPOTrainer._compute_loss`` (``loss_type`` "sigmoid" = DPO, "ipo" = IPO) on precomputed log-probs."""
+    """``DPOTrainer._compute_loss`` (``loss_type`` "sigmoid" = DPO, "ipo" = IPO, "robust", …; any
+    ``f_divergence_type``) on precomputed log-probs."""
     from trl.trainer.dpo_trainer import DPOTrainer
 
     B, T = chosen.logps.shape
@@ -69,7 +76,8 @@ def trl_dpo_loss(
     stub = _stub(
         ld_alpha=None,
         precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
+        f_divergence_type=f_divergence_type,
+        label_smoothing=label_smoothing,
         loss_types=[loss_type],
         loss_weights=[1.0],
         beta=beta,
@@ -134,12 +142,16 @@ def trl_grpo_loss(
     epsilon_high: float = 0.2,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> Tensor:
-    """``GRPOTrainer._compute_loss`` (``loss_type`` "grpo", "bnpo" or "dr_grpo") on precomputed log-probs."""
+    """``GRPOTrainer._compute_loss`` (``loss_type`` "grpo", "bnpo" or "dr_grpo"; an entropy bonus
+    ``entropy_coef`` on the per-token ``entropy``) on precomputed log-probs."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     B, T = tokens.logps.shape
     policy = tokens.logps
+    entropies = torch.zeros_like(policy.detach()) if entropy is None else entropy
     stub = _stub(
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
@@ -151,9 +163,11 @@ def trl_grpo_loss(
         use_vllm=False,
         current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length or T,
-        _entropy_bonus_enabled=False,
+        _entropy_bonus_enabled=entropy_coef != 0.0,
+        entropy_coef=entropy_coef,
+        use_adaptive_entropy=False,
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
-        _get_per_token_logps_and_entropies=lambda *a, **k: (policy, torch.zeros_like(policy.detach()), None),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (policy, entropies, None),
     )
     device = policy.device
     inputs = {

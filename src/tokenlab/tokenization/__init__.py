@@ -23,6 +23,7 @@ from tokenlab.tokenization.pretokenize import (
 )
 from tokenlab.tokenization.transplant import (
     TRANSPLANT_METHODS,
+    hf_text_embedder,
     orthogonal_matching_pursuit,
     transplant_tokenizer,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "core_weights",
     "fill_in_the_middle",
     "generate_bytes",
+    "hf_text_embedder",
     "make_pre_tokenizer",
     "orthogonal_matching_pursuit",
     "train_bpe",

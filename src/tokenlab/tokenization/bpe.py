@@ -19,11 +19,15 @@ corpus.
 used as the superword tokenizers of *Explaining and Mitigating Crosslingual Tokenizer Inequities*;
 cf. the Supertokens of *Achieving Tokenizer Flexibility in Language Models through Heuristic
 Adaptation and Supertoken Learning*): stage 1 learns merges inside whitespace-bounded pre-tokens up
-to ``transition_vocab_size``; stage 2 re-splits the corpus into coarser pre-tokens (whole lines by
-default, so merges may cross spaces), replays the stage-1 merges in order on them and continues
-learning. The exported tokenizer is one BPE model with the stage-2 pre-tokeniser and all merges in
-rank order — and encoding by rank is what the replay reproduces, so the tokenizer encodes text the
-way stage 2 saw it.
+to ``transition_vocab_size``; stage 2 re-splits the corpus into coarser pre-tokens (by default
+SuperBPE's own stage-2 rule, ``make_pre_tokenizer("superbpe")``: digit groups of ≤ 3, punctuation runs
+and space runs stay apart, merges may cross spaces and single newlines), replays the stage-1 merges
+in order on them and continues learning. ``transition_vocab_size`` counts the whole vocabulary at the
+transition (256 bytes + stage-1 merges + special tokens); SuperBPE's scripts count the inherited
+*merges* (``num_inherit_merges``), i.e. ``transition_vocab_size = 256 + num_inherit_merges +
+len(special_tokens)``. The exported tokenizer is one BPE model with the stage-2 pre-tokeniser and all
+merges in rank order — and encoding by rank is what the replay reproduces, so the tokenizer encodes
+text the way stage 2 saw it.
 
 **Encoding** (:meth:`BPETokenizer.encode`, HF's semantics): split special tokens out, pre-tokenise,
 and in each pre-token repeatedly merge the adjacent pair of lowest merge rank (leftmost first).
@@ -245,17 +249,18 @@ def train_superword_bpe(
     """Train a superword BPE tokenizer with the two-stage curriculum of *SuperBPE*.
 
     Stage 1 learns subword merges with ``pre_tokenizer`` (default: GPT-2 regex) until the vocabulary
-    holds ``transition_vocab_size`` tokens (special tokens included); stage 2 splits the corpus with
-    ``superword_pre_tokenizer`` (default: whole lines), replays the stage-1 merges in rank order and
-    learns merges across whitespace up to ``vocab_size``. Give both pipelines the same digit stage
-    if digits should stay grouped in stage 2.
+    holds ``transition_vocab_size`` tokens (bytes and special tokens included; SuperBPE's
+    ``num_inherit_merges`` is ``transition_vocab_size − 256 − len(special_tokens)``); stage 2 splits the
+    corpus with ``superword_pre_tokenizer`` (default: SuperBPE's stage-2 rule,
+    ``make_pre_tokenizer("superbpe")``; ``make_pre_tokenizer("lines")`` keeps whole lines), replays the
+    stage-1 merges in rank order and learns merges across whitespace up to ``vocab_size``.
     """
     specials = _check_training_args(texts, vocab_size, special_tokens)
     _check_pre_tokenizer("pre_tokenizer", pre_tokenizer)
     _check_pre_tokenizer("superword_pre_tokenizer", superword_pre_tokenizer)
     check_int("transition_vocab_size", transition_vocab_size, low=256 + len(specials), high=vocab_size - 1)
     pre_tokenizer = pre_tokenizer or make_pre_tokenizer("gpt2")
-    superword_pre_tokenizer = superword_pre_tokenizer or make_pre_tokenizer("lines")
+    superword_pre_tokenizer = superword_pre_tokenizer or make_pre_tokenizer("superbpe")
     vocab = _Vocabulary()
     size = vocab_size - len(specials)
     with tqdm(total=size - 256, desc="superword BPE merges", disable=not progress) as bar:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from tokenlab._checks import check_bool, check_choice, check_int, check_positive
+from tokenlab._checks import check_bool, check_choice, check_generator, check_int, check_positive
 from tokenlab.tokenization.canonical import ByteLevelBPE
 
 EOS_BYTE = 256
@@ -69,8 +69,8 @@ def _as_bytes(text: bytes | str, name: str) -> bytes:
     if isinstance(text, str):
         try:
             return text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(f"`{name}` is not valid Unicode ({err.reason}); pass bytes instead") from None
+        except UnicodeEncodeError as err:  # a lone surrogate has no UTF-8 bytes
+            raise ValueError(f"`{name}` is not valid Unicode ({err}); pass bytes instead") from None
     if isinstance(text, (bytes, bytearray)):
         return bytes(text)
     raise TypeError(f"`{name}` must be bytes or str, got {type(text).__name__}")
@@ -588,6 +588,7 @@ def generate_bytes(
     data = _as_bytes(prompt, "prompt")
     check_int("max_new_bytes", max_new_bytes, low=0)
     check_positive("temperature", temperature)
+    check_generator("generator", generator, "cpu")  # the laws are on the CPU
     new = bytearray()
     for _ in range(max_new_bytes):
         law = lm.next_byte_distribution(data + bytes(new))

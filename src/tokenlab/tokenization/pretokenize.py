@@ -12,8 +12,15 @@ Split stages (:data:`SPLITS`):
 * ``"gpt2"`` — the GPT-2 regex (contractions, letter runs, number runs, punctuation runs, each
   with at most one leading space; whitespace runs leave their last space to the next word);
 * ``"whitespace"`` — whitespace-bounded words, each with at most one leading space;
-* ``"lines"`` — whole lines (each with its ``\\n``): the coarse pre-tokens of the superword stage,
-  where merges may cross spaces but not line breaks.
+* ``"superbpe"`` — the stage-2 rule of *SuperBPE: Space Travel for Language Models* (its
+  ``scripts/extend_tokenizer.sh``), applied isolated: ``\\p{N}{1,3}`` (digits in groups of at most
+  three), `` ?[^\\s\\p{L}\\p{N}]{2,}[\\r\\n/]*`` (runs of two or more punctuation marks, with an
+  optional leading space and trailing newlines/slashes) and `` +(?!\\S)`` (space runs, minus the space
+  before a word) are pieces of their own; everything between them — words with their single spaces,
+  single punctuation marks and line breaks — is one piece, so superword merges may cross spaces and
+  single newlines. The default superword stage.
+* ``"lines"`` — whole lines (each with its ``\\n``): coarse pre-tokens where merges may cross spaces
+  but not line breaks, and digits, punctuation runs and space runs fuse with words.
 
 Digit stages (:data:`DIGIT_SPLITS`, *Tokenization counts: the impact of tokenization on arithmetic
 in frontier LLMs*): ``"single"`` (every digit alone), ``"l2r3"`` (groups of three from the left:
@@ -45,6 +52,7 @@ from tokenizers import Regex, pre_tokenizers
 
 from tokenlab._checks import check_choice
 
+SUPERBPE_PATTERN = r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]{2,}[\r\n/]*| +(?!\S)"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -109,6 +117,7 @@ class RegexSplit:
 SPLITS: dict[str, RegexSplit] = {
     "gpt2": RegexSplit("gpt2", GPT2_PATTERN),
     "whitespace": RegexSplit("whitespace", r" ?\S+|\s+(?!\S)|\s+"),
+    "superbpe": RegexSplit("superbpe", SUPERBPE_PATTERN),
     "lines": RegexSplit("lines", r"[^\n]*\n|[^\n]+"),
 }
 
@@ -197,7 +206,8 @@ def make_pre_tokenizer(split: str | None = "gpt2", digits: str | None = None) ->
     """The pipeline ``[digit stage] + [split stage]``.
 
     Args:
-        split: a key of :data:`SPLITS` (``"gpt2"``, ``"whitespace"``, ``"lines"``) or ``None``.
+        split: a key of :data:`SPLITS` (``"gpt2"``, ``"whitespace"``, ``"superbpe"``, ``"lines"``) or
+            ``None``.
         digits: a key of :data:`DIGIT_SPLITS` (``"single"``, ``"l2r3"``, ``"r2l3"``) or ``None``.
     """
     check_choice("split", split, [*sorted(SPLITS), None])

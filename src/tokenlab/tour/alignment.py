@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 
 from tokenlab.alignment.common import TokenLogps
-from tokenlab.alignment.fused_linear import LinearHead, causal_lm_head, shift_for_next_token, token_stats
+from tokenlab.alignment.fused_linear import LinearHead, token_stats
+from tokenlab.alignment.hf import causal_lm_head, shift_for_next_token
 from tokenlab.alignment.preference import dpo_loss
 from tokenlab.tour.preference import preference_margin, shuffled_continuation_pairs, train_preference
 from tokenlab.tour.toy import ToyWorld

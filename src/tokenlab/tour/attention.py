@@ -8,10 +8,10 @@ import itertools
 
 import torch
 
+from tokenlab.attention.flash import flash_attention
 from tokenlab.attention.rope import ContextAwareRotaryEmbedding, apply_rope
 from tokenlab.attention.set_based_prompting import set_based_generate, set_based_inputs
 from tokenlab.backend import triton_interpreter_enabled
-from tokenlab.kernels.attention import flash_attention
 from tokenlab.testing import relative_error
 from tokenlab.tour.toy import ToyWorld
 
@@ -63,10 +63,11 @@ def _set_based_and_carope(world: ToyWorld) -> list[str]:
     text = tokenizer.decode(next(iter(continuations)))
 
     torch.manual_seed(0)
-    carope = ContextAwareRotaryEmbedding(64, 4, 16)  # initialised from RoPE: W = 0
+    carope = ContextAwareRotaryEmbedding(64, 4, 16)  # initialised from RoPE: W = 0, the paper's exponents
     x, q, k = torch.randn(1, 32, 64), torch.randn(1, 4, 32, 16), torch.randn(1, 4, 32, 16)
     theta_1 = float(carope.frequencies(x)[0, 0, 0])
-    rope = apply_rope(q, positions=torch.arange(1, 33), base=theta_1 ** (-16 / 2))
+    # exponents i = 1 … D/2: m·θ_1^i is RoPE at the positions θ_1·m
+    rope = apply_rope(q, positions=theta_1 * torch.arange(1, 33), base=theta_1 ** (-16 / 2))
     error = relative_error(carope(x, q, k)[0], rope)
     return [
         f"set-based prompting, 4 parts × 24 orders: next-token logits differ by at most "
@@ -80,7 +81,9 @@ def _set_based_and_carope(world: ToyWorld) -> list[str]:
 def tour_section(world: ToyWorld) -> list[str]:
     """Kernel vs reference on a random case; the toy target on ``attn_implementation="tokenlab"``
     (reference and Triton paths) vs eager attention: logits and greedy continuation."""
-    from tokenlab.attention.hf import ATTN_IMPLEMENTATION, configure_attention
+    from tokenlab.attention.hf import ATTN_IMPLEMENTATION, configure_attention, register_attention
+
+    register_attention()
 
     device = world.target.device
     backends = ["reference"]

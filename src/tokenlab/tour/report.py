@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 from tokenlab.tour.alignment import tour_section as alignment_section
 from tokenlab.tour.attention import tour_section as attention_section
+from tokenlab.tour.context_conflict import tour_section as context_aware_section
 from tokenlab.tour.decoding import tour_section as decoding_section
 from tokenlab.tour.merging import tour_section as merging_section
 from tokenlab.tour.tokenization import tour_section as tokenization_section
@@ -55,6 +56,7 @@ SECTIONS: list[tuple[str, Callable[[ToyWorld], list[str]]]] = [
     ("attention", attention_section),
     ("tokenization", tokenization_section),
     ("decoding", decoding_section),
+    ("context-aware decoding", context_aware_section),
     ("alignment", alignment_section),
     ("merging", merging_section),
 ]

@@ -12,6 +12,8 @@ toy world is built from text every machine has — the running Python's standard
   short seeded loop; a larger *target* and a smaller *draft*;
 * :func:`load_toy_world` — all of it, saved with ``save_pretrained`` (safetensors) in a cache
   directory (``$TOKENLAB_CACHE`` or ``~/.cache/tokenlab``) and reloaded with ``from_pretrained``.
+  A build says on stdout what it builds, roughly how long it takes and where it is cached, and shows
+  one progress bar per stage (corpus and tokenizer, target, draft) when stderr is a terminal.
 
 Example::
 
@@ -28,12 +30,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from tokenlab._atomic import atomic_directory, publish
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -252,7 +256,7 @@ def train_causal_lm(
     offsets = torch.arange(context_length)
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=_bars_off(progress))
     for _ in bar:
         starts = torch.randint(0, token_ids.numel() - context_length, (batch_size, 1), generator=gen)
         batch = token_ids[starts + offsets].to(device)
@@ -319,16 +323,80 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENLAB_CACHE") or Path.home() / ".cache" / "tokenlab")
 
 
+# Build times of the presets, measured on 2 idle CPU cores (a busy machine takes longer).
+BUILD_TIMES = {"default": "about 3 min on 2 CPU cores", "tiny": "about 10 s on 2 CPU cores"}
+
+
+def _bars_off(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when not asked for, and (``None``) whenever stderr is not a terminal."""
+    return None if progress else True
+
+
+@contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    """Silence transformers' own "Loading weights" / "Writing model shards" bars (the toy models are
+    saved and loaded in moments; the build's stage bars are its progress report)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def build_once(
+    path: Path,
+    build: Callable[[Path], None],
+    *,
+    complete: str,
+    name: str,
+    took: str = "",
+    progress: bool = True,
+) -> Path:
+    """The cache entry ``path``, built on first use — the toy world's cache mechanism, also for artefacts
+    built from a toy world (the tour's transplant donor).
+
+    ``build(directory)`` fills a temporary directory beside ``path`` that is then renamed to ``path``
+    (:func:`tokenlab._atomic.atomic_directory`: removed on an error, ``Ctrl-C`` or ``SIGTERM``, swept
+    by a later build if its process died; created with the user's umask), so an interrupted or
+    concurrent build never leaves a half-written entry. The entry is complete when it holds the file
+    ``complete`` (written last by ``build``). With ``progress``, stdout says what is built (``name``),
+    roughly how long it takes (``took``), where it is cached and how long it took.
+    """
+    if (path / complete).exists():
+        return path
+    if progress:
+        print(f"tokenlab: building {name} once{f' ({took})' if took else ''}; cached in {path}", flush=True)
+    start = time.perf_counter()
+    with atomic_directory(path, "building") as tmp:
+        build(tmp)
+        # not published: another process finished the same build first (or left a broken entry)
+        if not publish(tmp, path, replace=False) and not (path / complete).exists():
+            raise FileExistsError(
+                f"{path} exists but holds no complete build ({complete} missing): remove it"
+            )
+    if progress:
+        print(f"tokenlab: {name} built in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
 def _build(config: ToyWorldConfig, out: Path, device: torch.device, progress: bool) -> None:
     start = time.perf_counter()
-    train_docs = [t for _, t in stdlib_documents("train", max_bytes=config.corpus_bytes)]
-    heldout_docs = [
-        t for _, t in stdlib_documents("heldout", max_bytes=max(config.corpus_bytes // 10, 50_000))
-    ]
-    tokenizer = train_toy_tokenizer(train_docs, config.vocab_size)
-    train_ids = encode_documents(tokenizer, train_docs)
-    heldout_ids = encode_documents(tokenizer, heldout_docs)
-    tokenizer.save_pretrained(out / "tokenizer")
+    with tqdm(total=4, desc="toy world: corpus and tokenizer", disable=_bars_off(progress)) as bar:
+        train_docs = [t for _, t in stdlib_documents("train", max_bytes=config.corpus_bytes)]
+        heldout_docs = [
+            t for _, t in stdlib_documents("heldout", max_bytes=max(config.corpus_bytes // 10, 50_000))
+        ]
+        bar.update()
+        tokenizer = train_toy_tokenizer(train_docs, config.vocab_size)
+        bar.update()
+        train_ids = encode_documents(tokenizer, train_docs)
+        heldout_ids = encode_documents(tokenizer, heldout_docs)
+        bar.update()
+        tokenizer.save_pretrained(out / "tokenizer")
+        bar.update()
     save_file({"train": train_ids, "heldout": heldout_ids}, str(out / "corpus_ids.safetensors"))
 
     metrics: dict = {
@@ -381,10 +449,13 @@ def load_toy_world(
         preset: a name in :data:`PRESETS` (``"default"``, ``"tiny"``, ``"gpu"``) or a config.
         cache: cache directory (default :func:`cache_dir`).
         device: where models are trained and loaded (default: CUDA if available, else CPU).
-        progress: show tqdm bars while training.
+        progress: on a build, print what is built, roughly how long it takes and where it is
+            cached (stdout), and show one tqdm bar per stage when stderr is a terminal.
 
     The build is written to a temporary directory and renamed into place, so an interrupted or
-    concurrent build never leaves a half-written entry.
+    concurrent build never leaves a half-written entry (:func:`tokenlab._atomic.atomic_directory`:
+    removed on an error, ``Ctrl-C`` or ``SIGTERM``, swept by a later build if its process died; the
+    entry is created with the user's umask). transformers' own loading/saving bars are silenced.
     """
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -397,27 +468,24 @@ def load_toy_world(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(cache) if cache is not None else cache_dir()
     path = root / f"toy-{config.key()}"
-    if not (path / "metrics.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-        try:
-            _build(config, tmp, device, progress)
-            try:
-                tmp.rename(path)
-            except OSError:  # another process finished the same build first
-                if not (path / "metrics.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    ids = load_file(str(path / "corpus_ids.safetensors"))
-    return ToyWorld(
-        config=config,
-        path=path,
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
-        target=LlamaForCausalLM.from_pretrained(path / "target").to(device).eval(),
-        draft=LlamaForCausalLM.from_pretrained(path / "draft").to(device).eval(),
-        train_ids=ids["train"],
-        heldout_ids=ids["heldout"],
-        metrics=json.loads((path / "metrics.json").read_text()),
-    )
+    name = f"toy world {preset!r}" if isinstance(preset, str) else "a custom toy world"
+    with _transformers_bars_off():
+        build_once(
+            path,
+            lambda tmp: _build(config, tmp, device, progress),
+            complete="metrics.json",
+            name=f"{name} on {device.type}",
+            took=BUILD_TIMES.get(preset, "") if isinstance(preset, str) else "",
+            progress=progress,
+        )
+        ids = load_file(str(path / "corpus_ids.safetensors"))
+        return ToyWorld(
+            config=config,
+            path=path,
+            tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer"),
+            target=LlamaForCausalLM.from_pretrained(path / "target").to(device).eval(),
+            draft=LlamaForCausalLM.from_pretrained(path / "draft").to(device).eval(),
+            train_ids=ids["train"],
+            heldout_ids=ids["heldout"],
+            metrics=json.loads((path / "metrics.json").read_text()),
+        )

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenlab.tokenization.byte_level import EOS_BYTE, ByteLevelBPE, ByteLevelLM
 from tokenlab.tokenization.transplant import TRANSPLANT_METHODS, transplant_tokenizer
 from tokenlab.tour.toy import (
+    PRESETS,
     ToyModelSize,
     ToyWorld,
+    _transformers_bars_off,
+    build_once,
     build_toy_model,
     encode_documents,
     heldout_loss,
+    stdlib_documents,
     train_causal_lm,
     train_toy_tokenizer,
 )
@@ -127,69 +133,145 @@ def bits_per_byte(
     return loss, loss * scored.numel() / n_bytes / math.log(2)
 
 
+@dataclass(frozen=True)
+class DonorRecipe:
+    """A new tokenizer and a donor model that uses it, for transplanting a toy world's target.
+
+    The tokenizer (``new_vocab_size`` entries) is trained on the ``new_corpus_bytes`` of stdlib training
+    files that follow the world's own training slice (:func:`other_training_documents`: text the
+    world's tokenizer was not trained on); the donor, a toy model of ``size``, is trained on the same
+    text with it for ``steps`` steps (the world's batch size and context length).
+    """
+
+    new_vocab_size: int
+    new_corpus_bytes: int
+    size: ToyModelSize
+    steps: int
+    learning_rate: float
+
+    def key(self) -> str:
+        """Cache key of the recipe."""
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tour_donor_recipe(world: ToyWorld) -> DonorRecipe:
+    """The tour's recipe: 512 more tokens than the world's (64 for the tiny world), 2 MB of other files
+    (150 KB), and a donor of the world's draft size (a 32-wide one-layer model), trained as many steps
+    as the world's models at twice their learning rate (200 steps for the tiny world)."""
+    if world.config.vocab_size < 1024:
+        return DonorRecipe(world.config.vocab_size + 64, 150_000, ToyModelSize(32, 1, 2, 1, 64), 200, 6e-3)
+    return DonorRecipe(
+        world.config.vocab_size + 512,
+        2_000_000,
+        world.config.draft,
+        world.config.train_steps,
+        2 * world.config.learning_rate,
+    )
+
+
+def other_training_documents(world: ToyWorld, max_bytes: int) -> list[str]:
+    """Up to ``max_bytes`` of stdlib training documents after those the world was trained on."""
+    skip = world.metrics["train_bytes"]
+    docs = [t for _, t in stdlib_documents("train", max_bytes=skip + max_bytes)]
+    offset = int((torch.tensor([len(t.encode()) for t in docs]).cumsum(0) < skip).sum()) + 1
+    return docs[offset:]
+
+
+def train_donor(
+    world: ToyWorld, recipe: DonorRecipe, *, progress: bool = False
+) -> tuple[PreTrainedTokenizerFast, PreTrainedModel]:
+    """The new tokenizer and the donor of ``recipe`` (trained now, seeded by the world's seed)."""
+    docs = other_training_documents(world, recipe.new_corpus_bytes)
+    new_tok = train_toy_tokenizer(docs, recipe.new_vocab_size)
+    torch.manual_seed(world.config.seed)
+    ctx = world.config.context_length
+    donor = build_toy_model(recipe.size, len(new_tok), ctx, new_tok).to(world.target.device)
+    train_causal_lm(
+        donor,
+        encode_documents(new_tok, docs),
+        steps=recipe.steps,
+        batch_size=world.config.batch_size,
+        context_length=ctx,
+        learning_rate=recipe.learning_rate,
+        seed=world.config.seed,
+        desc="training transplant donor",
+        progress=progress,
+    )
+    return new_tok, donor
+
+
+def load_transplant_donor(
+    world: ToyWorld, recipe: DonorRecipe | None = None, *, progress: bool = True
+) -> tuple[PreTrainedTokenizerFast, PreTrainedModel]:
+    """The new tokenizer and donor of ``recipe`` (default: :func:`tour_donor_recipe`), trained once and
+    cached beside the world (:func:`tokenlab.tour.toy.build_once`)."""
+    recipe = recipe if recipe is not None else tour_donor_recipe(world)
+    path = world.path.parent / f"donor-{world.config.key()}-{recipe.key()}"
+
+    def build(out):
+        new_tok, donor = train_donor(world, recipe, progress=progress)
+        new_tok.save_pretrained(out / "tokenizer")
+        donor.save_pretrained(out / "donor")
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+
+    default = world.config == PRESETS["default"] and recipe == tour_donor_recipe(world)
+    took = "about 45 s on 2 CPU cores" if default else ""  # estimated from the world's build time
+    with _transformers_bars_off():
+        build_once(
+            path, build, complete="recipe.json", name="the transplant donor", took=took, progress=progress
+        )
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
+        donor = LlamaForCausalLM.from_pretrained(path / "donor").to(world.target.device).eval()
+    return tokenizer, donor
+
+
 def transplant_comparison(
     world: ToyWorld,
-    new_docs: list[str],
+    new_tok: PreTrainedTokenizerFast,
     heldout: list[str],
     *,
-    new_vocab: int,
-    donor_size: ToyModelSize | None,
-    donor_steps: int,
+    donor: PreTrainedModel | None,
     eval_tokens: int,
     progress: bool = False,
 ) -> list[dict]:
-    """Transplant the world's target to a tokenizer with ``new_vocab`` entries trained on ``new_docs``,
-    with each method, and score the ``heldout`` texts in bits/byte.
+    """Transplant the world's target to ``new_tok`` with each method and score the ``heldout`` texts
+    in bits/byte (``eval_tokens`` tokens).
 
-    The OMP / TokenAdapt donor is a toy model of ``donor_size`` trained for ``donor_steps`` on
-    ``new_docs`` with the new tokenizer (:func:`tokenlab.tour.toy.train_causal_lm`); without one
-    (``donor_size=None``) OMP is left out and TokenAdapt uses the base space. Rows: the original
-    target (its own tokenizer), the donor, then each method; each with nats/token, bits/byte,
-    shared/unique token counts and seconds.
+    Without a ``donor`` (a model that uses ``new_tok``) OMP is left out. TokenAdapt runs in the base
+    model's embedding space and, with a donor, in the donor's too. Rows: the original target (its own
+    tokenizer), the donor, then each method; each with nats/token, bits/byte, and for the methods
+    seconds and shared/unique token counts.
     """
-    new_tok = train_toy_tokenizer(new_docs, new_vocab)
     ctx = world.config.context_length
     rows = []
-    loss, bpb = bits_per_byte(world.target, world.tokenizer, heldout, ctx, eval_tokens)
-    rows.append({"model": "target (own tokenizer)", "nats/token": loss, "bits/byte": bpb})
-
-    donor = None
-    if donor_size is not None:
-        torch.manual_seed(world.config.seed)
-        donor = build_toy_model(donor_size, len(new_tok), ctx, new_tok)
-        start = time.perf_counter()
-        train_causal_lm(
-            donor,
-            encode_documents(new_tok, new_docs),
-            steps=donor_steps,
-            batch_size=world.config.batch_size,
-            context_length=ctx,
-            learning_rate=world.config.learning_rate,
-            desc="training transplant donor",
-            progress=progress,
-        )
-        loss, bpb = bits_per_byte(donor, new_tok, heldout, ctx, eval_tokens)
-        rows.append(
-            {"model": f"donor ({donor_steps} steps)", "nats/token": loss, "bits/byte": bpb,
-             "seconds": time.perf_counter() - start}
-        )  # fmt: skip
+    for label, model, tokenizer in (
+        ("target (own tokenizer)", world.target, world.tokenizer),
+        ("donor", donor, new_tok),
+    ):
+        if model is not None:
+            loss, bpb = bits_per_byte(model, tokenizer, heldout, ctx, eval_tokens)
+            rows.append({"model": label, "nats/token": loss, "bits/byte": bpb})
     shared = len(set(new_tok.get_vocab()) & set(world.tokenizer.get_vocab()))
-    for method in TRANSPLANT_METHODS:
-        if method == "omp" and donor is None:
-            continue
+    runs = [(m, donor) for m in TRANSPLANT_METHODS if donor is not None or m != "omp"]
+    if donor is not None:  # TokenAdapt in both default auxiliary spaces
+        runs.insert(runs.index(("tokenadapt", donor)) + 1, ("tokenadapt", None))
+    for method, space in runs:
         start = time.perf_counter()
         model = transplant_tokenizer(
             copy.deepcopy(world.target),
             world.tokenizer,
             new_tok,
             method=method,
-            donor=donor,
+            donor=space,
             progress=progress,
         )
         seconds = time.perf_counter() - start
         loss, bpb = bits_per_byte(model, new_tok, heldout, ctx, eval_tokens)
+        label = f"transplant: {method}"
+        if method == "tokenadapt":
+            label += " (donor space)" if space is not None else " (base space)"
         rows.append(
-            {"model": f"transplant: {method}", "nats/token": loss, "bits/byte": bpb, "seconds": seconds,
+            {"model": label, "nats/token": loss, "bits/byte": bpb, "seconds": seconds,
              "shared": shared, "unique": len(new_tok) - shared}
         )  # fmt: skip
     return rows
@@ -210,8 +292,8 @@ def world_texts(world: ToyWorld, ids: torch.Tensor, max_bytes: int) -> list[str]
 
 def byte_level_and_transplant_lines(world: ToyWorld) -> list[str]:
     """Next-byte law for a prompt ending mid-token (exact vs naive token completion), and held-out
-    bits/byte of the target transplanted to a tokenizer trained with a larger vocabulary, with each
-    donor-free method (training a donor for OMP does not fit the tour's time)."""
+    bits/byte of the target transplanted with each method to the tokenizer of the cached tour donor
+    (:func:`load_transplant_donor`)."""
     lm = ByteLevelLM(world.target, world.tokenizer)
     prompt = b"    def __init__(self, name):\n        self.na"
     lines = [
@@ -229,19 +311,20 @@ def byte_level_and_transplant_lines(world: ToyWorld) -> list[str]:
         f"{bias.forward_calls_per_byte:.0f} batched forward ({bias.sequences_per_byte:.1f} sequences) "
         f"and {bias.ms_per_byte:.0f} ms per byte"
     )
-    rows = transplant_comparison(
-        world,
-        world_texts(world, world.train_ids, 60_000 if tiny else 400_000),
-        heldout,
-        new_vocab=world.config.vocab_size + 64 if tiny else world.config.vocab_size + 512,
-        donor_size=None,
-        donor_steps=0,
-        eval_tokens=512 if tiny else 4096,
-    )
-    unique = rows[-1]["unique"]
+    new_tok, donor = load_transplant_donor(world)
+    heldout = world_texts(world, world.heldout_ids, 30_000 if tiny else 100_000)
+    rows = transplant_comparison(world, new_tok, heldout, donor=donor, eval_tokens=2048 if tiny else 16_384)
+    recipe = tour_donor_recipe(world)
     lines.append(
-        f"transplant to a tokenizer with {unique} new tokens (another vocabulary size), held-out bits/byte:"
+        f"transplant to a tokenizer with {rows[-1]['unique']} new tokens (trained on other stdlib files, "
+        f"vocab {len(new_tok)}); donor: {sum(p.numel() for p in donor.parameters()) / 1e6:.2f} M params,"
     )
-    lines.extend(f"  {r['model']:<30} {r['bits/byte']:.3f}" for r in rows)
-    lines.append("  (OMP needs a donor trained with the new tokenizer: see benchmarks/transplant.py)")
+    lines.append(f"{recipe.steps} steps with the new tokenizer (cached); held-out bits/byte:")
+    lines.extend(f"  {r['model']:<36} {r['bits/byte']:.3f}" for r in rows)
+    by_name = {r["model"].removeprefix("transplant: "): r["bits/byte"] for r in rows}
+    best = min(("mean", "mean_of_subtokens", "zero"), key=by_name.get)
+    lines.append(
+        f"  vs the best baseline ({best}): OMP {by_name['omp'] - by_name[best]:+.3f}, "
+        f"TokenAdapt (donor space) {by_name['tokenadapt (donor space)'] - by_name[best]:+.3f} bits/byte"
+    )
     return lines

@@ -15,6 +15,8 @@ visible key blocks. Every output element is written by exactly one program, so r
 deterministic run to run. ``Δ_i = Σ_d dO_id·O_id`` and the sink gradient are O(T) and computed in
 PyTorch.
 
+The :class:`~tokenlab.kernels.attention.variant.AttentionVariant` reaches the kernels as one set of
+keyword arguments, built once by ``_kernel_args``; each kernel takes the ones its signature names.
 Flags are ``tl.constexpr``: each combination compiles to its own specialised kernel. Head dims are
 padded to a power of two (≥ 16) inside the kernel with load/store masks. Accumulation is float32
 (float64 for float64 inputs); float32 and float64 ``tl.dot`` run with ``input_precision="ieee"``
@@ -27,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenlab.kernels.attention.variant import AttentionVariant
+
 SCORE_FN_IDS = {"softmax": 0, "sigmoid": 1, "relu": 2}
 _TL_DTYPES = {
     torch.float16: tl.float16,
@@ -35,6 +39,7 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims are padded to a power of two in [16, 256]
 # Interpreter (CPU) block sizes: small enough that tests of T ≈ 70 cross several blocks.
 _INTERPRETER_BLOCK = 32
 
@@ -65,11 +70,15 @@ def _scores(
     softcap,
     log_gamma,
     window,
+    TREE,
+    b,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     ACC: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -98,6 +107,13 @@ def _scores(
         sq = seg_q[:, None]
         sk = seg_k[None, :]
         visible = visible & ((sq == 0) | (sk == 0) | (sq == sk))
+    if HAS_TREE:
+        # Query rows before the tree read all bits set (-1): the tree does not restrict them.
+        node_q = rows - T + tree_n
+        ancestors = tl.load(TREE + b * tree_n + node_q, mask=(node_q >= 0) & (rows < T), other=-1)
+        node_k = cols - S + tree_n
+        bit = (ancestors[:, None] >> tl.where(node_k >= 0, node_k, 0)[None, :]) & 1
+        visible = visible & ((node_k[None, :] < 0) | (bit != 0))
     return s, visible, cap_grad
 
 
@@ -175,22 +191,25 @@ def _attn_fwd(
     V,
     O,
     LSE,
-    SINKS,
-    LOG_GAMMA,
-    BIAS,
-    SEG,
-    scale,
-    softcap,
-    window,
     T,
     S,
     H_Q,
     GROUP,
+    SINKS,
+    LOG_GAMMA,
+    BIAS,
+    SEG,
+    TREE,
+    scale,
+    softcap,
+    window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -233,8 +252,8 @@ def _attn_fwd(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, _cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         if SCORE_FN == 0:
             s = tl.where(visible, s, float("-inf"))
@@ -271,21 +290,24 @@ def _attn_bwd_dkdv(
     DELTA,
     DK,
     DV,
-    LOG_GAMMA,
-    BIAS,
-    SEG,
-    scale,
-    softcap,
-    window,
     T,
     S,
     H_Q,
     GROUP,
+    LOG_GAMMA,
+    BIAS,
+    SEG,
+    TREE,
+    scale,
+    softcap,
+    window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -326,8 +348,9 @@ def _attn_bwd_dkdv(
             do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
             seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
             s, visible, cap_grad = _scores(
-                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+                q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+                IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE,
+                PRECISION,
             )  # fmt: skip
             lse, delta = _row_stats(LSE, DELTA, bh * T + rows, row_ok, SCORE_FN)
             dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
@@ -351,21 +374,24 @@ def _attn_bwd_dq(
     DELTA,
     DQ,
     DBIAS,
-    LOG_GAMMA,
-    BIAS,
-    SEG,
-    scale,
-    softcap,
-    window,
     T,
     S,
     H_Q,
     GROUP,
+    LOG_GAMMA,
+    BIAS,
+    SEG,
+    TREE,
+    scale,
+    softcap,
+    window,
+    tree_n,
     IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     SCORE_FN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -403,8 +429,8 @@ def _attn_bwd_dq(
         v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
         seg_k = tl.load(SEG + b * S + cols, mask=cols < S, other=0) if HAS_SEGMENTS else 0
         s, visible, cap_grad = _scores(
-            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window,
-            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, ACC, DOT_DTYPE, PRECISION,
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
         )  # fmt: skip
         dp = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION, ACC)
         _p, ds = _probs_and_grads(s, visible, dp, lse, delta, bias, SCORE_FN)
@@ -417,6 +443,71 @@ def _attn_bwd_dq(
     tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
     if SCORE_FN == 1:
         tl.store(DBIAS + bh * T + rows, dbias, mask=row_ok)
+
+
+@triton.jit
+def _attn_key_scores(
+    Q,
+    K,
+    LSE,
+    SCORES,
+    T,
+    S,
+    H_Q,
+    GROUP,
+    LOG_GAMMA,
+    SEG,
+    TREE,
+    scale,
+    softcap,
+    window,
+    tree_n,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
+    HAS_TREE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Per-key scores ``Σ_i P_ij`` of one key block of one query head: like the dK/dV pass, it walks
+    the visible query blocks and recomputes ``P = exp(s − LSE)`` from the forward's LSE (softmax)."""
+    start_n = tl.program_id(1) * BLOCK_N
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H_Q
+    h = bh % H_Q
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    col_ok = cols < S
+
+    kv_ptrs, kv_mask = _tile((b * (H_Q // GROUP) + h // GROUP) * S * HEAD_DIM, cols, S, offs_d, HEAD_DIM)
+    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+    seg_k = tl.load(SEG + b * S + cols, mask=col_ok, other=0) if HAS_SEGMENTS else 0
+    log_gamma = tl.load(LOG_GAMMA + h).to(ACC) if HAS_GAMMA else 0.0
+    scores = tl.zeros([BLOCK_N], ACC)
+
+    lo, hi = _query_range(start_n, T, S, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < T
+        q_ptrs, q_mask = _tile(bh * T * HEAD_DIM, rows, T, offs_d, HEAD_DIM)
+        q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+        seg_q = tl.load(SEG + b * S + (S - T) + rows, mask=row_ok, other=0) if HAS_SEGMENTS else 0
+        s, visible, _cap_grad = _scores(
+            q, k, rows, cols, T, S, seg_q, seg_k, scale, softcap, log_gamma, window, TREE, b, tree_n,
+            IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_GAMMA, HAS_SEGMENTS, HAS_TREE, ACC, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+        lse, _delta = _row_stats(LSE, LSE, bh * T + rows, row_ok, 0)  # no Δ here: LSE stands in
+        scores += tl.sum(tl.where(visible, tl.exp(s - lse[:, None]), 0.0), 0)
+
+    tl.store(SCORES + bh * S + cols, scores, mask=col_ok)
 
 
 def _gpu_configs(block_pairs: list[tuple[int, int]]) -> list[triton.Config]:
@@ -453,77 +544,84 @@ _attn_bwd_dq_tuned = triton.autotune(
     _gpu_configs([(128, 32), (128, 64), (64, 64), (64, 32)]), key=_TUNE_KEY, prune_configs_by=_PRUNE
 )(_attn_bwd_dq)
 
-
-def _launch(kernel, tuned, grid, q: torch.Tensor, *args, **kwargs) -> None:
-    """Run ``tuned`` (autotuned per head dim) on CUDA; ``kernel`` with fixed blocks in the interpreter."""
-    if q.is_cuda:
-        tuned[grid](*args, **kwargs)
-    else:
-        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
-        kernel[grid(blocks)](*args, **kwargs, **blocks)
+_attn_key_scores_tuned = triton.autotune(  # softmax only: no SCORE_FN in its key
+    _gpu_configs([(64, 128), (128, 128), (64, 64), (32, 128)]),
+    key=[name for name in _TUNE_KEY if name != "SCORE_FN"],
+    prune_configs_by=_PRUNE,
+)(_attn_key_scores)
 
 
-def _constexprs(q: torch.Tensor, *, causal, window, softcap, log_gamma, segment_ids, score_fn) -> dict:
-    acc = tl.float64 if q.dtype == torch.float64 else tl.float32
+def _kernel_args(variant: AttentionVariant, q: torch.Tensor) -> dict[str, object]:
+    """The variant as the kernels' flag arguments, by jit parameter name: runtime scalars, contiguous
+    tensors (per-head ones in the accumulation dtype; ``None`` when the flag is off) and the
+    constexprs that specialise the kernels. Each kernel receives those its signature names."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    bias = variant.sigmoid_bias
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.full((q.shape[1],), 0.0 if bias is None else bias, dtype=acc, device=q.device)
+    gamma = variant.initial_token_scale
     return {
-        "IS_CAUSAL": causal,
-        "HAS_WINDOW": window is not None,
-        "HAS_SOFTCAP": softcap is not None,
-        "HAS_GAMMA": log_gamma is not None,
-        "HAS_SEGMENTS": segment_ids is not None,
-        "SCORE_FN": SCORE_FN_IDS[score_fn],
+        "scale": variant.scale_for(q.shape[-1]),
+        "IS_CAUSAL": variant.causal,
+        "window": 1 if variant.window is None else variant.window,
+        "HAS_WINDOW": variant.window is not None,
+        "softcap": 1.0 if variant.softcap is None else variant.softcap,
+        "HAS_SOFTCAP": variant.softcap is not None,
+        "SINKS": None if variant.sinks is None else variant.sinks.to(acc).contiguous(),
+        "HAS_SINKS": variant.sinks is not None,
+        "SCORE_FN": SCORE_FN_IDS[variant.score_fn],
+        "BIAS": bias.to(acc).contiguous(),
+        "LOG_GAMMA": None if gamma is None else gamma.detach().to(acc).log().contiguous(),
+        "HAS_GAMMA": gamma is not None,
+        "SEG": None if variant.segment_ids is None else variant.segment_ids.to(torch.int32).contiguous(),
+        "HAS_SEGMENTS": variant.segment_ids is not None,
+        "TREE": None if variant.tree is None else variant.tree.contiguous(),
+        "tree_n": 1 if variant.tree is None else variant.tree.shape[1],
+        "HAS_TREE": variant.tree is not None,
+    }
+
+
+def _dtype_constexprs(q: torch.Tensor) -> dict[str, object]:
+    """The constexprs that come from ``q``'s head dim, dtype and device (not from the variant)."""
+    return {
         "HEAD_DIM": q.shape[-1],
         "HEAD_DIM_PAD": max(16, triton.next_power_of_2(q.shape[-1])),
-        "ACC": acc,
+        "ACC": tl.float64 if q.dtype == torch.float64 else tl.float32,
         "DOT_DTYPE": tl.float32 if q.dtype == torch.bfloat16 and not q.is_cuda else _TL_DTYPES[q.dtype],
         "PRECISION": "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
     }
 
 
-def attention_forward_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    window: int | None,
-    scale: float,
-    sinks: torch.Tensor | None,
-    softcap: float | None,
-    score_fn: str,
-    sigmoid_bias: torch.Tensor,
-    log_gamma: torch.Tensor | None,
-    segment_ids: torch.Tensor | None,
+def _launch(kernel, tuned, grid, args: dict[str, object], q: torch.Tensor, *positional) -> None:
+    """Run ``kernel`` on ``(q, *positional)`` plus the flag arguments ``args`` its signature names (a
+    ``None`` tensor, a flag that is off, becomes a pointer its constexpr never lets the kernel read):
+    ``tuned`` (autotuned per head dim) on CUDA, ``kernel`` with fixed blocks in the interpreter."""
+    flags = {name: q if a is None else a for name, a in args.items() if name in kernel.arg_names}
+    kwargs = {**flags, **_dtype_constexprs(q)}
+    if q.is_cuda:
+        tuned[grid](q, *positional, **kwargs)
+    else:
+        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
+        kernel[grid(blocks)](q, *positional, **kwargs, **blocks)
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: dict[str, object]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward on contiguous ``q [B,Hq,T,D]``, ``k/v [B,Hkv,S,D]``; per-head tensors ``[Hq]``
-    in the accumulation dtype, ``segment_ids`` int32 ``[B,S]``. Returns ``(out, lse)``; ``lse`` is
-    ``[B,Hq,T]`` in the accumulation dtype (uninitialised for sigmoid/ReLU scores)."""
+    """``(out, lse)`` of contiguous ``q [B,Hq,T,D]``, ``k/v [B,Hkv,S,D]``; ``lse`` is ``[B,Hq,T]`` in the
+    accumulation dtype (uninitialised for sigmoid/ReLU scores)."""
     B, Hq, T, _D = q.shape
     S = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.promote_types(q.dtype, torch.float32))
-    flags = _constexprs(
-        q, causal=causal, window=window, softcap=softcap, log_gamma=log_gamma,
-        segment_ids=segment_ids, score_fn=score_fn,
-    )  # fmt: skip
     if B * Hq * T == 0:
         return out, lse
-    dummy = lse
-    _launch(
-        _attn_fwd, _attn_fwd_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
-        q, k, v, out, lse,
-        dummy if sinks is None else sinks,
-        dummy if log_gamma is None else log_gamma,
-        sigmoid_bias,
-        dummy if segment_ids is None else segment_ids,
-        scale, 1.0 if softcap is None else softcap, 1 if window is None else window,
-        T, S, Hq, Hq // k.shape[1],
-        HAS_SINKS=sinks is not None, **flags,
-    )  # fmt: skip
+    grid = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
+    _launch(_attn_fwd, _attn_fwd_tuned, grid, args, q, k, v, out, lse, T, S, Hq, Hq // k.shape[1])
     return out, lse
 
 
-def attention_backward_triton(
+def _backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -531,15 +629,7 @@ def attention_backward_triton(
     lse: torch.Tensor,
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
-    *,
-    causal: bool,
-    window: int | None,
-    scale: float,
-    softcap: float | None,
-    score_fn: str,
-    sigmoid_bias: torch.Tensor,
-    log_gamma: torch.Tensor | None,
-    segment_ids: torch.Tensor | None,
+    args: dict[str, object],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, delta, dbias_rows)`` for the contiguous inputs of the forward.
 
@@ -555,27 +645,99 @@ def attention_backward_triton(
     if dlse is not None:
         delta = delta - dlse.to(acc_dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbias = torch.empty(B, Hq, T, device=q.device, dtype=acc_dtype) if score_fn == "sigmoid" else None
+    sigmoid = args["SCORE_FN"] == SCORE_FN_IDS["sigmoid"]
+    dbias = torch.empty(B, Hq, T, device=q.device, dtype=acc_dtype) if sigmoid else None
     if B * Hq * T == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), delta, None if dbias is None else dbias.zero_()
-    flags = _constexprs(
-        q, causal=causal, window=window, softcap=softcap, log_gamma=log_gamma,
-        segment_ids=segment_ids, score_fn=score_fn,
-    )  # fmt: skip
-    dummy = lse
-    gamma = dummy if log_gamma is None else log_gamma
-    common = (
-        sigmoid_bias,
-        dummy if segment_ids is None else segment_ids,
-        scale, 1.0 if softcap is None else softcap, 1 if window is None else window,
-        T, S, Hq, Hq // Hkv,
-    )  # fmt: skip
-    _launch(
-        _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"])), q,
-        q, k, v, dout, lse, delta, dk, dv, gamma, *common, **flags,
-    )  # fmt: skip
-    _launch(
-        _attn_bwd_dq, _attn_bwd_dq_tuned, lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"])), q,
-        q, k, v, dout, lse, delta, dq, dummy if dbias is None else dbias, gamma, *common, **flags,
-    )  # fmt: skip
+    shapes = (T, S, Hq, Hq // Hkv)
+    grid_kv = lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"]))
+    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, grid_kv, args, q, k, v, dout, lse, delta, dk, dv, *shapes)
+    grid_q = lambda meta: (B * Hq, triton.cdiv(T, meta["BLOCK_M"]))
+    dbias_ptr = lse if dbias is None else dbias  # written only for sigmoid scores
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, grid_q, args, q, k, v, dout, lse, delta, dq, dbias_ptr, *shapes)
     return dq, dk, dv, delta, dbias
+
+
+class _FlashAttentionFn(torch.autograd.Function):
+    """Autograd around the kernels: gradients for ``q``, ``k``, ``v``, ``sinks`` and ``sigmoid_bias``
+    (and through the returned LSE). ``consts`` are the non-tensor kernel arguments; the tensor ones
+    come as inputs named by ``names``, so that autograd reaches the variant's tensors through them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, consts, names, *tensors):
+        args = {**consts, **dict(zip(names, tensors))}
+        out, lse = _forward(q, k, v, args)
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        ctx.consts, ctx.names = consts, names
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        args = {**ctx.consts, **dict(zip(ctx.names, tensors))}
+        softmax = args["SCORE_FN"] == SCORE_FN_IDS["softmax"]
+        dq, dk, dv, delta, dbias_rows = _backward(q, k, v, out, lse, dout, dlse if softmax else None, args)
+        needs = dict(zip(ctx.names, ctx.needs_input_grad[5:]))
+        grads = dict.fromkeys(ctx.names)
+        if needs.get("SINKS"):
+            # The sink is a key with logit sink_h and no value: dS_sink = P_sink · (0 − Δ), where Δ
+            # already includes the LSE's own gradient (Δ − dlse).
+            p_sink = torch.exp(args["SINKS"][None, :, None] - lse)
+            grads["SINKS"] = -(p_sink * delta).sum(dim=(0, 2))
+        if needs.get("BIAS"):
+            grads["BIAS"] = dbias_rows.sum(dim=(0, 2))
+        return dq, dk, dv, None, None, *grads.values()
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: AttentionVariant
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton forward, with its backward through autograd, on validated inputs: ``(out, lse)`` as
+    :func:`~tokenlab.kernels.attention.reference.attention_reference` returns them.
+
+    Raises:
+        ValueError: a head dim outside [16, 256]; an ``initial_token_scale`` that requires grad (it is
+            a constant here) while grad is enabled.
+    """
+    D = q.shape[-1]
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D={D} is not supported by the Triton kernel (needs {MIN_HEAD_DIM}..{MAX_HEAD_DIM})"
+        )
+    gamma = variant.initial_token_scale
+    if gamma is not None and gamma.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "`initial_token_scale` has no gradient on the Triton path; detach it or use backend='reference'"
+        )
+    args = _kernel_args(variant, q)
+    tensors = {name: a for name, a in args.items() if isinstance(a, torch.Tensor)}
+    consts = {name: a for name, a in args.items() if name not in tensors}
+    out, lse = _FlashAttentionFn.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), consts, tuple(tensors), *tensors.values()
+    )
+    return out, lse if variant.score_fn == "softmax" else None
+
+
+def fused_key_scores(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, variant: AttentionVariant
+) -> torch.Tensor:
+    """Per-key scores ``[B, Hq, S]``: ``Σ_i P_ij``, the softmax attention each key receives summed over
+    the queries, from the LSE ``[B, Hq, T]`` of :func:`fused_attention` on the same validated inputs.
+
+    One program per (batch·query head, key block) walks the visible query blocks, as the dK/dV pass
+    does, so the ``[T, S]`` probabilities are never materialised: O(S) extra memory. Each score is
+    written by one program (deterministic). No gradient (a statistic for eviction and analysis).
+    """
+    B, Hq, T, _D = q.shape
+    S = k.shape[2]
+    scores = torch.zeros(B, Hq, S, device=q.device, dtype=lse.dtype)
+    if B * Hq * S == 0 or T == 0:
+        return scores
+    grid = lambda meta: (B * Hq, triton.cdiv(S, meta["BLOCK_N"]))
+    q, k = q.detach().contiguous(), k.detach().contiguous()
+    args = _kernel_args(variant, q)
+    _launch(
+        _attn_key_scores, _attn_key_scores_tuned, grid, args, q, k, lse.detach().contiguous(), scores,
+        T, S, Hq, Hq // k.shape[1],
+    )  # fmt: skip
+    return scores

@@ -38,6 +38,20 @@ def _first_argmax(best, best_index, V):
 
 
 @triton.jit
+def _row_argmax(row, V, BLOCK_V: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """First index of the maximum of the row ``row[0:V]``, streamed block by block (0 for an all
+    ``-inf`` row, as ``torch.argmax``)."""
+    offs = tl.arange(0, BLOCK_V)
+    best = tl.full([BLOCK_V], float("-inf"), ACC_DTYPE)
+    best_idx = tl.full([BLOCK_V], V, tl.int32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(row + start + offs, mask=start + offs < V, other=float("-inf")).to(ACC_DTYPE)
+        best, best_idx = _track_max(x, start + offs, best, best_idx)
+    _, idx = _first_argmax(best, best_idx, V)
+    return tl.where(idx == V, 0, idx)
+
+
+@triton.jit
 def _verify_kernel(
     logits_ptr,
     q_ptr,
@@ -59,13 +73,7 @@ def _verify_kernel(
     row = logits_ptr + (b * (K + 1) + j).to(tl.int64) * V
     offs = tl.arange(0, BLOCK_V)
     if not DO_SAMPLE:
-        best = tl.full([BLOCK_V], float("-inf"), ACC_DTYPE)
-        best_idx = tl.full([BLOCK_V], V, tl.int32)
-        for start in range(0, V, BLOCK_V):
-            x = tl.load(row + start + offs, mask=start + offs < V, other=float("-inf")).to(ACC_DTYPE)
-            best, best_idx = _track_max(x, start + offs, best, best_idx)
-        _, idx = _first_argmax(best, best_idx, V)
-        idx = tl.where(idx == V, 0, idx)  # an all -inf row: argmax 0, as torch
+        idx = _row_argmax(row, V, BLOCK_V, ACC_DTYPE)
         tl.store(replacement_ptr + b * (K + 1) + j, idx.to(tl.int64))
         if j < K:
             d = tl.load(tokens_ptr + b * K + j)
