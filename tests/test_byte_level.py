@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tokenlab._hf import cache_kwargs
 from tokenlab.tokenization.byte_level import (
     EOS_BYTE,
     ByteLevelBPE,
@@ -85,10 +86,11 @@ class CanonicalMaskedLM(torch.nn.Module):
     def config(self):
         return self.base.config
 
-    def forward(self, input_ids, **kwargs):
+    def forward(self, input_ids, cache=None, **kwargs):
+        if cache is not None:
+            kwargs.update(cache_kwargs(self.base, cache))
         out = self.base(input_ids=input_ids, **kwargs)
-        logits = out.logits.masked_fill(~self.allowed[input_ids], float("-inf"))
-        return SimpleNamespace(logits=logits, cache=out.cache)
+        return SimpleNamespace(logits=out.logits.masked_fill(~self.allowed[input_ids], float("-inf")))
 
 
 @torch.no_grad()
@@ -366,11 +368,10 @@ class TextLM(torch.nn.Module):
                 if mask[r, P + j]:
                     history.append(int(input_ids[r, j]))
                     logits[r, j] = self.law(tuple(history[1:]))  # after the BOS context
-        keys = input_ids[:, None, :, None].double()
-        if P:
-            keys = torch.cat([cache.layers[0].keys, keys], 2)
-        new = DynamicCache(ddp_cache_data=[(keys, torch.zeros_like(keys))])
-        return SimpleNamespace(logits=logits, cache=new)
+        if cache is not None:  # filled in place, as a transformers model does: the new tokens as keys
+            keys = input_ids[:, None, :, None].double()
+            cache.update(keys, torch.zeros_like(keys), 0)
+        return SimpleNamespace(logits=logits)
 
 
 def pre_tokenized(merges, pre, alphabet):

@@ -48,6 +48,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from tokenlab._checks import check_bool, check_choice, check_generator, check_int, check_positive
+from tokenlab._hf import cache_kwargs
 from tokenlab.tokenization.canonical import ByteLevelBPE
 
 EOS_BYTE = 256
@@ -121,7 +122,8 @@ class ByteLevelLM:
 
     Args:
         model: a Hugging Face causal LM (called with ``input_ids``, ``attention_mask``,
-            ``position_ids`` and, with ``kv_cache``, a ``DynamicCache`` as ``cache``).
+            ``position_ids`` and, with ``kv_cache``, a ``DynamicCache`` as ``cache`` or
+            ``past_key_values``, whichever its ``forward`` declares).
         tokenizer: its byte-level BPE tokenizer (fast).
         context_ids: token ids every sequence starts with (default ``[bos_token_id]``); FIM sentinels
             and a tokenized suffix go here.
@@ -253,9 +255,11 @@ class ByteLevelLM:
 
     # ---------------------------------------------------------------------------- the model
     def _call(self, input_ids, attention_mask, position_ids, cache=None):
+        """Log-probabilities ``(R, T, V)`` of one forward and, with a ``cache`` (KV-cache mode), the
+        keys/values it holds afterwards (the model fills it in place)."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        kwargs = {"cache": cache, "use_cache": True} if self.kv_cache else {}
+        kwargs = {**cache_kwargs(self.model, cache), "use_cache": True} if cache is not None else {}
         out = self.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -263,12 +267,16 @@ class ByteLevelLM:
             **kwargs,
         )
         logp = torch.log_softmax(out.logits.double(), dim=-1)[..., : self.bpe.vocab_size].cpu()
-        self.cost.forward_calls += 1
-        self.cost.sequences += input_ids.shape[0]
-        self.cost.tokens += int(attention_mask[:, -input_ids.shape[1] :].sum())
-        self.cost.seconds += time.perf_counter() - start
-        layers = tuple((layer.keys, layer.values) for layer in out.cache.layers) if self.kv_cache else None
+        self._account(input_ids.shape[0], int(attention_mask[:, -input_ids.shape[1] :].sum()), start)
+        layers = tuple((layer.keys, layer.values) for layer in cache.layers) if cache is not None else None
         return logp, layers
+
+    def _account(self, rows: int, tokens: int, start: float) -> None:
+        """Add one forward of ``rows`` sequences and ``tokens`` input tokens, begun at ``start``."""
+        self.cost.forward_calls += 1
+        self.cost.sequences += rows
+        self.cost.tokens += tokens
+        self.cost.seconds += time.perf_counter() - start
 
     @staticmethod
     def _empty_cache(layers: Layers | None = None) -> DynamicCache:
@@ -436,10 +444,7 @@ class ByteLevelLM:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=x.to(device), attention_mask=torch.ones_like(x).to(device)).logits
-        self.cost.forward_calls += 1
-        self.cost.sequences += 1
-        self.cost.tokens += len(ids)
-        self.cost.seconds += time.perf_counter() - start
+        self._account(1, len(ids), start)
         return torch.log_softmax(logits[0, -1].double(), -1)[: self.bpe.vocab_size].cpu()
 
     def naive_next_byte_distribution(
