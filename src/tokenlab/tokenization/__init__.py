@@ -1,9 +1,10 @@
 """Tokenization: BPE and superword (SuperBPE) training with digit pre-tokenisers and HF export, exact
-byte-level probabilities of token-level LMs (cover encodings, next-byte laws, fill-in-the-middle,
-byte-level ensembles), tokenizer transplant (OMP, TokenAdapt and baselines), tokenizer metrics
-(bytes/token, fertility, token premiums, parity) and probes (CharBench-style character questions,
-ADT-style adversarial strings), dynamic tokenization (batch-level merges) and learned chunking modules
-(MrT5 delete gate, H-Net dynamic chunking, word pooling, lexinvariant embeddings)."""
+byte-level probabilities of token-level LMs (pre-token-aware cover encodings, next-byte laws with
+KV-cache reuse, fill-in-the-middle, byte-level ensembles with CoRE weights), tokenizer transplant
+(OMP, TokenAdapt and baselines), tokenizer metrics (bytes/token, fertility, token premiums, parity)
+and probes (CharBench-style character questions, ADT-style adversarial strings), dynamic
+tokenization (batch-level merges) and learned chunking modules (MrT5 delete gate, H-Net dynamic
+chunking, word pooling, lexinvariant embeddings)."""
 
 from tokenlab.tokenization.bpe import BPETokenizer, bytes_to_unicode, train_bpe, train_superword_bpe
 from tokenlab.tokenization.byte_level import (
@@ -12,6 +13,7 @@ from tokenlab.tokenization.byte_level import (
     ByteLevelCost,
     ByteLevelEnsemble,
     ByteLevelLM,
+    core_weights,
     fill_in_the_middle,
     generate_bytes,
 )
@@ -103,6 +105,7 @@ __all__ = [
     "char_probes",
     "compare_tokenizers",
     "continuation_log_probs",
+    "core_weights",
     "corpus_token_count",
     "dynamic_tokenize",
     "encode_texts",

@@ -30,12 +30,22 @@ in frontier LLMs*): ``"single"`` (every digit alone), ``"l2r3"`` (groups of thre
 The patterns use Unicode classes (``\\p{L}``, ``\\p{N}``); Python's ``regex`` module and HF's
 Oniguruma agree on every character assigned in Python's Unicode database (checked in the tests);
 characters assigned in newer Unicode versions than one of the two engines knows may differ.
+
+Reading a tokenizer back (:meth:`PreTokenizer.from_hf`): the byte-level engine
+(:mod:`tokenlab.tokenization.canonical`) re-runs a Hugging Face tokenizer's pre-tokeniser in Python
+(``ByteLevel(use_regex=True)`` is the GPT-2 stage, ``Split(..., "isolated")`` a stage of its pattern,
+``Digits`` a ``\\p{N}`` stage, ``Sequence`` their concatenation), and needs one character of every
+class the patterns can tell apart (:meth:`PreTokenizer.representative_characters`): the patterns are
+read as *atoms* — character classes, Unicode properties, literals — and two characters that every atom
+accepts or rejects alike are interchangeable in every match.
 """
 
 from __future__ import annotations
 
+import itertools
+import unicodedata
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import regex
 from tokenizers import Regex, pre_tokenizers
@@ -78,6 +88,37 @@ class RegexSplit:
             out.append(piece[start:])
         return out
 
+    def spans(self, piece: str, offset: int = 0) -> list[tuple[int, int]]:
+        """:meth:`split` as ``(start, end)`` character offsets (shifted by ``offset``)."""
+        out, start = [], 0
+        for match in self.compiled.finditer(piece):
+            lo, hi = match.span()
+            if lo > start:
+                out.append((offset + start, offset + lo))
+            if hi > lo:
+                out.append((offset + lo, offset + hi))
+            start = hi
+        if start < len(piece):
+            out.append((offset + start, offset + len(piece)))
+        return out
+
+    def boundaries(self, piece: str) -> list[int]:
+        """Offsets inside ``piece`` where :meth:`split` starts a new piece: every match starts and ends
+        a piece (the text between matches is a piece too)."""
+        out: list[int] = []
+        last = 0
+        for match in self.compiled.finditer(piece):
+            lo, hi = match.span()
+            if lo != last:
+                out.append(lo)
+            out.append(hi)
+            last = hi
+        if out and out[0] == 0:
+            out.pop(0)
+        if out and out[-1] == len(piece):
+            out.pop()
+        return out
+
     def to_hf(self) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")
 
@@ -111,10 +152,65 @@ class PreTokenizer:
             pieces = [sub for piece in pieces for sub in stage.split(piece)]
         return pieces
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans ``(start, end)`` of the pre-tokens of ``text``, in order, covering it."""
+        spans = [(0, len(text))] if text else []
+        for stage in self.stages:
+            spans = [sub for lo, hi in spans for sub in stage.spans(text[lo:hi], lo)]
+        return spans
+
+    def boundaries(self, text: str) -> list[int]:
+        """Character offsets where a pre-token of ``text`` starts, except the first (``0``)."""
+        if len(self.stages) == 1:
+            return self.stages[0].boundaries(text)
+        cuts = [0, len(text)]
+        for stage in self.stages:
+            inner = [lo + b for lo, hi in itertools.pairwise(cuts) for b in stage.boundaries(text[lo:hi])]
+            cuts = sorted({*cuts, *inner})
+        return cuts[1:-1]
+
     def to_hf(self) -> pre_tokenizers.PreTokenizer:
         """The same pipeline for HF ``tokenizers``, followed by the byte-level byte→char mapping."""
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         return pre_tokenizers.Sequence([stage.to_hf() for stage in self.stages] + [byte_level])
+
+    @classmethod
+    def from_hf(cls, state: dict | None) -> PreTokenizer:
+        """The pipeline of a Hugging Face tokenizer's ``pre_tokenizer`` (its JSON, as a dict).
+
+        Supported: ``ByteLevel`` (the GPT-2 stage when ``use_regex``), ``Split`` with the ``Isolated``
+        behaviour (a regex or a literal string), ``Digits`` and ``Sequence`` of these; ``None`` is the
+        empty pipeline.
+
+        Raises:
+            ValueError: another pre-tokeniser type, another split behaviour, an inverted split.
+        """
+        if state is None:
+            return cls(())
+        kind = state.get("type")
+        if kind == "Sequence":
+            return cls(tuple(s for sub in state["pretokenizers"] for s in cls.from_hf(sub).stages))
+        if kind == "ByteLevel":
+            return cls((SPLITS["gpt2"],) if state.get("use_regex", True) else ())
+        if kind == "Digits":
+            pattern = r"\p{N}" if state.get("individual_digits") else r"\p{N}+"
+            return cls((RegexSplit("digits", pattern),))
+        if kind == "Split":
+            if state.get("behavior") != "Isolated" or state.get("invert"):
+                raise ValueError(
+                    f"unsupported Split pre-tokenizer (behavior={state.get('behavior')!r}, "
+                    f"invert={state.get('invert')!r}): only isolated, non-inverted splits keep every byte"
+                )
+            pattern = state["pattern"]
+            source = pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"])
+            return cls((RegexSplit("split", source),))
+        raise ValueError(f"unsupported pre-tokenizer type {kind!r}")
+
+    def representative_characters(self) -> tuple[str, ...]:
+        """One character of every class that the stages' patterns can tell apart (see the module
+        docstring): ASCII characters first, then one character per Unicode general category (and
+        whitespace property) and the case variants of literal letters under ``(?i)``."""
+        return _representatives(tuple(stage.pattern for stage in self.stages))
 
 
 def make_pre_tokenizer(split: str | None = "gpt2", digits: str | None = None) -> PreTokenizer:
@@ -129,3 +225,103 @@ def make_pre_tokenizer(split: str | None = "gpt2", digits: str | None = None) ->
     check_choice("digits", digits, [*sorted(DIGIT_SPLITS), None])
     stages = ([DIGIT_SPLITS[digits]] if digits else []) + ([SPLITS[split]] if split else [])
     return PreTokenizer(tuple(stages))
+
+
+# ------------------------------------------------------------------------- character classes
+def _atoms(pattern: str) -> list[str]:
+    """The character-level atoms of a regex: escapes, bracket classes, ``.`` and literal characters
+    (group syntax, anchors, alternation and quantifiers are skipped)."""
+    atoms, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1]
+            if nxt in "pPN" and i + 2 < n and pattern[i + 2] == "{":
+                end = pattern.index("}", i) + 1
+            elif nxt == "x":
+                end = pattern.index("}", i) + 1 if pattern[i + 2] == "{" else i + 4
+            elif nxt in "uU":
+                end = i + (6 if nxt == "u" else 10)
+            elif nxt.isdigit() and nxt != "0":
+                raise ValueError(f"back-references are not supported in pre-tokenizer patterns: {pattern!r}")
+            else:
+                end = i + 2
+            atoms.append(r"\w" if pattern[i:end] in (r"\b", r"\B") else pattern[i:end])
+            i = end
+        elif c == "[":
+            end = i + 1
+            if end < n and pattern[end] == "^":
+                end += 1
+            if end < n and pattern[end] == "]":
+                end += 1
+            depth = 1
+            while depth:
+                if pattern[end] == "\\":
+                    end += 2
+                    continue
+                depth += {"[": 1, "]": -1}.get(pattern[end], 0)
+                end += 1
+            atoms.append(pattern[i:end])
+            i = end
+        elif c == "(":
+            i += 1
+            if i < n and pattern[i] == "?":  # (?:  (?=  (?!  (?<=  (?<!  (?i:  (?i)  (?P<name>
+                i += 1
+                while i < n and pattern[i] not in ":)=!>":
+                    i += 1
+                i += 1
+        elif c == "{":
+            i = pattern.index("}", i) + 1
+        elif c in ")|*+?^$":
+            i += 1
+        else:
+            atoms.append("." if c == "." else regex.escape(c))
+            i += 1
+    return atoms
+
+
+_SCANNED = 0x30000  # the BMP and the two planes after it hold every general category
+
+
+@cache
+def _probe_characters() -> tuple[str, ...]:
+    """ASCII, then the first character of every (general category, whitespace) pair in Unicode."""
+    seen, out = set(), [chr(c) for c in range(128)]
+    for code in range(128, _SCANNED):
+        ch = chr(code)
+        key = (unicodedata.category(ch), ch.isspace())
+        if key not in seen:
+            seen.add(key)
+            out.append(ch)
+    return tuple(out)
+
+
+@cache
+def _case_variants() -> dict[str, tuple[str, ...]]:
+    """Every character whose case folding is one ASCII letter, by that letter (``ſ`` → ``s``)."""
+    out: dict[str, list[str]] = {}
+    for code in range(_SCANNED):
+        folded = chr(code).casefold()
+        if len(folded) == 1 and folded.isascii() and folded.isalpha():
+            out.setdefault(folded, []).append(chr(code))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@cache
+def _representatives(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    atoms = [a for p in patterns for a in _atoms(p)]
+    folding = any("(?i" in p for p in patterns)
+    compiled = [regex.compile(a) for a in atoms]
+    if folding:
+        compiled += [regex.compile(a, regex.IGNORECASE) for a in atoms]
+    probes = list(_probe_characters())
+    literals = {a for a in atoms if len(a) == 1 or (len(a) == 2 and a[0] == "\\" and not a[1].isalnum())}
+    for lit in literals:
+        ch = lit[-1]
+        probes.append(ch)
+        if folding:  # every character that folds to a literal letter matches it under (?i)
+            probes += _case_variants().get(ch.casefold(), ())
+    reps: dict[tuple[bool, ...], str] = {}
+    for ch in probes:
+        reps.setdefault(tuple(bool(r.fullmatch(ch)) for r in compiled), ch)
+    return tuple(reps.values())
