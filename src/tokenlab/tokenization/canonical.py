@@ -61,6 +61,7 @@ import json
 import unicodedata
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
@@ -72,6 +73,7 @@ STRADDLE_DEPTH = 3
 """How many tokens past the text a forced-open piece is followed to find a surviving boundary."""
 
 _NEVER = float("inf")
+_LAID, _UNLAID = 1, 2  # the states of a token in a window's laid-end-to-end table
 _CACHE_ITEMS = 4_000_000
 
 
@@ -304,6 +306,7 @@ class ByteLevelBPE:
         """``self_encoding[t]``: the bytes of token ``t`` BPE-encode to ``[t]`` (else ``t`` never occurs)."""
         self.self_encoding[[i for i, enc in zip(ids, encs) if enc.ids == [i]]] = True
         self._self_encoding = self.self_encoding.tolist()
+        self._self_encoding_array = self.self_encoding.numpy()
         depth = self.max_token_bytes
         spine = torch.full((V + 1, depth), V, dtype=torch.long)  # padded with the sentinel V
         after = torch.full((V + 1, depth), _NEVER, dtype=torch.float64)  # ρ of the next spine node
@@ -486,81 +489,94 @@ class ByteLevelBPE:
         """The candidates ``t`` with ``ids + [t]`` a canonical prefix.
 
         Fast path, for ASCII text: the pieces of all the texts ``window + bytes(t)`` come from one
-        pre-tokenisation of them laid end to end (:meth:`_laid_end_to_end`). A fit there is a witness (a
-        real text that starts with ``window + bytes(t)``, piece boundary after it); a violation before
-        the last character (or the trailing digit run) is final for every continuation (module
+        pre-tokenisation of them laid end to end (:meth:`_laid_end_to_end`), and every candidate's fit
+        is read off that table at once (numpy, no loop over the vocabulary). A fit there is a witness
+        (a real text that starts with ``window + bytes(t)``, piece boundary after it); a violation
+        before the last character (or the trailing digit run) is final for every continuation (module
         docstring, step 3). Everything else goes through the full test.
         """
         n = len(window)
         ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
-        allowed = {*ends, n}
         needed = [e for k, e in enumerate(ends[:-1]) if not self._pair_row(ids[k])[ids[k + 1]]]
-        joins = self._pair_row(ids[-1]) if ids else self._self_encoding
-        encodes, token_bytes = self._self_encoding, self.token_bytes
-        candidates = [t for t in candidates if encodes[t]]
-        laid = self._laid_end_to_end(window, candidates)
-        out = []
-        for t in candidates:
-            cuts = laid.get(t)
-            if cuts is None:
-                if self._decide_prefix(window + token_bytes[t], [*ids, t], 0):
-                    out.append(t)
-                continue
-            fits = joins[t] or n in cuts
-            if fits:
-                for p in cuts:
-                    if p not in allowed:
-                        fits = False
-                        break
-            if fits and needed:
-                fits = all(p in cuts for p in needed)
-            if fits:
-                out.append(t)
-                continue
-            bad = [p for p in cuts if p not in allowed] + [p for p in needed if p not in cuts]
-            if not joins[t] and n not in cuts:
-                bad.append(n)
-            data = window + token_bytes[t]
-            if min(bad) >= _undecided_from(data) and self._decide_prefix(data, [*ids, t], 0):
-                out.append(t)
-        return out
+        joins = (self.canonical_pairs(ids[-1]) if ids else self.self_encoding).numpy()
+        cand = np.asarray(candidates, dtype=np.int64)
+        cand = cand[self._self_encoding_array[cand]]
+        accepted = np.zeros(len(cand), dtype=bool)
+        laid = self._laid_end_to_end(window, cand)
+        if laid is None:
+            check = range(len(cand))
+        else:
+            state, cuts = laid[0][cand], laid[1][cand]
+            allowed = np.zeros(cuts.shape[1], dtype=bool)
+            allowed[[*ends, n]] = True
+            bad = cuts & ~allowed  # a piece boundary inside a token
+            bad[:, needed] |= ~cuts[:, needed]  # a non-canonical pair that no piece boundary splits
+            bad[:, n] |= ~(joins[cand] | cuts[:, n])  # the new pair: canonical, or split
+            fits = ~bad.any(1)
+            laid_rows = state == _LAID
+            accepted = laid_rows & fits
+            doubtful = np.flatnonzero(laid_rows & ~fits)
+            first_bad = bad[doubtful].argmax(1)  # the first violation
+            retry = [
+                k
+                for k, b in zip(doubtful.tolist(), first_bad.tolist())
+                if b >= _undecided_from(window + self.token_bytes[cand[k]])
+            ]
+            check = np.union1d(np.flatnonzero(~laid_rows), retry).astype(np.int64).tolist()
+        for k in check:
+            t = int(cand[k])
+            accepted[k] = self._decide_prefix(window + self.token_bytes[t], [*ids, t], 0)
+        return cand[accepted].tolist()
 
-    def _laid_end_to_end(self, window: bytes, candidates: list[int]) -> dict[int, tuple[int, ...]]:
-        """For candidates ``t``: the piece boundaries (byte offsets) inside ``window + bytes(t)``, its end
-        excluded, from one pre-tokenisation of ``window z_1 s window z_2 s …`` (separator character
+    def _laid_end_to_end(self, window: bytes, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """For the candidates ``t``: the piece boundaries (byte offsets) inside ``window + bytes(t)``, its
+        end excluded, from one pre-tokenisation of ``window z_1 s window z_2 s …`` (separator character
         ``s``) where that has piece boundaries at both ends of the segment — then they are the pieces of
         a real text that starts with ``window z`` and has a boundary after it. Segments whose end merges
         with the separator are tried again with the next separator. Single-stage pipelines and windows
-        of whole characters only; remembered per window."""
+        of whole characters only (else ``None``); remembered per window.
+
+        Returns ``(state, cuts)`` over the whole vocabulary: ``state[t]`` is ``_LAID`` where ``cuts[t]``
+        (bool, one column per byte offset) holds the boundaries, ``_UNLAID`` where no separator gave a
+        bounded segment, 0 for tokens not asked about yet.
+        """
         if len(self.pre_tokenizer.stages) != 1 or _partial_tail(window):
-            return {}
+            return None
+        n, V = len(window), self.vocab_size
         known = self._laid_memo.get(window)
         if known is None:
-            known = self._laid_memo.put(window, {}, len(candidates))
+            width = n + self.max_token_bytes + 1
+            known = (np.zeros(V, dtype=np.int8), np.zeros((V, width), dtype=bool))
+            self._laid_memo.put(window, known, V * (width + 1))
+        state, cuts = known
         head, head_offsets = _lossless_text(window)
         stage, texts = self.pre_tokenizer.stages[0], self._token_texts
-        todo = [t for t in candidates if t not in known and texts[t] is not None]
+        todo = candidates[state[candidates] == 0]
         for sep in ("\n", "\x00", "a", "0"):
-            if not todo:
+            if not len(todo):
                 break
             if head and 1 not in stage.boundaries(sep + head):
                 continue
-            big = sep + sep.join(head + texts[t][0] for t in todo) + sep
-            bounds = sorted({x for match in stage.compiled.finditer(big) for x in match.span()})
-            where = {b: k for k, b in enumerate(bounds)}
-            left = []
-            lo = 1
-            for t in todo:
-                z, z_offsets = texts[t]
-                hi = lo + len(head) + len(z)
-                k, j = where.get(lo), where.get(hi)
-                if k is None or j is None:
-                    left.append(t)
-                elif z_offsets is None and len(head) == len(window):  # ASCII: characters are bytes
-                    known[t] = tuple(b - lo for b in bounds[k + 1 : j])
-                else:
-                    offsets = head_offsets[:-1] + [len(window) + o for o in (z_offsets or range(len(z) + 1))]
-                    known[t] = tuple(offsets[b - lo] for b in bounds[k + 1 : j])
-                lo = hi + 1
-            todo = left
-        return known
+            segments = [head + texts[t][0] for t in todo.tolist()]
+            big = sep + sep.join(segments) + sep
+            is_bound = np.zeros(len(big) + 1, dtype=bool)
+            spans = [match.span() for match in stage.compiled.finditer(big)]
+            is_bound[np.asarray(spans, dtype=np.int64).reshape(-1)] = True
+            lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+            lo = np.cumsum(lengths + 1) - lengths  # where each segment starts in `big`
+            bounded = is_bound[lo] & is_bound[lo + lengths]
+            ascii_rows = np.array([texts[t][1] is None for t in todo.tolist()]) & (len(head) == n)
+            rows = np.flatnonzero(bounded & ascii_rows)  # characters are bytes: offsets read off directly
+            offsets = np.arange(cuts.shape[1])
+            inside = (offsets >= 1) & (offsets < lengths[rows, None])
+            at = np.minimum(lo[rows, None] + offsets, len(big))
+            cuts[todo[rows]] = is_bound[at] & inside
+            for r in np.flatnonzero(bounded & ~ascii_rows).tolist():
+                z_offsets = texts[todo[r]][1]
+                where = head_offsets[:-1] + [n + o for o in (z_offsets or range(len(texts[todo[r]][0]) + 1))]
+                inner = np.flatnonzero(is_bound[lo[r] + 1 : lo[r] + lengths[r]]) + 1
+                cuts[todo[r], [where[b] for b in inner.tolist()]] = True
+            state[todo[bounded]] = _LAID
+            todo = todo[~bounded]
+        state[todo] = _UNLAID
+        return state, cuts
