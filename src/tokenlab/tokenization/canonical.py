@@ -62,6 +62,7 @@ import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
+import regex
 import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
@@ -151,6 +152,18 @@ def _undecided_from(data: bytes) -> int:
     return min(offsets[max(first, 0)], len(data) - len(_partial_tail(data)))
 
 
+def _match_ends(pattern: regex.Pattern, text: str) -> np.ndarray:
+    """The start and end offsets of every match of ``pattern`` in ``text`` (repeats allowed). When the
+    matches tile the text (the usual pre-tokeniser), they are the running sums of the matched lengths —
+    ``findall`` builds no match objects."""
+    if not pattern.groups:
+        lengths = np.fromiter(map(len, pattern.findall(text)), dtype=np.int64)
+        if int(lengths.sum()) == len(text):
+            return np.concatenate([[0], np.cumsum(lengths)])
+    spans = [match.span() for match in pattern.finditer(text)]
+    return np.asarray(spans, dtype=np.int64).reshape(-1)
+
+
 class ByteLevelBPE:
     """The byte view of a Hugging Face byte-level BPE tokenizer, with its canonical prefixes.
 
@@ -194,6 +207,12 @@ class ByteLevelBPE:
         for i in self.byte_token_ids:  # each token's text on its own (ASCII: offsets are None)
             text, offsets = _lossless_text(self.token_bytes[i])
             self._token_texts[i] = (text, None if len(text) == len(self.token_bytes[i]) else offsets)
+        # ASCII tokens not ending in a digit: after ASCII text, `_undecided_from` is their last byte
+        token_bytes = self.token_bytes
+        self._token_length = np.array([len(b or b"") for b in token_bytes], dtype=np.int64)
+        self._plain_end = np.array(
+            [b is not None and b.isascii() and not b[-1:].isdigit() for b in token_bytes]
+        )
         self._starting_with: dict[bytes, list[int]] = {}
         for idx in sorted(self.byte_token_ids, key=lambda i: (len(self.token_bytes[i]), i)):
             tb = self.token_bytes[idx]
@@ -517,12 +536,15 @@ class ByteLevelBPE:
             accepted = laid_rows & fits
             doubtful = np.flatnonzero(laid_rows & ~fits)
             first_bad = bad[doubtful].argmax(1)  # the first violation
-            retry = [
-                k
-                for k, b in zip(doubtful.tolist(), first_bad.tolist())
-                if b >= _undecided_from(window + self.token_bytes[cand[k]])
-            ]
-            check = np.union1d(np.flatnonzero(~laid_rows), retry).astype(np.int64).tolist()
+            # where it may still move (module docstring, step 3): the last byte of ASCII text that does
+            # not end in a digit; else ask `_undecided_from`
+            tokens = cand[doubtful]
+            undecided = n + self._token_length[tokens] - 1
+            plain = self._plain_end[tokens] & window.isascii()
+            for k in np.flatnonzero(~plain).tolist():
+                undecided[k] = _undecided_from(window + self.token_bytes[tokens[k]])
+            retry = doubtful[first_bad >= undecided]
+            check = np.union1d(np.flatnonzero(~laid_rows), retry).tolist()
         for k in check:
             t = int(cand[k])
             accepted[k] = self._decide_prefix(window + self.token_bytes[t], [*ids, t], 0)
@@ -560,8 +582,7 @@ class ByteLevelBPE:
             segments = [head + texts[t][0] for t in todo.tolist()]
             big = sep + sep.join(segments) + sep
             is_bound = np.zeros(len(big) + 1, dtype=bool)
-            spans = [match.span() for match in stage.compiled.finditer(big)]
-            is_bound[np.asarray(spans, dtype=np.int64).reshape(-1)] = True
+            is_bound[_match_ends(stage.compiled, big)] = True
             lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
             lo = np.cumsum(lengths + 1) - lengths  # where each segment starts in `big`
             bounded = is_bound[lo] & is_bound[lo + lengths]
