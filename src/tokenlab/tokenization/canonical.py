@@ -207,9 +207,10 @@ class ByteLevelBPE:
         for i in self.byte_token_ids:  # each token's text on its own (ASCII: offsets are None)
             text, offsets = _lossless_text(self.token_bytes[i])
             self._token_texts[i] = (text, None if len(text) == len(self.token_bytes[i]) else offsets)
-        # ASCII tokens not ending in a digit: after ASCII text, `_undecided_from` is their last byte
         token_bytes = self.token_bytes
         self._token_length = np.array([len(b or b"") for b in token_bytes], dtype=np.int64)
+        self._text_length = np.array([len(t[0]) if t else 0 for t in self._token_texts], dtype=np.int64)
+        # ASCII tokens not ending in a digit: after ASCII text, `_undecided_from` is their last byte
         self._plain_end = np.array(
             [b is not None and b.isascii() and not b[-1:].isdigit() for b in token_bytes]
         )
@@ -246,6 +247,8 @@ class ByteLevelBPE:
 
     def boundaries(self, data: bytes) -> list[int]:
         """Byte offsets of the piece boundaries strictly inside ``data`` (pre-tokenisation)."""
+        if data.isascii():
+            return self.pre_tokenizer.boundaries(data.decode("ascii"))
         text, offsets = _lossless_text(data)
         cuts = self.pre_tokenizer.boundaries(text)
         return cuts if len(text) == len(data) else [offsets[p] for p in cuts]
@@ -398,15 +401,15 @@ class ByteLevelBPE:
             self._finishes[tail] = finishes
         return finishes + self._witnesses
 
-    def _violations(self, ids: Sequence[int], ends: list[int], cuts: list[int]) -> list[int]:
-        """Positions where the tokens ``ids`` (ending at ``ends``) do not fit the piece boundaries
-        ``cuts``: a boundary inside a token, or a non-canonical pair inside a piece."""
-        inside = set(cuts)
-        token_ends = set(ends)
+    @staticmethod
+    def _violations(cuts: list[int], token_ends: set[int], needed: list[int]) -> list[int]:
+        """Positions where tokens ending at ``token_ends``, with non-canonical pairs at ``needed``, do not
+        fit the piece boundaries ``cuts``: a boundary inside a token, or a non-canonical pair inside a
+        piece."""
         bad = [p for p in cuts if p not in token_ends]
-        for k in range(len(ids) - 1):
-            if ends[k] not in inside and not self._pair_row(ids[k])[ids[k + 1]]:
-                bad.append(ends[k])
+        if needed:
+            inside = set(cuts)
+            bad += [p for p in needed if p not in inside]
         return bad
 
     def is_canonical_prefix(self, window: bytes, ids: Sequence[int]) -> bool:
@@ -430,8 +433,10 @@ class ByteLevelBPE:
         if not all(encodes[i] for i in ids):
             return False
         ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
+        token_ends = set(ends)
+        needed = [ends[k] for k in range(len(ids) - 1) if not self._pair_row(ids[k])[ids[k + 1]]]
         n = len(window)
-        bad = self._violations(ids, ends, self.boundaries(window))
+        bad = self._violations(self.boundaries(window), token_ends, needed)
         if not bad:  # the text may end here
             return True
         if min(bad) < _undecided_from(window):
@@ -439,7 +444,7 @@ class ByteLevelBPE:
         open_piece = False
         for more in self._continuations(window, doubled=_lossless_text(window)[0][-1:].isnumeric()):
             cuts = self.boundaries(window + more)
-            if self._violations(ids, ends, [p for p in cuts if p < n]):
+            if self._violations([p for p in cuts if p < n], token_ends, needed):
                 continue
             if n in cuts:
                 return True
@@ -579,14 +584,13 @@ class ByteLevelBPE:
                 break
             if head and 1 not in stage.boundaries(sep + head):
                 continue
-            segments = [head + texts[t][0] for t in todo.tolist()]
-            big = sep + sep.join(segments) + sep
+            big = sep + head + (sep + head).join([texts[t][0] for t in todo.tolist()]) + sep
             is_bound = np.zeros(len(big) + 1, dtype=bool)
             is_bound[_match_ends(stage.compiled, big)] = True
-            lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+            lengths = len(head) + self._text_length[todo]  # of each segment `window z`, in characters
             lo = np.cumsum(lengths + 1) - lengths  # where each segment starts in `big`
             bounded = is_bound[lo] & is_bound[lo + lengths]
-            ascii_rows = np.array([texts[t][1] is None for t in todo.tolist()]) & (len(head) == n)
+            ascii_rows = (self._token_length[todo] == self._text_length[todo]) & (len(head) == n)
             rows = np.flatnonzero(bounded & ascii_rows)  # characters are bytes: offsets read off directly
             offsets = np.arange(cuts.shape[1])
             inside = (offsets >= 1) & (offsets < lengths[rows, None])
