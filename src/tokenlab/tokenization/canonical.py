@@ -574,7 +574,7 @@ class ByteLevelBPE:
         if known is None:
             width = n + self.max_token_bytes + 1
             known = (np.zeros(V, dtype=np.int8), np.zeros((V, width), dtype=bool))
-            self._laid_memo.put(window, known, V * (width + 1))
+            self._laid_memo.put(window, known, V + V * width // 8)  # an item per token, per 8 cells
         state, cuts = known
         head, head_offsets = _lossless_text(window)
         stage, texts = self.pre_tokenizer.stages[0], self._token_texts
