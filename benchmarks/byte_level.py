@@ -1,8 +1,9 @@
 """Benchmark: exact byte-level generation speed (KV cache), byte-level ensembles, genlm-bytes.
 
-    python benchmarks/byte_level.py            # default toy world (CPU: tens of minutes, first run trains
-                                               # the second model)
-    python benchmarks/byte_level.py --quick    # tiny toy world, checks
+    python benchmarks/byte_level.py               # default toy world (CPU: tens of minutes, first run
+                                                  # trains the second model)
+    python benchmarks/byte_level.py --quick       # tiny toy world, checks
+    python benchmarks/byte_level.py --speed-only  # part 1 only (generation speed)
 
 Part 1 — greedy ``generate_bytes`` of N bytes (200; quick: 24) after a held-out prompt: bytes/s and
 ms/byte with the KV cache (``kv_cache=True``), without it (every new branch evaluated from its first
@@ -178,6 +179,7 @@ def main() -> None:
     p = harness.parser(__doc__.splitlines()[0])
     p.add_argument("--before", default=None, help=f"git revision of the engine to compare (default {BEFORE})")
     p.add_argument("--bytes", type=int, default=None, help="bytes to generate (default 200; quick 24)")
+    p.add_argument("--speed-only", action="store_true", help="part 1 only: generation speed")
     args = p.parse_args()
     device = harness.device_from(args)
     if device.type == "cpu":
@@ -197,6 +199,9 @@ def main() -> None:
             f"{cached['branch forwards/byte']:.2f} forwards/byte, {cached['speed-up']:.1f}×"
         )
     assert cached["branch forwards/byte"] <= 3.0
+    if args.speed_only:
+        harness.finish(args, device, "byte_level", speed)
+        return
 
     other = second_world(world, progress=not args.quick)
     a = ByteLevelLM(world.target, world.tokenizer)

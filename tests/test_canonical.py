@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from tokenlab.tokenization.canonical import ByteLevelBPE
+from tokenlab.tokenization.canonical import ByteLevelBPE, _match_ends
 from tokenlab.tokenization.pretokenize import PreTokenizer, RegexSplit, make_pre_tokenizer
 
 LLAMA3_PATTERN = (
@@ -260,3 +260,39 @@ def test_fast_extensions_equal_the_full_test(tiny_world):
             t for t in bpe.byte_token_ids if bpe.is_canonical_prefix(window + bpe.token_bytes[t], [*ids, t])
         ]
         assert sorted(bpe.next_tokens(window, ids).tolist()) == sorted(full), window
+
+
+def test_fast_extensions_equal_the_full_test_on_random_windows(tiny_world):
+    """Randomised: canonical prefixes cut from the encodings of random texts (so also prefixes that are
+    not their text's own encoding), with and without a first-bytes filter — the vectorised extension
+    test of ``next_tokens`` equals the full test (a separate instance: no shared memo), token by token
+    and in order."""
+    bpe, slow = ByteLevelBPE(tiny_world.tokenizer), ByteLevelBPE(tiny_world.tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    alphabet = ["a", "e", "s", "t", "x", " ", "  ", "   ", "\n", "\n\n", "\t", "1", "2", "'", ".", "é", "日"]
+    for _ in range(40):
+        picks = torch.randint(0, len(alphabet), (8,), generator=gen).tolist()
+        ids = bpe.encode("".join(alphabet[i] for i in picks).encode())
+        ids = ids[: int(torch.randint(1, len(ids) + 1, (1,), generator=gen))]
+        window = bpe.decode(ids)
+        some = bpe.byte_token_ids[int(torch.randint(0, len(bpe.byte_token_ids), (1,), generator=gen))]
+        for prefix in (b"", bpe.token_bytes[some][:1]):
+            full = [
+                t
+                for t in slow.tokens_starting_with(prefix)
+                if slow.is_canonical_prefix(window + slow.token_bytes[t], [*ids, t])
+            ]
+            assert bpe.next_tokens(window, ids, prefix).tolist() == full, (window, ids, prefix)
+
+
+def test_match_ends_equal_the_match_spans():
+    """The match offsets read off ``findall`` lengths (matches that tile the text) equal those of the
+    match objects; patterns with gaps or groups take the match objects."""
+    gen = torch.Generator().manual_seed(1)
+    gpt2 = make_pre_tokenizer("gpt2").stages[0].compiled
+    patterns = [gpt2, regex.compile(r"a+"), regex.compile(r"(a)b|\s")]
+    for _ in range(30):
+        text = "".join("ab 1\n'é"[i] for i in torch.randint(0, 7, (12,), generator=gen).tolist())
+        for pattern in patterns:
+            spans = {x for match in pattern.finditer(text) for x in match.span()}
+            assert set(_match_ends(pattern, text).tolist()) == spans, (pattern.pattern, text)

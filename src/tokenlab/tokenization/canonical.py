@@ -61,6 +61,8 @@ import json
 import unicodedata
 from collections.abc import Sequence
 
+import numpy as np
+import regex
 import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
@@ -72,6 +74,7 @@ STRADDLE_DEPTH = 3
 """How many tokens past the text a forced-open piece is followed to find a surviving boundary."""
 
 _NEVER = float("inf")
+_LAID, _UNLAID = 1, 2  # the states of a token in a window's laid-end-to-end table
 _CACHE_ITEMS = 4_000_000
 
 
@@ -149,6 +152,18 @@ def _undecided_from(data: bytes) -> int:
     return min(offsets[max(first, 0)], len(data) - len(_partial_tail(data)))
 
 
+def _match_ends(pattern: regex.Pattern, text: str) -> np.ndarray:
+    """The start and end offsets of every match of ``pattern`` in ``text`` (repeats allowed). When the
+    matches tile the text (the usual pre-tokeniser), they are the running sums of the matched lengths —
+    ``findall`` builds no match objects."""
+    if not pattern.groups:
+        lengths = np.fromiter(map(len, pattern.findall(text)), dtype=np.int64)
+        if int(lengths.sum()) == len(text):
+            return np.concatenate([[0], np.cumsum(lengths)])
+    spans = [match.span() for match in pattern.finditer(text)]
+    return np.asarray(spans, dtype=np.int64).reshape(-1)
+
+
 class ByteLevelBPE:
     """The byte view of a Hugging Face byte-level BPE tokenizer, with its canonical prefixes.
 
@@ -192,6 +207,13 @@ class ByteLevelBPE:
         for i in self.byte_token_ids:  # each token's text on its own (ASCII: offsets are None)
             text, offsets = _lossless_text(self.token_bytes[i])
             self._token_texts[i] = (text, None if len(text) == len(self.token_bytes[i]) else offsets)
+        token_bytes = self.token_bytes
+        self._token_length = np.array([len(b or b"") for b in token_bytes], dtype=np.int64)
+        self._text_length = np.array([len(t[0]) if t else 0 for t in self._token_texts], dtype=np.int64)
+        # ASCII tokens not ending in a digit: after ASCII text, `_undecided_from` is their last byte
+        self._plain_end = np.array(
+            [b is not None and b.isascii() and not b[-1:].isdigit() for b in token_bytes]
+        )
         self._starting_with: dict[bytes, list[int]] = {}
         for idx in sorted(self.byte_token_ids, key=lambda i: (len(self.token_bytes[i]), i)):
             tb = self.token_bytes[idx]
@@ -225,6 +247,8 @@ class ByteLevelBPE:
 
     def boundaries(self, data: bytes) -> list[int]:
         """Byte offsets of the piece boundaries strictly inside ``data`` (pre-tokenisation)."""
+        if data.isascii():
+            return self.pre_tokenizer.boundaries(data.decode("ascii"))
         text, offsets = _lossless_text(data)
         cuts = self.pre_tokenizer.boundaries(text)
         return cuts if len(text) == len(data) else [offsets[p] for p in cuts]
@@ -304,6 +328,7 @@ class ByteLevelBPE:
         """``self_encoding[t]``: the bytes of token ``t`` BPE-encode to ``[t]`` (else ``t`` never occurs)."""
         self.self_encoding[[i for i, enc in zip(ids, encs) if enc.ids == [i]]] = True
         self._self_encoding = self.self_encoding.tolist()
+        self._self_encoding_array = self.self_encoding.numpy()
         depth = self.max_token_bytes
         spine = torch.full((V + 1, depth), V, dtype=torch.long)  # padded with the sentinel V
         after = torch.full((V + 1, depth), _NEVER, dtype=torch.float64)  # ρ of the next spine node
@@ -376,15 +401,15 @@ class ByteLevelBPE:
             self._finishes[tail] = finishes
         return finishes + self._witnesses
 
-    def _violations(self, ids: Sequence[int], ends: list[int], cuts: list[int]) -> list[int]:
-        """Positions where the tokens ``ids`` (ending at ``ends``) do not fit the piece boundaries
-        ``cuts``: a boundary inside a token, or a non-canonical pair inside a piece."""
-        inside = set(cuts)
-        token_ends = set(ends)
+    @staticmethod
+    def _violations(cuts: list[int], token_ends: set[int], needed: list[int]) -> list[int]:
+        """Positions where tokens ending at ``token_ends``, with non-canonical pairs at ``needed``, do not
+        fit the piece boundaries ``cuts``: a boundary inside a token, or a non-canonical pair inside a
+        piece."""
         bad = [p for p in cuts if p not in token_ends]
-        for k in range(len(ids) - 1):
-            if ends[k] not in inside and not self._pair_row(ids[k])[ids[k + 1]]:
-                bad.append(ends[k])
+        if needed:
+            inside = set(cuts)
+            bad += [p for p in needed if p not in inside]
         return bad
 
     def is_canonical_prefix(self, window: bytes, ids: Sequence[int]) -> bool:
@@ -408,8 +433,10 @@ class ByteLevelBPE:
         if not all(encodes[i] for i in ids):
             return False
         ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
+        token_ends = set(ends)
+        needed = [ends[k] for k in range(len(ids) - 1) if not self._pair_row(ids[k])[ids[k + 1]]]
         n = len(window)
-        bad = self._violations(ids, ends, self.boundaries(window))
+        bad = self._violations(self.boundaries(window), token_ends, needed)
         if not bad:  # the text may end here
             return True
         if min(bad) < _undecided_from(window):
@@ -417,7 +444,7 @@ class ByteLevelBPE:
         open_piece = False
         for more in self._continuations(window, doubled=_lossless_text(window)[0][-1:].isnumeric()):
             cuts = self.boundaries(window + more)
-            if self._violations(ids, ends, [p for p in cuts if p < n]):
+            if self._violations([p for p in cuts if p < n], token_ends, needed):
                 continue
             if n in cuts:
                 return True
@@ -486,81 +513,95 @@ class ByteLevelBPE:
         """The candidates ``t`` with ``ids + [t]`` a canonical prefix.
 
         Fast path, for ASCII text: the pieces of all the texts ``window + bytes(t)`` come from one
-        pre-tokenisation of them laid end to end (:meth:`_laid_end_to_end`). A fit there is a witness (a
-        real text that starts with ``window + bytes(t)``, piece boundary after it); a violation before
-        the last character (or the trailing digit run) is final for every continuation (module
+        pre-tokenisation of them laid end to end (:meth:`_laid_end_to_end`), and every candidate's fit
+        is read off that table at once (numpy, no loop over the vocabulary). A fit there is a witness
+        (a real text that starts with ``window + bytes(t)``, piece boundary after it); a violation
+        before the last character (or the trailing digit run) is final for every continuation (module
         docstring, step 3). Everything else goes through the full test.
         """
         n = len(window)
         ends = list(itertools.accumulate(len(self.token_bytes[i]) for i in ids))
-        allowed = {*ends, n}
         needed = [e for k, e in enumerate(ends[:-1]) if not self._pair_row(ids[k])[ids[k + 1]]]
-        joins = self._pair_row(ids[-1]) if ids else self._self_encoding
-        encodes, token_bytes = self._self_encoding, self.token_bytes
-        candidates = [t for t in candidates if encodes[t]]
-        laid = self._laid_end_to_end(window, candidates)
-        out = []
-        for t in candidates:
-            cuts = laid.get(t)
-            if cuts is None:
-                if self._decide_prefix(window + token_bytes[t], [*ids, t], 0):
-                    out.append(t)
-                continue
-            fits = joins[t] or n in cuts
-            if fits:
-                for p in cuts:
-                    if p not in allowed:
-                        fits = False
-                        break
-            if fits and needed:
-                fits = all(p in cuts for p in needed)
-            if fits:
-                out.append(t)
-                continue
-            bad = [p for p in cuts if p not in allowed] + [p for p in needed if p not in cuts]
-            if not joins[t] and n not in cuts:
-                bad.append(n)
-            data = window + token_bytes[t]
-            if min(bad) >= _undecided_from(data) and self._decide_prefix(data, [*ids, t], 0):
-                out.append(t)
-        return out
+        joins = (self.canonical_pairs(ids[-1]) if ids else self.self_encoding).numpy()
+        cand = np.asarray(candidates, dtype=np.int64)
+        cand = cand[self._self_encoding_array[cand]]
+        accepted = np.zeros(len(cand), dtype=bool)
+        laid = self._laid_end_to_end(window, cand)
+        if laid is None:
+            check = range(len(cand))
+        else:
+            state, cuts = laid[0][cand], laid[1][cand]
+            allowed = np.zeros(cuts.shape[1], dtype=bool)
+            allowed[[*ends, n]] = True
+            bad = cuts & ~allowed  # a piece boundary inside a token
+            bad[:, needed] |= ~cuts[:, needed]  # a non-canonical pair that no piece boundary splits
+            bad[:, n] |= ~(joins[cand] | cuts[:, n])  # the new pair: canonical, or split
+            fits = ~bad.any(1)
+            laid_rows = state == _LAID
+            accepted = laid_rows & fits
+            doubtful = np.flatnonzero(laid_rows & ~fits)
+            first_bad = bad[doubtful].argmax(1)  # the first violation
+            # where it may still move (module docstring, step 3): the last byte of ASCII text that does
+            # not end in a digit; else ask `_undecided_from`
+            tokens = cand[doubtful]
+            undecided = n + self._token_length[tokens] - 1
+            plain = self._plain_end[tokens] & window.isascii()
+            for k in np.flatnonzero(~plain).tolist():
+                undecided[k] = _undecided_from(window + self.token_bytes[tokens[k]])
+            retry = doubtful[first_bad >= undecided]
+            check = np.union1d(np.flatnonzero(~laid_rows), retry).tolist()
+        for k in check:
+            t = int(cand[k])
+            accepted[k] = self._decide_prefix(window + self.token_bytes[t], [*ids, t], 0)
+        return cand[accepted].tolist()
 
-    def _laid_end_to_end(self, window: bytes, candidates: list[int]) -> dict[int, tuple[int, ...]]:
-        """For candidates ``t``: the piece boundaries (byte offsets) inside ``window + bytes(t)``, its end
-        excluded, from one pre-tokenisation of ``window z_1 s window z_2 s …`` (separator character
+    def _laid_end_to_end(self, window: bytes, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """For the candidates ``t``: the piece boundaries (byte offsets) inside ``window + bytes(t)``, its
+        end excluded, from one pre-tokenisation of ``window z_1 s window z_2 s …`` (separator character
         ``s``) where that has piece boundaries at both ends of the segment — then they are the pieces of
         a real text that starts with ``window z`` and has a boundary after it. Segments whose end merges
         with the separator are tried again with the next separator. Single-stage pipelines and windows
-        of whole characters only; remembered per window."""
+        of whole characters only (else ``None``); remembered per window.
+
+        Returns ``(state, cuts)`` over the whole vocabulary: ``state[t]`` is ``_LAID`` where ``cuts[t]``
+        (bool, one column per byte offset) holds the boundaries, ``_UNLAID`` where no separator gave a
+        bounded segment, 0 for tokens not asked about yet.
+        """
         if len(self.pre_tokenizer.stages) != 1 or _partial_tail(window):
-            return {}
+            return None
+        n, V = len(window), self.vocab_size
         known = self._laid_memo.get(window)
         if known is None:
-            known = self._laid_memo.put(window, {}, len(candidates))
+            width = n + self.max_token_bytes + 1
+            known = (np.zeros(V, dtype=np.int8), np.zeros((V, width), dtype=bool))
+            self._laid_memo.put(window, known, V + V * width // 8)  # an item per token, per 8 cells
+        state, cuts = known
         head, head_offsets = _lossless_text(window)
         stage, texts = self.pre_tokenizer.stages[0], self._token_texts
-        todo = [t for t in candidates if t not in known and texts[t] is not None]
+        todo = candidates[state[candidates] == 0]
         for sep in ("\n", "\x00", "a", "0"):
-            if not todo:
+            if not len(todo):
                 break
             if head and 1 not in stage.boundaries(sep + head):
                 continue
-            big = sep + sep.join(head + texts[t][0] for t in todo) + sep
-            bounds = sorted({x for match in stage.compiled.finditer(big) for x in match.span()})
-            where = {b: k for k, b in enumerate(bounds)}
-            left = []
-            lo = 1
-            for t in todo:
-                z, z_offsets = texts[t]
-                hi = lo + len(head) + len(z)
-                k, j = where.get(lo), where.get(hi)
-                if k is None or j is None:
-                    left.append(t)
-                elif z_offsets is None and len(head) == len(window):  # ASCII: characters are bytes
-                    known[t] = tuple(b - lo for b in bounds[k + 1 : j])
-                else:
-                    offsets = head_offsets[:-1] + [len(window) + o for o in (z_offsets or range(len(z) + 1))]
-                    known[t] = tuple(offsets[b - lo] for b in bounds[k + 1 : j])
-                lo = hi + 1
-            todo = left
-        return known
+            big = sep + head + (sep + head).join([texts[t][0] for t in todo.tolist()]) + sep
+            is_bound = np.zeros(len(big) + 1, dtype=bool)
+            is_bound[_match_ends(stage.compiled, big)] = True
+            lengths = len(head) + self._text_length[todo]  # of each segment `window z`, in characters
+            lo = np.cumsum(lengths + 1) - lengths  # where each segment starts in `big`
+            bounded = is_bound[lo] & is_bound[lo + lengths]
+            ascii_rows = (self._token_length[todo] == self._text_length[todo]) & (len(head) == n)
+            rows = np.flatnonzero(bounded & ascii_rows)  # characters are bytes: offsets read off directly
+            offsets = np.arange(cuts.shape[1])
+            inside = (offsets >= 1) & (offsets < lengths[rows, None])
+            at = np.minimum(lo[rows, None] + offsets, len(big))
+            cuts[todo[rows]] = is_bound[at] & inside
+            for r in np.flatnonzero(bounded & ~ascii_rows).tolist():
+                z_offsets = texts[todo[r]][1]
+                where = head_offsets[:-1] + [n + o for o in (z_offsets or range(len(texts[todo[r]][0]) + 1))]
+                inner = np.flatnonzero(is_bound[lo[r] + 1 : lo[r] + lengths[r]]) + 1
+                cuts[todo[r], [where[b] for b in inner.tolist()]] = True
+            state[todo[bounded]] = _LAID
+            todo = todo[~bounded]
+        state[todo] = _UNLAID
+        return state, cuts
