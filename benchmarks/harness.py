@@ -98,18 +98,26 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return max(peak, _rss_bytes()) - base
 
 
-def environment(device: torch.device) -> dict:
-    """Device, versions, commit, date and command of this run."""
+def _git_commit() -> str:
+    """The checkout's commit, ``+dirty`` when tracked files differ from it."""
+    here = Path(__file__).parent
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=here
         ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, cwd=here).returncode
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+# Read when the benchmark starts, not when it ends: the code that ran is the code at import time.
+_STARTED = (_git_commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions, commit and date at the start of this run, and its command."""
+    commit, started = _STARTED
     try:
         import triton
 
@@ -124,7 +132,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "git_commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": started,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
