@@ -364,6 +364,23 @@ def test_ratio_one_is_all_model_tokens():
     assert torch.equal(mixed[~eligible], ids[~eligible])
 
 
+def test_left_padding_keeps_the_first_attended_token():
+    """With left padding, the first attended token of a fully labelled row has no model prediction (the
+    position before it is padding): it keeps the ground truth; the row's other tokens take the model's."""
+    ids, _, _ = batch(B=2, T=8)
+    attention = torch.ones(2, 8, dtype=torch.long)
+    attention[0, :3] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    model = tiny_llama(0)
+    mixed, replaced = batch_scheduled_sampling(
+        model, ids, labels, ratio=1.0, attention_mask=attention, do_sample=False
+    )
+    expected = torch.ones(2, 8, dtype=torch.bool)
+    expected[0, :4] = expected[1, 0] = False
+    assert torch.equal(replaced, expected)
+    assert mixed[0, 3] == ids[0, 3]
+
+
 def test_replaced_fraction_follows_the_schedule():
     """With a fixed seed the replaced fraction of eligible positions is within 4 binomial standard deviations
     of the schedule's ratio, at three points of the schedule; the same seed gives the same batch."""
