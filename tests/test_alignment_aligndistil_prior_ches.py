@@ -107,10 +107,12 @@ def test_ches_on_synthetic_states_equals_the_definition():
 
 def test_ches_bad_input():
     h, m = torch.randn(2, 3, 4), torch.ones(2, 3)
-    with pytest.raises(ValueError, match="chosen_hidden_mask"):
+    with pytest.raises(ValueError, match="`chosen_mask`"):
         ches_scores(h, torch.ones(2, 4), h, m)
-    with pytest.raises(ValueError, match="rejected_hidden_mask"):
+    with pytest.raises(ValueError, match="`rejected_mask`"):
         ches_scores(h, m, h, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="`rejected_mask`"):
+        ches_scores(h, m, h, torch.full((2, 3), 2.0))
     with pytest.raises(ValueError, match="same number of pairs"):
         ches_scores(h, m, h[:1], m[:1])
     with pytest.raises(ValueError, match="keep_fraction"):

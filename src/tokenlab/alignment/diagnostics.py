@@ -28,17 +28,19 @@ from tokenlab._checks import check_bool, check_finite, check_int, check_probabil
 from tokenlab.alignment.hf import causal_lm_head, shift_for_next_token
 
 
-def _summed_states(name: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
+def _summed_states(side: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
+    """``S = Σ_t mask_t h_t`` ``[B, H]`` of the arguments ``{side}_hidden`` and ``{side}_mask``."""
+    name, mask_name = f"{side}_hidden", f"{side}_mask"
     check_tensor(name, hidden, ndim=3, floating=True)
     check_finite(name, hidden)
-    check_tensor(f"{name}_mask", mask, ndim=2)
-    check_shape(f"{name}_mask", mask, tuple(hidden.shape[:2]), of=f"the leading shape of `{name}`")
+    check_tensor(mask_name, mask, ndim=2)
+    check_shape(mask_name, mask, tuple(hidden.shape[:2]), of=f"the leading shape of `{name}`")
     m = mask.to(hidden.dtype)
     if ((m != 0) & (m != 1)).any():
-        raise ValueError(f"`{name}_mask` must hold only 0 and 1")
+        raise ValueError(f"`{mask_name}` must hold only 0 and 1")
     counts = m.sum(-1)
     if (counts == 0).any():
-        raise ValueError(f"`{name}_mask` selects no position in some row; every completion needs a token")
+        raise ValueError(f"`{mask_name}` selects no position in some row; every completion needs a token")
     total = torch.einsum("bt,bth->bh", m, hidden)
     return total / counts.unsqueeze(-1) if length_normalize else total
 
@@ -65,8 +67,8 @@ def ches_scores(
         ``length_normalize``), in the hidden states' dtype.
     """
     check_bool("length_normalize", length_normalize)
-    plus = _summed_states("chosen_hidden", chosen_hidden, chosen_mask, length_normalize)
-    minus = _summed_states("rejected_hidden", rejected_hidden, rejected_mask, length_normalize)
+    plus = _summed_states("chosen", chosen_hidden, chosen_mask, length_normalize)
+    minus = _summed_states("rejected", rejected_hidden, rejected_mask, length_normalize)
     if plus.shape != minus.shape:
         raise ValueError(
             f"`chosen_hidden` and `rejected_hidden` must hold the same number of pairs and hidden size, got "
