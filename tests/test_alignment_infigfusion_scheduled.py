@@ -210,6 +210,20 @@ def test_graph_on_logits_loss_gradcheck():
     assert torch.autograd.gradcheck(full, (student.hidden.detach().clone().requires_grad_(),))
 
 
+def test_shared_topk_kd_with_a_float64_teacher_and_a_float32_student():
+    """The dropped (unshared) tokens are masked in each slice's own dtype: a float32 student against a
+    float64 teacher gives the float64 value to float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    indices = torch.zeros(2, 3, 4, dtype=torch.long)
+    shared = torch.rand(2, 3, 4, generator=gen) > 0.3
+    shared[:, :, 0] = True
+    teacher = LogitSlice(values[0], indices)
+    want = shared_topk_kd(LogitSlice(values[1], indices), teacher, shared)
+    got = shared_topk_kd(LogitSlice(values[1].float(), indices), teacher, shared)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_shared_vocabulary_on_dicts_and_tiny_tokenizers():
     student = {"a": 0, "b": 1, "<s>": 2, "ab": 3}
     teacher = {"ab": 0, "c": 1, "a": 2}

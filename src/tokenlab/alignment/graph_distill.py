@@ -337,9 +337,10 @@ def shared_topk_kd(student: LogitSlice, teacher: LogitSlice, shared: Tensor) -> 
     check_shape("student.values", student.values, teacher.values.shape, of="`teacher.values`")
     check_shape("shared", check_tensor("shared", shared), teacher.values.shape, of="`teacher.values`")
     shared = shared.bool()
-    drop = torch.finfo(teacher.values.dtype).min
-    log_q = torch.log_softmax(teacher.values.masked_fill(~shared, drop), -1)
-    log_p = torch.log_softmax(student.values.masked_fill(~shared, drop), -1)
+    log_q, log_p = (
+        torch.log_softmax(s.values.masked_fill(~shared, torch.finfo(s.values.dtype).min), -1)
+        for s in (teacher, student)
+    )
     kl = (log_q.exp() * (log_q - log_p)).masked_fill(~shared, 0.0).sum(-1)
     counted = teacher.mask & student.mask & shared.any(-1)
     return (kl * counted).sum() / counted.sum().clamp(min=1)
