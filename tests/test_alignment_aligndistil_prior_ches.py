@@ -79,6 +79,13 @@ def test_prior_bad_input():
         prior_loss(tokens, alpha=-1.0)
     with pytest.raises(ValueError, match="ref_logps"):
         prior_loss(TokenLogps(tokens.logps, tokens.mask))
+    ref, mask = tokens.ref_logps, tokens.mask
+    with pytest.raises(TypeError, match="`ref_logps`"):
+        prior_weights(ref.tolist(), mask)
+    with pytest.raises(ValueError, match="`ref_logps`"):  # was silently weight 0
+        prior_weights(ref.masked_fill(mask == 0, math.nan), mask)
+    with pytest.raises(ValueError, match="`mask`"):
+        prior_weights(ref, 2 * mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
