@@ -44,7 +44,7 @@ from torch import Tensor
 
 from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_shape, check_tensor
 from tokenlab.alignment.common import LossOutput
-from tokenlab.alignment.fused_linear import HEAD_BACKENDS, HeadBackend, LinearHead, _logits
+from tokenlab.alignment.fused_linear import HEAD_BACKENDS, HeadBackend, LinearHead, _HeadGrads, _logits
 
 
 @dataclass
@@ -75,7 +75,8 @@ class LogitSlice:
 
 class _ChunkedLogitsAt(torch.autograd.Function):
     """Logits ``[N, m]`` at ``indices`` (or at each row's top ``k``, chosen here); only the indices are kept
-    for backward, which recomputes nothing: ``∂/∂h = Σ_j g_j W[idx_j]``, ``∂/∂W[idx_j] += g_j h``."""
+    for backward, which recomputes nothing: ``∂/∂h = Σ_j g_j W[idx_j]``, ``∂/∂W[idx_j] += g_j h``,
+    accumulated chunk by chunk as the chunked losses accumulate theirs (``fused_linear._HeadGrads``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, indices, k, chunk_size):
@@ -97,29 +98,13 @@ class _ChunkedLogitsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _):
         hidden, weight, bias, indices = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(s, s + ctx.chunk_size)
+        grads = _HeadGrads([hidden], weight, bias, ctx.needs_input_grad[:3])
+        n = hidden.shape[0]
+        for s in range(0, n, ctx.chunk_size):
+            rows = slice(s, min(s + ctx.chunk_size, n))
             g = g_values[rows].new_zeros(len(g_values[rows]), weight.shape[0])
-            g.scatter_add_(-1, indices[rows], g_values[rows])
-            if need_h:
-                grad_h[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.T.to(hidden.dtype) @ hidden[rows]).to(acc)
-            if need_b:
-                grad_b += g.sum(0).to(acc)
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-            None,
-        )
+            grads.add(g.scatter_add_(-1, indices[rows], g_values[rows]), hidden[rows], weight, [rows])
+        return (*grads.final([hidden], weight, bias), None, None, None)
 
 
 def _logit_slice(
