@@ -112,6 +112,23 @@ def test_ches_on_synthetic_states_equals_the_definition():
     assert same.abs().max() < 1e-10  # identical completions: CHES = ⟨S, S⟩ − ‖S‖² = 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ches_of_half_precision_states_is_computed_in_float32(dtype):
+    """Half-precision hidden states (as a bf16/fp16 model returns them) are summed and multiplied in float32:
+    in float16 the squared sums overflowed to NaN, in bfloat16 the score was off by ~2%."""
+    g = torch.Generator().manual_seed(0)
+    base = 3 * torch.randn(B, 1, 64, generator=g, dtype=torch.float64)
+    hp = (base + 0.3 * torch.randn(B, 50, 64, generator=g, dtype=torch.float64)).to(dtype)
+    hm = (base + 0.3 * torch.randn(B, 40, 64, generator=g, dtype=torch.float64)).to(dtype)
+    mp, mm = torch.ones(B, 50), torch.ones(B, 40)
+    mp[0, :7] = mm[1, 30:] = 0
+    for normalize in (False, True):
+        got = ches_scores(hp, mp, hm, mm, length_normalize=normalize)
+        want = ches_scores(hp.double(), mp, hm.double(), mm, length_normalize=normalize)
+        assert got.dtype == torch.float32
+        assert_relative_error(got.double(), want, 1e-4, "half-precision CHES vs float64")
+
+
 def test_ches_bad_input():
     h, m = torch.randn(2, 3, 4), torch.ones(2, 3)
     with pytest.raises(ValueError, match="`chosen_mask`"):

@@ -35,6 +35,7 @@ def _summed_states(side: str, hidden: Tensor, mask: Tensor, length_normalize: bo
     check_finite(name, hidden)
     check_tensor(mask_name, mask, ndim=2)
     check_shape(mask_name, mask, tuple(hidden.shape[:2]), of=f"the leading shape of `{name}`")
+    hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # half precision overflows
     m = mask.to(hidden.dtype)
     if ((m != 0) & (m != 1)).any():
         raise ValueError(f"`{mask_name}` must hold only 0 and 1")
@@ -64,7 +65,8 @@ def ches_scores(
 
     Returns:
         ``[B]``: ``⟨S⁺, S⁻⟩ − ‖S⁺‖²`` with ``S = Σ_t mask_t h_t`` (divided by the completion length when
-        ``length_normalize``), in the hidden states' dtype.
+        ``length_normalize``), in float32 (float64 for float64 states): half-precision states are summed and
+        multiplied in float32 (in float16 ``‖S‖²`` overflows; the score is a difference of large terms).
     """
     check_bool("length_normalize", length_normalize)
     plus = _summed_states("chosen", chosen_hidden, chosen_mask, length_normalize)
