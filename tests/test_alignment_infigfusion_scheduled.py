@@ -192,6 +192,33 @@ def test_losses_are_zero_for_identical_student_and_teacher():
     assert float(out.metrics["kd"]) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_on_logits_loss_with_half_precision_teacher_logits(dtype):
+    """Teacher top-k logits stored in half precision are aggregated in float32: the GLD loss and the KD term
+    equal their float64 values on the same (rounded) logits to float32 rounding (GLD was off by 1–3%:
+    ``GW_sort`` is a difference of squares; the KD term was computed in half precision)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def top(count: int) -> LogitSlice:
+        values = (5 + torch.randn(2, 20, count, generator=gen, dtype=torch.float64)).sort(-1, True).values
+        ids = torch.stack([torch.randperm(50, generator=gen)[:count] for _ in range(40)]).view(2, 20, count)
+        return LogitSlice(values, ids)
+
+    student, teacher = top(8), top(8)
+    half = LogitSlice(teacher.values.to(dtype), teacher.indices)
+    got = graph_on_logits_loss(LogitSlice(student.values.float(), student.indices), [half]).loss
+    want = graph_on_logits_loss(student, [LogitSlice(half.values.double(), teacher.indices)]).loss
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    at = LogitSlice(teacher.values.flip(-1).float(), teacher.indices)  # the student at the teacher's ids
+    shared = torch.ones(2, 20, 8, dtype=torch.bool)
+    got = shared_topk_kd(at, half, shared)
+    want = shared_topk_kd(
+        LogitSlice(at.values.double(), at.indices), LogitSlice(half.values.double(), teacher.indices), shared
+    )
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
 def test_graph_on_logits_loss_gradcheck():
     a, b = random_graph(4, positions=4, offset=1.0), random_graph(5, positions=3, offset=1.0)
     teacher = LogitSlice(b[0][None], b[1][None])

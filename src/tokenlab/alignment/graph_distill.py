@@ -186,11 +186,12 @@ def coactivation_graph(values: Tensor, indices: Tensor, mask: Tensor | None = No
 
 def _nodes(values: Tensor, indices: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct channels ``[n]``, each retained logit's node ``[T', k]`` and the logits ``[T', k]`` of
-    the counted positions."""
+    the counted positions, in at least float32 (half-precision sums and ``GW_sort``, a difference of squares,
+    lose percents)."""
     if mask is not None:
         values, indices = values[mask.bool()], indices[mask.bool()]
     nodes, inverse = torch.unique(indices, return_inverse=True)
-    return nodes, inverse, values
+    return nodes, inverse, values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def _node_strengths(values: Tensor, indices: Tensor, mask: Tensor | None) -> Tensor:
@@ -322,9 +323,9 @@ def shared_topk_kd(student: LogitSlice, teacher: LogitSlice, shared: Tensor) -> 
     check_shape("student.values", student.values, teacher.values.shape, of="`teacher.values`")
     check_shape("shared", check_tensor("shared", shared), teacher.values.shape, of="`teacher.values`")
     shared = shared.bool()
-    log_q, log_p = (
-        torch.log_softmax(s.values.masked_fill(~shared, torch.finfo(s.values.dtype).min), -1)
-        for s in (teacher, student)
+    log_q, log_p = (  # in at least float32, each masked in its own dtype
+        torch.log_softmax(v.masked_fill(~shared, torch.finfo(v.dtype).min), -1)
+        for v in (s.values.to(torch.promote_types(s.values.dtype, torch.float32)) for s in (teacher, student))
     )
     kl = (log_q.exp() * (log_q - log_p)).masked_fill(~shared, 0.0).sum(-1)
     counted = teacher.mask & student.mask & shared.any(-1)
