@@ -187,6 +187,16 @@ def test_preference_ches_on_an_hf_model_ranks_and_filters(tiny_world):
     assert kept.tolist() == scores[True].argsort()[:2].tolist()
 
 
+def test_preference_ches_reads_only_hidden_states(tiny_world):
+    """CHES needs the last hidden states, not the logits: a model that post-processes its logits (final
+    soft-capping, as Gemma 2) is scored, not refused as the chunked losses refuse it."""
+    model = copy.deepcopy(tiny_world.target)
+    args = (tiny_world.tokenizer, ["def add(a, b):\n"], ["    return a + b\n"], ["    return a - b\n"])
+    want = preference_ches(model, *args)
+    model.config.final_logit_softcapping = 30.0  # ignored by this architecture: the scores stay the same
+    assert torch.equal(preference_ches(model, *args), want)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # AlignDistil
 

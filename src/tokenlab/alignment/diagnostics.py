@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from tokenlab._checks import check_bool, check_finite, check_int, check_probability, check_shape, check_tensor
-from tokenlab.alignment.hf import causal_lm_head, shift_for_next_token
 
 
 def _summed_states(side: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
@@ -103,14 +102,15 @@ def preference_ches(
     """CHES scores of a preference dataset under a Hugging Face causal LM, one per (prompt, chosen, rejected).
 
     Each completion is tokenized on its own (no special tokens) after the tokenized prompt, as
-    ``prompt_ids + completion_ids``; the model scores each pair's two sequences in one right-padded batch
+    ``prompt_ids + completion_ids``; the model runs each pair's two sequences in one right-padded batch
     (``batch_size`` pairs at a time) and :func:`ches_scores` takes the last hidden states at the positions
-    predicting the completion tokens. Length-normalised by default, the variant the paper filters by.
+    predicting the completion tokens (only hidden states are read: models that post-process their logits are
+    fine here). Length-normalised by default, the variant the paper filters by.
 
     Returns:
-        float32 ``[N]`` scores on the model's device. Rank with ``scores.argsort(descending=True)`` (most
-        similar pairs — the likeliest to displace the preferred completion's likelihood — first) and
-        filter with :func:`ches_filter`.
+        ``[N]`` scores (float32; float64 for a float64 model) on the model's device. Rank with
+        ``scores.argsort(descending=True)`` (most similar pairs — the likeliest to displace the preferred
+        completion's likelihood — first) and filter with :func:`ches_filter`.
     """
     check_bool("length_normalize", length_normalize)
     check_int("batch_size", batch_size, low=1)
@@ -136,8 +136,15 @@ def preference_ches(
                 masks.append([0] * len(p) + [1] * len(c))
         ids, attention = _pad(rows, pad_id, device)
         completion_mask, _ = _pad(masks, 0, device)
-        head, labels = shift_for_next_token(causal_lm_head(model, ids, attention), ids, completion_mask)
-        hidden, mask, n = head.hidden.float(), labels != -100, len(rows) // 2
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        # position t predicts token t + 1: it counts when that token is a completion token
+        hidden, mask, n = out.hidden_states[-1][:, :-1], completion_mask[:, 1:], len(rows) // 2
         pair = (hidden[:n], mask[:n], hidden[n:], mask[n:])
         scores.append(ches_scores(*pair, length_normalize=length_normalize))
     return torch.cat(scores)
