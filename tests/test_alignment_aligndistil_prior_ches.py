@@ -79,6 +79,13 @@ def test_prior_bad_input():
         prior_loss(tokens, alpha=-1.0)
     with pytest.raises(ValueError, match="ref_logps"):
         prior_loss(TokenLogps(tokens.logps, tokens.mask))
+    ref, mask = tokens.ref_logps, tokens.mask
+    with pytest.raises(TypeError, match="`ref_logps`"):
+        prior_weights(ref.tolist(), mask)
+    with pytest.raises(ValueError, match="`ref_logps`"):  # was silently weight 0
+        prior_weights(ref.masked_fill(mask == 0, math.nan), mask)
+    with pytest.raises(ValueError, match="`mask`"):
+        prior_weights(ref, 2 * mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,12 +112,31 @@ def test_ches_on_synthetic_states_equals_the_definition():
     assert same.abs().max() < 1e-10  # identical completions: CHES = ⟨S, S⟩ − ‖S‖² = 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ches_of_half_precision_states_is_computed_in_float32(dtype):
+    """Half-precision hidden states (as a bf16/fp16 model returns them) are summed and multiplied in float32:
+    in float16 the squared sums overflowed to NaN, in bfloat16 the score was off by ~2%."""
+    g = torch.Generator().manual_seed(0)
+    base = 3 * torch.randn(B, 1, 64, generator=g, dtype=torch.float64)
+    hp = (base + 0.3 * torch.randn(B, 50, 64, generator=g, dtype=torch.float64)).to(dtype)
+    hm = (base + 0.3 * torch.randn(B, 40, 64, generator=g, dtype=torch.float64)).to(dtype)
+    mp, mm = torch.ones(B, 50), torch.ones(B, 40)
+    mp[0, :7] = mm[1, 30:] = 0
+    for normalize in (False, True):
+        got = ches_scores(hp, mp, hm, mm, length_normalize=normalize)
+        want = ches_scores(hp.double(), mp, hm.double(), mm, length_normalize=normalize)
+        assert got.dtype == torch.float32
+        assert_relative_error(got.double(), want, 1e-4, "half-precision CHES vs float64")
+
+
 def test_ches_bad_input():
     h, m = torch.randn(2, 3, 4), torch.ones(2, 3)
-    with pytest.raises(ValueError, match="chosen_hidden_mask"):
+    with pytest.raises(ValueError, match="`chosen_mask`"):
         ches_scores(h, torch.ones(2, 4), h, m)
-    with pytest.raises(ValueError, match="rejected_hidden_mask"):
+    with pytest.raises(ValueError, match="`rejected_mask`"):
         ches_scores(h, m, h, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="`rejected_mask`"):
+        ches_scores(h, m, h, torch.full((2, 3), 2.0))
     with pytest.raises(ValueError, match="same number of pairs"):
         ches_scores(h, m, h[:1], m[:1])
     with pytest.raises(ValueError, match="keep_fraction"):
@@ -159,6 +185,16 @@ def test_preference_ches_on_an_hf_model_ranks_and_filters(tiny_world):
     assert set(order[:2].tolist()) == {0, 2}  # the near-duplicate pairs look most alike to the model
     kept = ches_filter(scores[True], 0.5)  # Section 6 filters by LN-CHES, keeping the lowest
     assert kept.tolist() == scores[True].argsort()[:2].tolist()
+
+
+def test_preference_ches_reads_only_hidden_states(tiny_world):
+    """CHES needs the last hidden states, not the logits: a model that post-processes its logits (final
+    soft-capping, as Gemma 2) is scored, not refused as the chunked losses refuse it."""
+    model = copy.deepcopy(tiny_world.target)
+    args = (tiny_world.tokenizer, ["def add(a, b):\n"], ["    return a + b\n"], ["    return a - b\n"])
+    want = preference_ches(model, *args)
+    model.config.final_logit_softcapping = 30.0  # ignored by this architecture: the scores stay the same
+    assert torch.equal(preference_ches(model, *args), want)
 
 
 # ---------------------------------------------------------------------------------------------------------

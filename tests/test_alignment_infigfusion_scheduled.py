@@ -192,6 +192,33 @@ def test_losses_are_zero_for_identical_student_and_teacher():
     assert float(out.metrics["kd"]) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_graph_on_logits_loss_with_half_precision_teacher_logits(dtype):
+    """Teacher top-k logits stored in half precision are aggregated in float32: the GLD loss and the KD term
+    equal their float64 values on the same (rounded) logits to float32 rounding (GLD was off by 1–3%:
+    ``GW_sort`` is a difference of squares; the KD term was computed in half precision)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def top(count: int) -> LogitSlice:
+        values = (5 + torch.randn(2, 20, count, generator=gen, dtype=torch.float64)).sort(-1, True).values
+        ids = torch.stack([torch.randperm(50, generator=gen)[:count] for _ in range(40)]).view(2, 20, count)
+        return LogitSlice(values, ids)
+
+    student, teacher = top(8), top(8)
+    half = LogitSlice(teacher.values.to(dtype), teacher.indices)
+    got = graph_on_logits_loss(LogitSlice(student.values.float(), student.indices), [half]).loss
+    want = graph_on_logits_loss(student, [LogitSlice(half.values.double(), teacher.indices)]).loss
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+    at = LogitSlice(teacher.values.flip(-1).float(), teacher.indices)  # the student at the teacher's ids
+    shared = torch.ones(2, 20, 8, dtype=torch.bool)
+    got = shared_topk_kd(at, half, shared)
+    want = shared_topk_kd(
+        LogitSlice(at.values.double(), at.indices), LogitSlice(half.values.double(), teacher.indices), shared
+    )
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
 def test_graph_on_logits_loss_gradcheck():
     a, b = random_graph(4, positions=4, offset=1.0), random_graph(5, positions=3, offset=1.0)
     teacher = LogitSlice(b[0][None], b[1][None])
@@ -208,6 +235,20 @@ def test_graph_on_logits_loss_gradcheck():
         return infigfusion_loss(LinearHead(hidden, student.weight, student.bias), teachers, k=3).loss
 
     assert torch.autograd.gradcheck(full, (student.hidden.detach().clone().requires_grad_(),))
+
+
+def test_shared_topk_kd_with_a_float64_teacher_and_a_float32_student():
+    """The dropped (unshared) tokens are masked in each slice's own dtype: a float32 student against a
+    float64 teacher gives the float64 value to float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    indices = torch.zeros(2, 3, 4, dtype=torch.long)
+    shared = torch.rand(2, 3, 4, generator=gen) > 0.3
+    shared[:, :, 0] = True
+    teacher = LogitSlice(values[0], indices)
+    want = shared_topk_kd(LogitSlice(values[1], indices), teacher, shared)
+    got = shared_topk_kd(LogitSlice(values[1].float(), indices), teacher, shared)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_shared_vocabulary_on_dicts_and_tiny_tokenizers():
@@ -362,6 +403,23 @@ def test_ratio_one_is_all_model_tokens():
         own = model(input_ids=ids, attention_mask=attention).logits.argmax(-1)
     assert torch.equal(mixed[:, 1:][eligible[:, 1:]], own[:, :-1][eligible[:, 1:]])
     assert torch.equal(mixed[~eligible], ids[~eligible])
+
+
+def test_left_padding_keeps_the_first_attended_token():
+    """With left padding, the first attended token of a fully labelled row has no model prediction (the
+    position before it is padding): it keeps the ground truth; the row's other tokens take the model's."""
+    ids, _, _ = batch(B=2, T=8)
+    attention = torch.ones(2, 8, dtype=torch.long)
+    attention[0, :3] = 0
+    labels = ids.masked_fill(attention == 0, -100)
+    model = tiny_llama(0)
+    mixed, replaced = batch_scheduled_sampling(
+        model, ids, labels, ratio=1.0, attention_mask=attention, do_sample=False
+    )
+    expected = torch.ones(2, 8, dtype=torch.bool)
+    expected[0, :4] = expected[1, 0] = False
+    assert torch.equal(replaced, expected)
+    assert mixed[0, 3] == ids[0, 3]
 
 
 def test_replaced_fraction_follows_the_schedule():

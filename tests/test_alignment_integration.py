@@ -46,6 +46,17 @@ def test_contrastive_token_rewards_invariants(tiny_world):
         model, tok, prompts, completions, better_instruction="# buggy\n", worse_instruction="# correct\n"
     )
     assert torch.allclose(r, -r_swapped, atol=1e-6) and (r.abs() < 1).all() and (r != 0).any()
+    completion = tok(completions[0], add_special_tokens=False).input_ids
+    assert ids[0].tolist() == completion
+
+    def logps(instruction: str) -> torch.Tensor:  # the oracle: the model's own logits, position by position
+        context = tok(instruction + prompts[0], add_special_tokens=False).input_ids
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(torch.tensor([context + completion])).logits[0].double(), -1)
+        return torch.stack([log_p[len(context) - 1 + k, y] for k, y in enumerate(completion)])
+
+    want = 2 * torch.sigmoid(logps("# correct\n") - logps("# buggy\n")) - 1
+    torch.testing.assert_close(r[0].double(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_contrastive_token_rewards_rejects_empty_context(tiny_world):

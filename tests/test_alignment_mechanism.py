@@ -8,7 +8,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenlab.alignment import LinearHead, causal_lm_head, completion_token_logps, token_stats
+from tokenlab.alignment import LinearHead, causal_lm_head, completion_token_logps, completions, token_stats
 from tokenlab.testing import assert_relative_error, relative_error
 
 
@@ -163,3 +163,18 @@ def test_hf_helper_equals_model_logits():
     assert torch.equal(tokens.mask, completion[:, 1:].double())
     head = causal_lm_head(model, ids)
     assert head.hidden.shape == (3, 11, 32) and head.weight is model.lm_head.weight
+
+
+def test_completions_keeps_the_last_scored_positions():
+    """``last`` keeps the last ``last`` of the ``T − 1`` scored positions; 0 (which sliced ``[-0:]``, every
+    position) or more than ``T − 1`` raise instead of silently keeping everything."""
+    model = _tiny_llama(0)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros_like(ids)
+    mask[:, 5:] = 1
+    kept = completions(model, ids, mask, last=4)
+    full = completions(model, ids, mask)
+    assert torch.equal(kept.labels, ids[:, -4:]) and torch.equal(kept.head.hidden, full.head.hidden[:, -4:])
+    for bad in (0, 9, -1):
+        with pytest.raises(ValueError, match="`last`"):
+            completions(model, ids, mask, last=bad)

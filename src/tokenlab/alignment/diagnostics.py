@@ -25,20 +25,22 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from tokenlab._checks import check_bool, check_finite, check_int, check_probability, check_shape, check_tensor
-from tokenlab.alignment.hf import causal_lm_head, shift_for_next_token
 
 
-def _summed_states(name: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
+def _summed_states(side: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
+    """``S = Σ_t mask_t h_t`` ``[B, H]`` of the arguments ``{side}_hidden`` and ``{side}_mask``."""
+    name, mask_name = f"{side}_hidden", f"{side}_mask"
     check_tensor(name, hidden, ndim=3, floating=True)
     check_finite(name, hidden)
-    check_tensor(f"{name}_mask", mask, ndim=2)
-    check_shape(f"{name}_mask", mask, tuple(hidden.shape[:2]), of=f"the leading shape of `{name}`")
+    check_tensor(mask_name, mask, ndim=2)
+    check_shape(mask_name, mask, tuple(hidden.shape[:2]), of=f"the leading shape of `{name}`")
+    hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # half precision overflows
     m = mask.to(hidden.dtype)
     if ((m != 0) & (m != 1)).any():
-        raise ValueError(f"`{name}_mask` must hold only 0 and 1")
+        raise ValueError(f"`{mask_name}` must hold only 0 and 1")
     counts = m.sum(-1)
     if (counts == 0).any():
-        raise ValueError(f"`{name}_mask` selects no position in some row; every completion needs a token")
+        raise ValueError(f"`{mask_name}` selects no position in some row; every completion needs a token")
     total = torch.einsum("bt,bth->bh", m, hidden)
     return total / counts.unsqueeze(-1) if length_normalize else total
 
@@ -62,11 +64,12 @@ def ches_scores(
 
     Returns:
         ``[B]``: ``⟨S⁺, S⁻⟩ − ‖S⁺‖²`` with ``S = Σ_t mask_t h_t`` (divided by the completion length when
-        ``length_normalize``), in the hidden states' dtype.
+        ``length_normalize``), in float32 (float64 for float64 states): half-precision states are summed and
+        multiplied in float32 (in float16 ``‖S‖²`` overflows; the score is a difference of large terms).
     """
     check_bool("length_normalize", length_normalize)
-    plus = _summed_states("chosen_hidden", chosen_hidden, chosen_mask, length_normalize)
-    minus = _summed_states("rejected_hidden", rejected_hidden, rejected_mask, length_normalize)
+    plus = _summed_states("chosen", chosen_hidden, chosen_mask, length_normalize)
+    minus = _summed_states("rejected", rejected_hidden, rejected_mask, length_normalize)
     if plus.shape != minus.shape:
         raise ValueError(
             f"`chosen_hidden` and `rejected_hidden` must hold the same number of pairs and hidden size, got "
@@ -99,14 +102,15 @@ def preference_ches(
     """CHES scores of a preference dataset under a Hugging Face causal LM, one per (prompt, chosen, rejected).
 
     Each completion is tokenized on its own (no special tokens) after the tokenized prompt, as
-    ``prompt_ids + completion_ids``; the model scores each pair's two sequences in one right-padded batch
+    ``prompt_ids + completion_ids``; the model runs each pair's two sequences in one right-padded batch
     (``batch_size`` pairs at a time) and :func:`ches_scores` takes the last hidden states at the positions
-    predicting the completion tokens. Length-normalised by default, the variant the paper filters by.
+    predicting the completion tokens (only hidden states are read: models that post-process their logits are
+    fine here). Length-normalised by default, the variant the paper filters by.
 
     Returns:
-        float32 ``[N]`` scores on the model's device. Rank with ``scores.argsort(descending=True)`` (most
-        similar pairs — the likeliest to displace the preferred completion's likelihood — first) and
-        filter with :func:`ches_filter`.
+        ``[N]`` scores (float32; float64 for a float64 model) on the model's device. Rank with
+        ``scores.argsort(descending=True)`` (most similar pairs — the likeliest to displace the preferred
+        completion's likelihood — first) and filter with :func:`ches_filter`.
     """
     check_bool("length_normalize", length_normalize)
     check_int("batch_size", batch_size, low=1)
@@ -132,8 +136,15 @@ def preference_ches(
                 masks.append([0] * len(p) + [1] * len(c))
         ids, attention = _pad(rows, pad_id, device)
         completion_mask, _ = _pad(masks, 0, device)
-        head, labels = shift_for_next_token(causal_lm_head(model, ids, attention), ids, completion_mask)
-        hidden, mask, n = head.hidden.float(), labels != -100, len(rows) // 2
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        # position t predicts token t + 1: it counts when that token is a completion token
+        hidden, mask, n = out.hidden_states[-1][:, :-1], completion_mask[:, 1:], len(rows) // 2
         pair = (hidden[:n], mask[:n], hidden[n:], mask[n:])
         scores.append(ches_scores(*pair, length_normalize=length_normalize))
     return torch.cat(scores)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from tokenlab._checks import check_choice, check_finite, check_int, check_number, check_shape, check_tensor
 from tokenlab.alignment.common import LossOutput
-from tokenlab.alignment.fused_linear import HEAD_BACKENDS, HeadBackend, LinearHead, _logits
+from tokenlab.alignment.fused_linear import HEAD_BACKENDS, HeadBackend, LinearHead, _HeadGrads, _logits
 
 
 @dataclass
@@ -75,7 +75,8 @@ class LogitSlice:
 
 class _ChunkedLogitsAt(torch.autograd.Function):
     """Logits ``[N, m]`` at ``indices`` (or at each row's top ``k``, chosen here); only the indices are kept
-    for backward, which recomputes nothing: ``∂/∂h = Σ_j g_j W[idx_j]``, ``∂/∂W[idx_j] += g_j h``."""
+    for backward, which recomputes nothing: ``∂/∂h = Σ_j g_j W[idx_j]``, ``∂/∂W[idx_j] += g_j h``,
+    accumulated chunk by chunk as the chunked losses accumulate theirs (``fused_linear._HeadGrads``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, indices, k, chunk_size):
@@ -97,29 +98,13 @@ class _ChunkedLogitsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _):
         hidden, weight, bias, indices = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(s, s + ctx.chunk_size)
+        grads = _HeadGrads([hidden], weight, bias, ctx.needs_input_grad[:3])
+        n = hidden.shape[0]
+        for s in range(0, n, ctx.chunk_size):
+            rows = slice(s, min(s + ctx.chunk_size, n))
             g = g_values[rows].new_zeros(len(g_values[rows]), weight.shape[0])
-            g.scatter_add_(-1, indices[rows], g_values[rows])
-            if need_h:
-                grad_h[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.T.to(hidden.dtype) @ hidden[rows]).to(acc)
-            if need_b:
-                grad_b += g.sum(0).to(acc)
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-            None,
-        )
+            grads.add(g.scatter_add_(-1, indices[rows], g_values[rows]), hidden[rows], weight, [rows])
+        return (*grads.final([hidden], weight, bias), None, None, None)
 
 
 def _logit_slice(
@@ -201,11 +186,12 @@ def coactivation_graph(values: Tensor, indices: Tensor, mask: Tensor | None = No
 
 def _nodes(values: Tensor, indices: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct channels ``[n]``, each retained logit's node ``[T', k]`` and the logits ``[T', k]`` of
-    the counted positions."""
+    the counted positions, in at least float32 (half-precision sums and ``GW_sort``, a difference of squares,
+    lose percents)."""
     if mask is not None:
         values, indices = values[mask.bool()], indices[mask.bool()]
     nodes, inverse = torch.unique(indices, return_inverse=True)
-    return nodes, inverse, values
+    return nodes, inverse, values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def _node_strengths(values: Tensor, indices: Tensor, mask: Tensor | None) -> Tensor:
@@ -337,9 +323,10 @@ def shared_topk_kd(student: LogitSlice, teacher: LogitSlice, shared: Tensor) -> 
     check_shape("student.values", student.values, teacher.values.shape, of="`teacher.values`")
     check_shape("shared", check_tensor("shared", shared), teacher.values.shape, of="`teacher.values`")
     shared = shared.bool()
-    drop = torch.finfo(teacher.values.dtype).min
-    log_q = torch.log_softmax(teacher.values.masked_fill(~shared, drop), -1)
-    log_p = torch.log_softmax(student.values.masked_fill(~shared, drop), -1)
+    log_q, log_p = (  # in at least float32, each masked in its own dtype
+        torch.log_softmax(v.masked_fill(~shared, torch.finfo(v.dtype).min), -1)
+        for v in (s.values.to(torch.promote_types(s.values.dtype, torch.float32)) for s in (teacher, student))
+    )
     kl = (log_q.exp() * (log_q - log_p)).masked_fill(~shared, 0.0).sum(-1)
     counted = teacher.mask & student.mask & shared.any(-1)
     return (kl * counted).sum() / counted.sum().clamp(min=1)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from tokenlab._checks import check_shape, check_tensor
+from tokenlab._checks import check_int, check_shape, check_tensor
 from tokenlab.alignment.common import TokenLogps
 from tokenlab.alignment.fused_linear import IGNORE_INDEX, Completions, HeadBackend, LinearHead, token_stats
 
@@ -114,6 +114,8 @@ def completions(
     check_tensor("input_ids", input_ids)
     check_tensor("completion_mask", completion_mask)
     check_shape("completion_mask", completion_mask, input_ids.shape, of="`input_ids`")
+    if last is not None:
+        check_int("last", last, low=1, high=input_ids.shape[-1] - 1)
     keep = slice(-last, None) if last is not None else slice(None)
 
     def scored(m: nn.Module) -> LinearHead:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenlab._checks import check_number
+from tokenlab._checks import check_finite, check_number, check_tensor
 from tokenlab.alignment.common import LossOutput, TokenLogps, check_shape_like_logps, token_loss
 
 
@@ -27,8 +27,11 @@ def prior_weights(ref_logps: Tensor, mask: Tensor, *, alpha: float = 1.0) -> Ten
     0 outside ``mask``; a sequence whose every ``w_t`` is 0 (the reference is certain of all its tokens)
     gets weight 0 throughout. No gradient flows into the weights."""
     check_number("alpha", alpha, low=0.0)
+    check_finite("ref_logps", check_tensor("ref_logps", ref_logps, floating=True))
     check_shape_like_logps("mask", mask, ref_logps)
     mask = mask.to(ref_logps.dtype)
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("`mask` must hold only 0 and 1")
     w = (-torch.expm1(ref_logps.detach())).clamp(min=0) ** alpha * mask
     total = w.sum(-1, keepdim=True)
     scaled = mask.sum(-1, keepdim=True) * w / total.clamp(min=torch.finfo(w.dtype).tiny)

@@ -4,14 +4,14 @@ Tokens*: train on contexts in which some ground-truth tokens are replaced by the
 For a batch of ``input_ids [B, T]`` with HF-style ``labels [B, T]`` (``-100`` outside the part that is
 learned), one teacher-forced forward pass of the current model, without gradient, gives at every position
 ``t`` its next-token distribution ``p(· | x_≤t)``; the model's token for position ``t + 1`` is drawn from it
-(or is its argmax). Each eligible input position — a labelled position ``t ≥ 1`` (and attended, when an
-``attention_mask`` is given) — independently keeps the ground-truth token with probability ``1 − ρ`` or
-takes the model's token with probability ``ρ``; prompts and padding keep theirs, and the labels stay the
-ground truth, so the model learns to continue correctly from contexts holding its own tokens. This is the
-paper's offline interleaving: the model's tokens come from one parallel pass over the ground-truth prefix,
-not from a token-by-token rollout. ``ρ = 0`` is teacher forcing exactly; ``ρ = 1`` gives the model's token
-at every eligible position. The mixing ratio follows a schedule over training steps,
-:func:`scheduled_sampling_ratio` (linear from 0 to ``final_ratio``).
+(or is its argmax). Each eligible input position — a labelled position ``t ≥ 1`` (and, when an
+``attention_mask`` is given, attended, as is position ``t − 1`` that predicts it) — independently keeps the
+ground-truth token with probability ``1 − ρ`` or takes the model's token with probability ``ρ``; prompts and
+padding keep theirs, and the labels stay the ground truth, so the model learns to continue correctly from
+contexts holding its own tokens. This is the paper's offline interleaving: the model's tokens come from one
+parallel pass over the ground-truth prefix, not from a token-by-token rollout. ``ρ = 0`` is teacher forcing
+exactly; ``ρ = 1`` gives the model's token at every eligible position. The mixing ratio follows a schedule
+over training steps, :func:`scheduled_sampling_ratio` (linear from 0 to ``final_ratio``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def batch_scheduled_sampling(
             learned): position ``t ≥ 1`` with a label is eligible for replacement.
         ratio: probability ``ρ`` ∈ [0, 1] that an eligible position takes the model's token
             (:func:`scheduled_sampling_ratio` gives the schedule's value).
-        attention_mask: ``[B, T]``; unattended positions are never replaced.
+        attention_mask: ``[B, T]``; unattended positions are never replaced, nor is a position right after
+            one (with left padding, the first attended token: the model has no prediction for it).
         do_sample: draw the model's tokens from ``softmax(logits / temperature)`` (else its argmax).
         temperature: > 0, for sampling.
         generator: seeds the choice of positions and the sampled tokens (on the model's device type).
@@ -84,8 +85,10 @@ def batch_scheduled_sampling(
 
     eligible = labels != IGNORE_INDEX
     eligible[:, 0] = False
-    if attention_mask is not None:
-        eligible &= attention_mask.bool()
+    if attention_mask is not None:  # the position and the one predicting it (not padding, left or right)
+        attended = attention_mask.bool()
+        eligible &= attended
+        eligible[:, 1:] &= attended[:, :-1]
     if ratio == 0.0 or not eligible.any():
         return input_ids.clone(), torch.zeros_like(eligible)
     draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
