@@ -95,3 +95,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # warnings.warn (C) calls the module's _showwarnmsg for every warning that a filter lets through;
     # catch_warnings (pytest's capture, pytest.warns) swaps what it calls, never it.
     warnings._showwarnmsg = _attribute_to_tokenlab(warnings._showwarnmsg)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Every test starts from the same global torch RNG state, so a test that draws from the global
+    stream gets the same numbers whatever ran before it on its xdist worker."""
+    torch.manual_seed(0)

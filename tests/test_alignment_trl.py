@@ -53,8 +53,9 @@ def test_dpo_and_ipo_equal_trl(beta):
 def test_kto_equals_trl():
     tokens = _tokens(6, 5, 2)
     desirable = torch.tensor([1, 0, 1, 1, 0, 0])
-    kl_policy = -torch.rand(6, dtype=torch.float64) * 2
-    kl_ref = -torch.rand(6, dtype=torch.float64) * 2 - 0.5
+    g = torch.Generator().manual_seed(5)  # not the global stream: the test must not depend on test order
+    kl_policy = -torch.rand(6, generator=g, dtype=torch.float64) * 2
+    kl_ref = -torch.rand(6, generator=g, dtype=torch.float64) * 2 - 0.5  # a positive KL (TRL clamps ≥ 0)
     weights = dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.7)
     want, metrics = trl_kto_loss(tokens, desirable, kl_logps=kl_policy, ref_kl_logps=kl_ref, **weights)
     got = kto_loss(tokens, desirable, kl_logratios=kl_policy - kl_ref, **weights)
