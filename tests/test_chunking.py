@@ -246,6 +246,10 @@ def test_word_pooling_and_unpooling():
     assert (shifted[:, :2][ids[:, :2] == 0] == 0).all()  # the first word sees no earlier word
     torch.testing.assert_close(shifted[0, 2], words[0, 0], rtol=0, atol=0)
     assert (shifted[1, 4:] == 0).all()  # padding
+    with pytest.raises(ValueError, match="`word_ids`"):
+        pool(h, ids[:, :5])  # one word id per position: a shorter map pooled only a prefix, silently
+    with pytest.raises(ValueError, match="`word_ids`"):
+        pool.unpool(words[:, :2], ids)  # word 2 has no vector: its bytes silently got zeros
 
 
 def test_word_pooled_model_trains(byte_batches):

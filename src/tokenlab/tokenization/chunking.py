@@ -303,6 +303,8 @@ class WordPooling(nn.Module):
         """``(words [B, W, D], word_mask [B, W])`` with ``W`` the largest number of words."""
         check_tensor("hidden", hidden, ndim=3, floating=True)
         ids = self._check_ids(word_ids, hidden)
+        if ids.shape[1] != hidden.shape[1]:
+            raise ValueError(f"`word_ids` must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(ids.shape)}")
         batch, _, dim = hidden.shape
         width = int(ids.max()) + 1 if ids.numel() and int(ids.max()) >= 0 else 0
         valid = ids >= 0
@@ -333,8 +335,10 @@ class WordPooling(nn.Module):
         or with ``shift`` the previous word's (zeros for the first word and for padding)."""
         check_tensor("words", words, ndim=3, floating=True)
         ids = self._check_ids(word_ids, words)
+        if ids.numel() and int(ids.max()) >= words.shape[1]:
+            raise ValueError(f"`word_ids` name word {int(ids.max())} but `words` holds {words.shape[1]}")
         source = ids - 1 if shift else ids
-        valid = (source >= 0) & (ids >= 0) & (source < words.shape[1])
+        valid = (source >= 0) & (ids >= 0)
         out = words.gather(
             1, source.clamp(0, max(words.shape[1] - 1, 0))[..., None].expand(-1, -1, words.shape[-1])
         )
