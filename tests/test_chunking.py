@@ -184,6 +184,9 @@ def test_upsample_is_the_smoothed_repeat_and_inverts_downsampling():
     routed = DynamicChunking(4).double()(x)
     back = chunker.upsample(routed.chunks, routed)
     torch.testing.assert_close(back[0], x[0, [0, 0, 2, 2, 4]], rtol=1e-3, atol=0)
+    for wrong in (routed.chunks[:, :2], routed.chunks.expand(2, -1, -1)):  # one output per chunk
+        with pytest.raises(ValueError, match="`z`"):
+            chunker.upsample(wrong, routed)
 
 
 def test_ratio_loss_formula():

@@ -259,9 +259,13 @@ class DynamicChunking(nn.Module):
         """Chunk outputs ``z [B, M, D]`` back to ``[B, T, D]``: smooth, repeat each chunk over its
         positions, multiply by ``STE(c_t)``."""
         check_tensor("z", z, ndim=3, floating=True)
+        if z.shape[:2] != routed.chunks.shape[:2]:
+            raise ValueError(
+                f"`z` must be [B, M, ·] = {tuple(routed.chunks.shape[:2])}, got {tuple(z.shape)}"
+            )
         b, p = routed.boundary_mask, routed.boundary_prob
         _, _, positions = _compact(p[..., None], b)
-        chunk_p = p.gather(1, positions).clamp(1e-4, 1 - 1e-4)[:, : z.shape[1]]
+        chunk_p = p.gather(1, positions).clamp(1e-4, 1 - 1e-4)
         smoothed = self.smooth(z, chunk_p)
         owner = (b.long().cumsum(1) - 1).clamp(min=0)  # chunk of each position
         out = smoothed.gather(1, owner[..., None].expand(-1, -1, z.shape[-1]))
