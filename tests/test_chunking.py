@@ -190,14 +190,15 @@ def test_upsample_is_the_smoothed_repeat_and_inverts_downsampling():
 
 
 def test_ratio_loss_formula():
-    chunker = DynamicChunking(2)
-    x = torch.tensor([[[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]])
-    routed = chunker(x)
-    f = routed.boundary_mask.float().mean()
-    g = routed.boundary_prob.mean()
-    assert chunker.ratio_loss(routed, 4.0).item() == pytest.approx(
-        (4 / 3 * (3 * f * g + (1 - f) * (1 - g))).item()
+    """By hand: the valid positions' p are 1, 0, ½, 0 | 1, ½ and b = 1, 0, 1, 0 | 1, 1, so F = 2/3,
+    G = 1/2 and L = 4/3 · (3 · 2/3 · 1/2 + 1/3 · 1/2) = 14/9; the padded positions (p = 0.15, 0.85)
+    must not count (with them, F = G = 1/2 and L = 4/3)."""
+    chunker = DynamicChunking(2).double()
+    x = torch.tensor(
+        [[[1.0, 0], [1, 0], [0, 1], [0, 1]], [[1, 0], [0, 1], [5, 5], [-1, 0]]], dtype=torch.float64
     )
+    routed = chunker(x, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert chunker.ratio_loss(routed, 4.0).item() == pytest.approx(14 / 9, abs=1e-12)
     with pytest.raises(ValueError, match="`target_ratio`"):
         chunker.ratio_loss(routed, 1.0)
 

@@ -277,8 +277,8 @@ class DynamicChunking(nn.Module):
         """``N/(N−1) · ((N−1) F G + (1 − F)(1 − G))`` for the compression target ``N > 1``."""
         n = check_number("target_ratio", target_ratio, low=1.0, low_open=True)
         valid = routed.attention_mask
-        f = routed.boundary_mask[valid].float().mean()
         g = routed.boundary_prob[valid].mean()
+        f = routed.boundary_mask[valid].to(g.dtype).mean()
         return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
 
 
