@@ -74,17 +74,14 @@ def vocabulary_size(tokenizer: TokenizerLike) -> int:
 
 def bytes_per_token(tokenizer: TokenizerLike, texts: Sequence[str]) -> float:
     """``Σ bytes(s) / Σ |t(s)|`` over ``texts`` (UTF-8 bytes per token)."""
-    n_tokens = sum(map(len, encode_texts(tokenizer, texts)))
-    return _ratio(sum(len(t.encode("utf-8")) for t in texts), n_tokens, "tokens")
+    return _bytes_per_token(texts, encode_texts(tokenizer, texts))
 
 
 def fertility(
     tokenizer: TokenizerLike, texts: Sequence[str], count_words: Callable[[str], int] | None = None
 ) -> float:
     """``Σ |t(s)| / Σ words(s)``: tokens per word (``count_words`` default: whitespace-separated words)."""
-    count_words = count_words or (lambda text: len(text.split()))
-    n_tokens = sum(map(len, encode_texts(tokenizer, texts)))
-    return _ratio(n_tokens, sum(count_words(t) for t in texts), "words")
+    return _fertility(texts, encode_texts(tokenizer, texts), count_words)
 
 
 def corpus_token_count(tokenizer: TokenizerLike, texts: Sequence[str]) -> int:
@@ -128,8 +125,7 @@ def parity(
 
 def vocabulary_utilisation(tokenizer: TokenizerLike, texts: Sequence[str]) -> float:
     """Fraction of the non-special vocabulary used at least once when encoding ``texts``."""
-    used = {i for ids in encode_texts(tokenizer, texts) for i in ids}
-    return len(used) / vocabulary_size(tokenizer)
+    return _utilisation(tokenizer, encode_texts(tokenizer, texts))
 
 
 def compare_tokenizers(
@@ -139,23 +135,19 @@ def compare_tokenizers(
 ) -> list[dict[str, Any]]:
     """One row per (tokenizer, corpus): ``tokenizer``, ``corpus``, ``tokens``, ``bytes_per_token``,
     ``fertility`` and ``vocabulary_utilisation`` (``None`` for a callable tokenizer)."""
-    count_words = count_words or (lambda text: len(text.split()))
     rows = []
     for name, tokenizer in tokenizers.items():
+        has_vocabulary = isinstance(tokenizer, (PreTrainedTokenizerBase, Tokenizer, BPETokenizer))
         for corpus, texts in corpora.items():
             encoded = encode_texts(tokenizer, texts)
-            n_tokens = sum(map(len, encoded))
-            utilisation = None
-            if isinstance(tokenizer, (PreTrainedTokenizerBase, Tokenizer, BPETokenizer)):
-                utilisation = len({i for ids in encoded for i in ids}) / vocabulary_size(tokenizer)
             rows.append(
                 {
                     "tokenizer": name,
                     "corpus": corpus,
-                    "tokens": n_tokens,
-                    "bytes_per_token": _ratio(sum(len(t.encode("utf-8")) for t in texts), n_tokens, "tokens"),
-                    "fertility": _ratio(n_tokens, sum(count_words(t) for t in texts), "words"),
-                    "vocabulary_utilisation": utilisation,
+                    "tokens": sum(map(len, encoded)),
+                    "bytes_per_token": _bytes_per_token(texts, encoded),
+                    "fertility": _fertility(texts, encoded, count_words),
+                    "vocabulary_utilisation": _utilisation(tokenizer, encoded) if has_vocabulary else None,
                 }
             )
     return rows
@@ -211,6 +203,21 @@ def plot_tokenizer_comparison(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bytes_per_token(texts: Sequence[str], encoded: Sequence[Sequence[int]]) -> float:
+    return _ratio(sum(len(t.encode("utf-8")) for t in texts), sum(map(len, encoded)), "tokens")
+
+
+def _fertility(
+    texts: Sequence[str], encoded: Sequence[Sequence[int]], count_words: Callable[[str], int] | None
+) -> float:
+    count_words = count_words or (lambda text: len(text.split()))
+    return _ratio(sum(map(len, encoded)), sum(count_words(t) for t in texts), "words")
+
+
+def _utilisation(tokenizer: TokenizerLike, encoded: Sequence[Sequence[int]]) -> float:
+    return len({i for ids in encoded for i in ids}) / vocabulary_size(tokenizer)
 
 
 def _ratio(numerator: float, denominator: float, what: str) -> float:
