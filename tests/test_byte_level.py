@@ -293,6 +293,9 @@ def test_bad_input(world):
         generate_bytes(world.lm, b"a", 2, do_sample=True, temperature=float("inf"))
     with pytest.raises(TypeError, match="`generator`"):
         generate_bytes(world.lm, b"a", 2, do_sample=True, generator=0)
+    for eos in (-1, world.lm.bpe.vocab_size):  # −1 read the last token's probability as end-of-text
+        with pytest.raises(ValueError, match="`eos_token_id`"):
+            ByteLevelLM(world.lm.model, world.tokenizer, eos_token_id=eos)
 
 
 def test_canonical_prefixes_on_toy_tokenizer(tiny_world):

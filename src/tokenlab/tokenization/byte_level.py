@@ -157,9 +157,10 @@ class ByteLevelLM:
                 raise ValueError("`context_ids` is required when the tokenizer has no BOS token")
             context_ids = [tokenizer.bos_token_id]
         self.context_ids = self._check_context(context_ids)
-        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        if self.eos_token_id is None:
+        eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        if eos_token_id is None:
             raise ValueError("`eos_token_id` is required when the tokenizer has no EOS token")
+        self.eos_token_id = check_int("eos_token_id", eos_token_id, low=0, high=self.bpe.vocab_size - 1)
         self.batch_size = check_int("batch_size", batch_size, low=1)
         self.kv_cache = check_bool("kv_cache", kv_cache)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
