@@ -494,6 +494,10 @@ def test_core_weights_follow_the_formulas():
     assert weights.tolist() == pytest.approx([c[0] / sum(c), c[1] / sum(c)], rel=1e-12)
     with pytest.raises(ValueError, match="beta"):
         core_weights(p, beta=0.0)
+    with pytest.raises(ValueError, match="`laws`"):
+        core_weights(p[0])  # one law, not (M, K): failed deep in a sum over dim 1
+    with pytest.raises(ValueError, match="`laws`"):
+        core_weights(-p)
 
 
 def test_core_ensemble_of_a_model_with_itself_is_the_model(world):

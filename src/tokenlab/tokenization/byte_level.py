@@ -47,7 +47,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from tokenlab._checks import check_bool, check_choice, check_generator, check_int, check_positive
+from tokenlab._checks import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+    check_tensor,
+)
 from tokenlab._hf import cache_kwargs
 from tokenlab.tokenization.canonical import ByteLevelBPE
 
@@ -508,7 +515,9 @@ def core_weights(laws: torch.Tensor, beta: float = 2.0) -> tuple[torch.Tensor, t
         ``Σ_m w_m s_m ⊙ p_m`` renormalised (:class:`ByteLevelEnsemble` with ``method="core"``).
     """
     beta = check_positive("beta", beta)
-    laws = laws.double()
+    laws = check_tensor("laws", laws, ndim=2, floating=True).double()
+    if not bool(torch.isfinite(laws).all()) or bool((laws < 0).any()):
+        raise ValueError("`laws` must hold finite non-negative probabilities")
     reference = laws.mean(0, keepdim=True)
     support = reference > 0
     floor = math.exp(-beta)
