@@ -72,6 +72,9 @@ def test_delete_gate_formula_and_regulariser():
     assert gate.regularizer(g, mask).item() == pytest.approx(g[mask.bool()].mean().item())
     assert gate.threshold == -15.0
     assert gate.deletion_rate(g, mask) == pytest.approx((g[mask.bool()] < -15).double().mean().item())
+    at = torch.tensor([[-15.0, -14.0, -16.0, -30.0]], dtype=torch.float64)  # G = k/2 is not "G < k/2"
+    assert gate.keep_mask(at).tolist() == [[True, True, False, False]]
+    assert gate.deletion_rate(at) == 0.5  # the same positions as hard deletion removes
 
 
 def test_gate_that_keeps_everything_equals_the_plain_encoder():

@@ -102,8 +102,8 @@ class MrT5DeleteGate(nn.Module):
         return gate[:, None, None, :]
 
     def keep_mask(self, gate: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Positions that hard deletion keeps: ``G > threshold`` (and not padding), ``[B, T]``."""
-        return (gate > self.threshold) & _valid(attention_mask, gate[..., None])
+        """Positions that hard deletion keeps: ``G ≥ threshold`` (and not padding), ``[B, T]``."""
+        return (gate >= self.threshold) & _valid(attention_mask, gate[..., None])
 
     def hard_delete(
         self, hidden: Tensor, gate: Tensor, attention_mask: Tensor | None = None
