@@ -34,7 +34,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from tokenlab._checks import check_bool, check_choice
+from tokenlab._checks import check_bool, check_choice, check_strings
 from tokenlab.tokenization.bpe import BPETokenizer
 
 TokenizerLike = PreTrainedTokenizerBase | Tokenizer | BPETokenizer | Callable[[str], Sequence[int]]
@@ -43,7 +43,7 @@ METRICS = ("bytes_per_token", "fertility", "vocabulary_utilisation")
 
 def encode_texts(tokenizer: TokenizerLike, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens (batched for HF tokenizers)."""
-    _check_texts("texts", texts)
+    texts = check_strings("texts", texts)
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     if isinstance(tokenizer, Tokenizer):
@@ -224,15 +224,6 @@ def _ratio(numerator: float, denominator: float, what: str) -> float:
     if denominator == 0:
         raise ValueError(f"the corpus has no {what}: the ratio is undefined")
     return numerator / denominator
-
-
-def _check_texts(name: str, texts: object) -> None:
-    if (
-        isinstance(texts, str)
-        or not isinstance(texts, Sequence)
-        or not all(isinstance(t, str) for t in texts)
-    ):
-        raise TypeError(f"`{name}` must be a sequence of str, got {type(texts).__name__}")
 
 
 def _check_parallel(parallel: Mapping[str, Sequence[str]], reference: str) -> None:
