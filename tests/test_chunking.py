@@ -192,6 +192,38 @@ def test_upsample_is_the_smoothed_repeat_and_inverts_downsampling():
             chunker.upsample(wrong, routed)
 
 
+def test_upsample_gradient_is_the_straight_through_estimate():
+    """H-Net's STE: forward ``× 1``, backward the gradient of ``c_t``; the reference builds ``c_t + (1 −
+    c_t).detach()`` around a loop EMA from p computed by the formula, and both gradients w.r.t. the
+    input (through ``p`` in the confidence and in the smoothing) must agree."""
+    torch.manual_seed(5)
+    chunker = DynamicChunking(4).double()
+    nn.init.normal_(chunker.q.weight)
+    nn.init.normal_(chunker.k.weight)
+    x = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(1, 9, 4, dtype=torch.float64)
+    w = torch.randn(1, 9, 4, dtype=torch.float64)
+    routed = chunker(x)
+    (chunker.upsample(z[:, : routed.chunks.shape[1]], routed) * w).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    q, k = x[0] @ chunker.q.weight.T, x[0] @ chunker.k.weight.T
+    cos = (q[1:] * k[:-1]).sum(-1) / (q[1:].norm(dim=-1) * k[:-1].norm(dim=-1))
+    p = torch.cat([torch.ones(1, dtype=torch.float64), (1 - cos) / 2])
+    b = p.detach() >= 0.5
+    state, out, j = torch.zeros(4, dtype=torch.float64), [], -1
+    for t in range(9):
+        if b[t]:
+            j += 1
+            big_p = p[t].clamp(1e-4, 1 - 1e-4)
+            state = big_p * z[0, j] + (1 - big_p) * state
+        c = p[t] if b[t] else 1 - p[t]
+        out.append(state * (c + (1 - c).detach()))
+    (torch.stack(out) * w[0]).sum().backward()
+    assert 1 < int(b.sum()) < 9  # some chunks of several positions
+    torch.testing.assert_close(grad, x.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_ratio_loss_formula():
     """By hand: the valid positions' p are 1, 0, ½, 0 | 1, ½ and b = 1, 0, 1, 0 | 1, 1, so F = 2/3,
     G = 1/2 and L = 4/3 · (3 · 2/3 · 1/2 + 1/3 · 1/2) = 14/9; the padded positions (p = 0.15, 0.85)
