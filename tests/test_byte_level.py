@@ -233,6 +233,11 @@ def test_fill_in_the_middle_and_token_healing(world):
     )
     context = [tok.bos_token_id, a, b, *lm.bpe.encode(b"cc"), c]
     assert middle == generate_bytes(_Ctx(lm, context), b"ab", 2)
+    with pytest.raises(TypeError, match="`lm`"):  # an ensemble has no single tokenizer for the suffix
+        fill_in_the_middle(
+            ByteLevelEnsemble([lm]), b"ab", b"cc", prefix_token_id=a, suffix_token_id=b, middle_token_id=c,
+            max_new_bytes=2,
+        )  # fmt: skip
     healed = lm.token_healing_generate(b"ab", 2)
     logits = world.model(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, -1]
     first = max(lm.bpe.tokens_starting_with(b"ab"), key=lambda t: logits[t])
