@@ -233,6 +233,11 @@ def test_fill_in_the_middle_and_token_healing(world):
     )
     context = [tok.bos_token_id, a, b, *lm.bpe.encode(b"cc"), c]
     assert middle == generate_bytes(_Ctx(lm, context), b"ab", 2)
+    with pytest.raises(TypeError, match="`lm`"):  # an ensemble has no single tokenizer for the suffix
+        fill_in_the_middle(
+            ByteLevelEnsemble([lm]), b"ab", b"cc", prefix_token_id=a, suffix_token_id=b, middle_token_id=c,
+            max_new_bytes=2,
+        )  # fmt: skip
     healed = lm.token_healing_generate(b"ab", 2)
     logits = world.model(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, -1]
     first = max(lm.bpe.tokens_starting_with(b"ab"), key=lambda t: logits[t])
@@ -293,6 +298,9 @@ def test_bad_input(world):
         generate_bytes(world.lm, b"a", 2, do_sample=True, temperature=float("inf"))
     with pytest.raises(TypeError, match="`generator`"):
         generate_bytes(world.lm, b"a", 2, do_sample=True, generator=0)
+    for eos in (-1, world.lm.bpe.vocab_size):  # −1 read the last token's probability as end-of-text
+        with pytest.raises(ValueError, match="`eos_token_id`"):
+            ByteLevelLM(world.lm.model, world.tokenizer, eos_token_id=eos)
 
 
 def test_canonical_prefixes_on_toy_tokenizer(tiny_world):
@@ -491,6 +499,10 @@ def test_core_weights_follow_the_formulas():
     assert weights.tolist() == pytest.approx([c[0] / sum(c), c[1] / sum(c)], rel=1e-12)
     with pytest.raises(ValueError, match="beta"):
         core_weights(p, beta=0.0)
+    with pytest.raises(ValueError, match="`laws`"):
+        core_weights(p[0])  # one law, not (M, K): failed deep in a sum over dim 1
+    with pytest.raises(ValueError, match="`laws`"):
+        core_weights(-p)
 
 
 def test_core_ensemble_of_a_model_with_itself_is_the_model(world):

@@ -72,6 +72,9 @@ def test_delete_gate_formula_and_regulariser():
     assert gate.regularizer(g, mask).item() == pytest.approx(g[mask.bool()].mean().item())
     assert gate.threshold == -15.0
     assert gate.deletion_rate(g, mask) == pytest.approx((g[mask.bool()] < -15).double().mean().item())
+    at = torch.tensor([[-15.0, -14.0, -16.0, -30.0]], dtype=torch.float64)  # G = k/2 is not "G < k/2"
+    assert gate.keep_mask(at).tolist() == [[True, True, False, False]]
+    assert gate.deletion_rate(at) == 0.5  # the same positions as hard deletion removes
 
 
 def test_gate_that_keeps_everything_equals_the_plain_encoder():
@@ -184,17 +187,53 @@ def test_upsample_is_the_smoothed_repeat_and_inverts_downsampling():
     routed = DynamicChunking(4).double()(x)
     back = chunker.upsample(routed.chunks, routed)
     torch.testing.assert_close(back[0], x[0, [0, 0, 2, 2, 4]], rtol=1e-3, atol=0)
+    for wrong in (routed.chunks[:, :2], routed.chunks.expand(2, -1, -1)):  # one output per chunk
+        with pytest.raises(ValueError, match="`z`"):
+            chunker.upsample(wrong, routed)
+
+
+def test_upsample_gradient_is_the_straight_through_estimate():
+    """H-Net's STE: forward ``× 1``, backward the gradient of ``c_t``; the reference builds ``c_t + (1 −
+    c_t).detach()`` around a loop EMA from p computed by the formula, and both gradients w.r.t. the
+    input (through ``p`` in the confidence and in the smoothing) must agree."""
+    torch.manual_seed(5)
+    chunker = DynamicChunking(4).double()
+    nn.init.normal_(chunker.q.weight)
+    nn.init.normal_(chunker.k.weight)
+    x = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(1, 9, 4, dtype=torch.float64)
+    w = torch.randn(1, 9, 4, dtype=torch.float64)
+    routed = chunker(x)
+    (chunker.upsample(z[:, : routed.chunks.shape[1]], routed) * w).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    q, k = x[0] @ chunker.q.weight.T, x[0] @ chunker.k.weight.T
+    cos = (q[1:] * k[:-1]).sum(-1) / (q[1:].norm(dim=-1) * k[:-1].norm(dim=-1))
+    p = torch.cat([torch.ones(1, dtype=torch.float64), (1 - cos) / 2])
+    b = p.detach() >= 0.5
+    state, out, j = torch.zeros(4, dtype=torch.float64), [], -1
+    for t in range(9):
+        if b[t]:
+            j += 1
+            big_p = p[t].clamp(1e-4, 1 - 1e-4)
+            state = big_p * z[0, j] + (1 - big_p) * state
+        c = p[t] if b[t] else 1 - p[t]
+        out.append(state * (c + (1 - c).detach()))
+    (torch.stack(out) * w[0]).sum().backward()
+    assert 1 < int(b.sum()) < 9  # some chunks of several positions
+    torch.testing.assert_close(grad, x.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_ratio_loss_formula():
-    chunker = DynamicChunking(2)
-    x = torch.tensor([[[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]])
-    routed = chunker(x)
-    f = routed.boundary_mask.float().mean()
-    g = routed.boundary_prob.mean()
-    assert chunker.ratio_loss(routed, 4.0).item() == pytest.approx(
-        (4 / 3 * (3 * f * g + (1 - f) * (1 - g))).item()
+    """By hand: the valid positions' p are 1, 0, ½, 0 | 1, ½ and b = 1, 0, 1, 0 | 1, 1, so F = 2/3,
+    G = 1/2 and L = 4/3 · (3 · 2/3 · 1/2 + 1/3 · 1/2) = 14/9; the padded positions (p = 0.15, 0.85)
+    must not count (with them, F = G = 1/2 and L = 4/3)."""
+    chunker = DynamicChunking(2).double()
+    x = torch.tensor(
+        [[[1.0, 0], [1, 0], [0, 1], [0, 1]], [[1, 0], [0, 1], [5, 5], [-1, 0]]], dtype=torch.float64
     )
+    routed = chunker(x, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert chunker.ratio_loss(routed, 4.0).item() == pytest.approx(14 / 9, abs=1e-12)
     with pytest.raises(ValueError, match="`target_ratio`"):
         chunker.ratio_loss(routed, 1.0)
 
@@ -246,6 +285,10 @@ def test_word_pooling_and_unpooling():
     assert (shifted[:, :2][ids[:, :2] == 0] == 0).all()  # the first word sees no earlier word
     torch.testing.assert_close(shifted[0, 2], words[0, 0], rtol=0, atol=0)
     assert (shifted[1, 4:] == 0).all()  # padding
+    with pytest.raises(ValueError, match="`word_ids`"):
+        pool(h, ids[:, :5])  # one word id per position: a shorter map pooled only a prefix, silently
+    with pytest.raises(ValueError, match="`word_ids`"):
+        pool.unpool(words[:, :2], ids)  # word 2 has no vector: its bytes silently got zeros
 
 
 def test_word_pooled_model_trains(byte_batches):

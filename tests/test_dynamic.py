@@ -118,3 +118,9 @@ def test_merged_embeddings_are_the_mean_of_parts_and_outputs_map_back(tiny_world
         batch.to_original(values, "first")
     with pytest.raises(ValueError, match="`embedder`"):
         batch.inputs_embeds(table, lambda parts, e: e[:1])
+
+
+def test_bad_texts_are_named(tiny_world):
+    for bad in (3, "one text", ["a", 3], ["a", None]):  # 3 used to fail iterating, without naming `texts`
+        with pytest.raises(TypeError, match="`texts` must be a sequence of str"):
+            dynamic_tokenize(tiny_world.tokenizer, bad)

@@ -16,6 +16,7 @@ from tokenlab.tokenization import (
     bytes_per_token,
     char_probes,
     compare_tokenizers,
+    continuation_log_probs,
     corpus_token_count,
     fertility,
     make_pre_tokenizer,
@@ -182,3 +183,19 @@ def test_score_strings_is_bits_per_byte(tiny_world):
         expected = -_log_prob(model, ids, len(prefix)) / math.log(2) / len(text.encode())
         assert bits == pytest.approx(expected, rel=1e-9)
     assert scores.mean == pytest.approx(sum(scores.bits_per_byte) / 3)
+
+
+def test_continuation_log_probs_rejects_starts_that_would_wrap(tiny_world):
+    """``start = 0`` has no previous position to predict token 0 from: the index ``start − 1 = −1``
+    used to read the *last* position's law silently; misaligned ``starts`` were truncated by ``zip``."""
+    model, tok = tiny_world.target, tiny_world.tokenizer
+    ids = tok.encode("x = 1", add_special_tokens=False)
+    assert continuation_log_probs(model, [ids], [1], 0) == [pytest.approx(_log_prob(model, ids, 1), abs=1e-9)]
+    with pytest.raises(ValueError, match="`starts`"):
+        continuation_log_probs(model, [ids], [0], 0)
+    with pytest.raises(ValueError, match="`starts`"):
+        continuation_log_probs(model, [ids], [len(ids) + 1], 0)
+    with pytest.raises(ValueError, match="`starts`"):
+        continuation_log_probs(model, [ids, ids], [1], 0)
+    with pytest.raises(TypeError, match="`strings`"):
+        score_strings(model, tok, "selfvalue", context="x = ")  # a str is not a list of strings

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = [
     "check_positive",
     "check_probability",
     "check_shape",
+    "check_strings",
     "check_tensor",
 ]
 
@@ -155,6 +156,18 @@ def check_generator(
             f"{value.device.type}: create it with torch.Generator(device={kind!r})"
         )
     return value
+
+
+def check_strings(name: str, value: object) -> list[str]:
+    """Return ``value`` as a list if it is a sequence of ``str`` (a lone ``str`` is not one)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ArgumentTypeError(f"`{name}` must be a sequence of str, got {type(value).__name__}")
+    others = [type(v).__name__ for v in value if not isinstance(v, str)]
+    if others:
+        raise ArgumentTypeError(
+            f"`{name}` must be a sequence of str, got a {type(value).__name__} holding {others[0]}"
+        )
+    return list(value)
 
 
 def check_choice(name: str, value: object, choices: Collection[object]) -> object:

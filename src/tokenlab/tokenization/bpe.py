@@ -56,7 +56,7 @@ from tokenizers import Tokenizer, decoders, models
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from tokenlab._checks import check_int
+from tokenlab._checks import check_int, check_strings
 from tokenlab.tokenization.pretokenize import PreTokenizer, make_pre_tokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -373,10 +373,7 @@ def _learn_superword(
 def _check_training_args(
     texts: Sequence[str], vocab_size: int, special_tokens: Sequence[str]
 ) -> tuple[str, ...]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"`texts` must be a sequence of str, got {type(texts).__name__}")
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("`texts` must contain only str")
+    check_strings("texts", texts)
     if not any(texts):
         raise ValueError("`texts` is empty: cannot train a tokenizer on no text")
     specials = tuple(special_tokens)

@@ -102,8 +102,8 @@ class MrT5DeleteGate(nn.Module):
         return gate[:, None, None, :]
 
     def keep_mask(self, gate: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Positions that hard deletion keeps: ``G > threshold`` (and not padding), ``[B, T]``."""
-        return (gate > self.threshold) & _valid(attention_mask, gate[..., None])
+        """Positions that hard deletion keeps: ``G ≥ threshold`` (and not padding), ``[B, T]``."""
+        return (gate >= self.threshold) & _valid(attention_mask, gate[..., None])
 
     def hard_delete(
         self, hidden: Tensor, gate: Tensor, attention_mask: Tensor | None = None
@@ -259,9 +259,13 @@ class DynamicChunking(nn.Module):
         """Chunk outputs ``z [B, M, D]`` back to ``[B, T, D]``: smooth, repeat each chunk over its
         positions, multiply by ``STE(c_t)``."""
         check_tensor("z", z, ndim=3, floating=True)
+        if z.shape[:2] != routed.chunks.shape[:2]:
+            raise ValueError(
+                f"`z` must be [B, M, ·] = {tuple(routed.chunks.shape[:2])}, got {tuple(z.shape)}"
+            )
         b, p = routed.boundary_mask, routed.boundary_prob
         _, _, positions = _compact(p[..., None], b)
-        chunk_p = p.gather(1, positions).clamp(1e-4, 1 - 1e-4)[:, : z.shape[1]]
+        chunk_p = p.gather(1, positions).clamp(1e-4, 1 - 1e-4)
         smoothed = self.smooth(z, chunk_p)
         owner = (b.long().cumsum(1) - 1).clamp(min=0)  # chunk of each position
         out = smoothed.gather(1, owner[..., None].expand(-1, -1, z.shape[-1]))
@@ -273,8 +277,8 @@ class DynamicChunking(nn.Module):
         """``N/(N−1) · ((N−1) F G + (1 − F)(1 − G))`` for the compression target ``N > 1``."""
         n = check_number("target_ratio", target_ratio, low=1.0, low_open=True)
         valid = routed.attention_mask
-        f = routed.boundary_mask[valid].float().mean()
         g = routed.boundary_prob[valid].mean()
+        f = routed.boundary_mask[valid].to(g.dtype).mean()
         return n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))
 
 
@@ -303,6 +307,8 @@ class WordPooling(nn.Module):
         """``(words [B, W, D], word_mask [B, W])`` with ``W`` the largest number of words."""
         check_tensor("hidden", hidden, ndim=3, floating=True)
         ids = self._check_ids(word_ids, hidden)
+        if ids.shape[1] != hidden.shape[1]:
+            raise ValueError(f"`word_ids` must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(ids.shape)}")
         batch, _, dim = hidden.shape
         width = int(ids.max()) + 1 if ids.numel() and int(ids.max()) >= 0 else 0
         valid = ids >= 0
@@ -333,8 +339,10 @@ class WordPooling(nn.Module):
         or with ``shift`` the previous word's (zeros for the first word and for padding)."""
         check_tensor("words", words, ndim=3, floating=True)
         ids = self._check_ids(word_ids, words)
+        if ids.numel() and int(ids.max()) >= words.shape[1]:
+            raise ValueError(f"`word_ids` name word {int(ids.max())} but `words` holds {words.shape[1]}")
         source = ids - 1 if shift else ids
-        valid = (source >= 0) & (ids >= 0) & (source < words.shape[1])
+        valid = (source >= 0) & (ids >= 0)
         out = words.gather(
             1, source.clamp(0, max(words.shape[1] - 1, 0))[..., None].expand(-1, -1, words.shape[-1])
         )

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokenlab._checks import check_choice, check_int, check_tensor
+from tokenlab._checks import check_choice, check_int, check_strings, check_tensor
 from tokenlab.tokenization.bpe import _MergeState
 
 Parts = tuple[int, ...]
@@ -208,9 +208,8 @@ def dynamic_tokenize(
         raise TypeError(
             "`tokenizer` must be an HF fast tokenizer (its word ids mark the pre-token boundaries)"
         )
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError("`texts` must be a sequence of str")
-    encoding = tokenizer(list(texts), add_special_tokens=add_special_tokens)
+    texts = check_strings("texts", texts)
+    encoding = tokenizer(texts, add_special_tokens=add_special_tokens)
     word_ids = [encoding.word_ids(b) for b in range(len(texts))]
     return batch_merges(encoding["input_ids"], word_ids, num_merges=num_merges, min_frequency=min_frequency)
 

@@ -34,7 +34,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
-from tokenlab._checks import check_bool, check_choice
+from tokenlab._checks import check_bool, check_choice, check_strings
 from tokenlab.tokenization.bpe import BPETokenizer
 
 TokenizerLike = PreTrainedTokenizerBase | Tokenizer | BPETokenizer | Callable[[str], Sequence[int]]
@@ -43,7 +43,7 @@ METRICS = ("bytes_per_token", "fertility", "vocabulary_utilisation")
 
 def encode_texts(tokenizer: TokenizerLike, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens (batched for HF tokenizers)."""
-    _check_texts("texts", texts)
+    texts = check_strings("texts", texts)
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     if isinstance(tokenizer, Tokenizer):
@@ -74,17 +74,14 @@ def vocabulary_size(tokenizer: TokenizerLike) -> int:
 
 def bytes_per_token(tokenizer: TokenizerLike, texts: Sequence[str]) -> float:
     """``Σ bytes(s) / Σ |t(s)|`` over ``texts`` (UTF-8 bytes per token)."""
-    n_tokens = sum(map(len, encode_texts(tokenizer, texts)))
-    return _ratio(sum(len(t.encode("utf-8")) for t in texts), n_tokens, "tokens")
+    return _bytes_per_token(texts, encode_texts(tokenizer, texts))
 
 
 def fertility(
     tokenizer: TokenizerLike, texts: Sequence[str], count_words: Callable[[str], int] | None = None
 ) -> float:
     """``Σ |t(s)| / Σ words(s)``: tokens per word (``count_words`` default: whitespace-separated words)."""
-    count_words = count_words or (lambda text: len(text.split()))
-    n_tokens = sum(map(len, encode_texts(tokenizer, texts)))
-    return _ratio(n_tokens, sum(count_words(t) for t in texts), "words")
+    return _fertility(texts, encode_texts(tokenizer, texts), count_words)
 
 
 def corpus_token_count(tokenizer: TokenizerLike, texts: Sequence[str]) -> int:
@@ -128,8 +125,7 @@ def parity(
 
 def vocabulary_utilisation(tokenizer: TokenizerLike, texts: Sequence[str]) -> float:
     """Fraction of the non-special vocabulary used at least once when encoding ``texts``."""
-    used = {i for ids in encode_texts(tokenizer, texts) for i in ids}
-    return len(used) / vocabulary_size(tokenizer)
+    return _utilisation(tokenizer, encode_texts(tokenizer, texts))
 
 
 def compare_tokenizers(
@@ -139,23 +135,19 @@ def compare_tokenizers(
 ) -> list[dict[str, Any]]:
     """One row per (tokenizer, corpus): ``tokenizer``, ``corpus``, ``tokens``, ``bytes_per_token``,
     ``fertility`` and ``vocabulary_utilisation`` (``None`` for a callable tokenizer)."""
-    count_words = count_words or (lambda text: len(text.split()))
     rows = []
     for name, tokenizer in tokenizers.items():
+        has_vocabulary = isinstance(tokenizer, (PreTrainedTokenizerBase, Tokenizer, BPETokenizer))
         for corpus, texts in corpora.items():
             encoded = encode_texts(tokenizer, texts)
-            n_tokens = sum(map(len, encoded))
-            utilisation = None
-            if isinstance(tokenizer, (PreTrainedTokenizerBase, Tokenizer, BPETokenizer)):
-                utilisation = len({i for ids in encoded for i in ids}) / vocabulary_size(tokenizer)
             rows.append(
                 {
                     "tokenizer": name,
                     "corpus": corpus,
-                    "tokens": n_tokens,
-                    "bytes_per_token": _ratio(sum(len(t.encode("utf-8")) for t in texts), n_tokens, "tokens"),
-                    "fertility": _ratio(n_tokens, sum(count_words(t) for t in texts), "words"),
-                    "vocabulary_utilisation": utilisation,
+                    "tokens": sum(map(len, encoded)),
+                    "bytes_per_token": _bytes_per_token(texts, encoded),
+                    "fertility": _fertility(texts, encoded, count_words),
+                    "vocabulary_utilisation": _utilisation(tokenizer, encoded) if has_vocabulary else None,
                 }
             )
     return rows
@@ -213,19 +205,25 @@ def plot_tokenizer_comparison(
     return path
 
 
+def _bytes_per_token(texts: Sequence[str], encoded: Sequence[Sequence[int]]) -> float:
+    return _ratio(sum(len(t.encode("utf-8")) for t in texts), sum(map(len, encoded)), "tokens")
+
+
+def _fertility(
+    texts: Sequence[str], encoded: Sequence[Sequence[int]], count_words: Callable[[str], int] | None
+) -> float:
+    count_words = count_words or (lambda text: len(text.split()))
+    return _ratio(sum(map(len, encoded)), sum(count_words(t) for t in texts), "words")
+
+
+def _utilisation(tokenizer: TokenizerLike, encoded: Sequence[Sequence[int]]) -> float:
+    return len({i for ids in encoded for i in ids}) / vocabulary_size(tokenizer)
+
+
 def _ratio(numerator: float, denominator: float, what: str) -> float:
     if denominator == 0:
         raise ValueError(f"the corpus has no {what}: the ratio is undefined")
     return numerator / denominator
-
-
-def _check_texts(name: str, texts: object) -> None:
-    if (
-        isinstance(texts, str)
-        or not isinstance(texts, Sequence)
-        or not all(isinstance(t, str) for t in texts)
-    ):
-        raise TypeError(f"`{name}` must be a sequence of str, got {type(texts).__name__}")
 
 
 def _check_parallel(parallel: Mapping[str, Sequence[str]], reference: str) -> None:

@@ -303,6 +303,8 @@ def score_strings(
     """``−log₂ P(s | context) / bytes(s)`` for each string under its canonical tokenization (the
     context, e.g. a sentence start, is encoded on its own and prepended)."""
     _check_model(model, tokenizer)
+    if isinstance(strings, str):
+        raise TypeError("`strings` must be a sequence of str or AdversarialString, not one str")
     texts = [s.text if isinstance(s, AdversarialString) else s for s in strings]
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise TypeError("`strings` must be a non-empty sequence of non-empty str or AdversarialString")
@@ -330,6 +332,11 @@ def continuation_log_probs(
 ) -> list[float]:
     """``Σ_{i ≥ start} log p(s_i | s_<i)`` for each token sequence (``start ≥ 1``; float64;
     right-padded batches)."""
+    if len(starts) != len(sequences):
+        raise ValueError(f"`starts` must hold one start per sequence ({len(sequences)}), got {len(starts)}")
+    for seq, start in zip(sequences, starts):
+        check_int("starts", start, low=1, high=len(seq))  # start 0: no position predicts token 0
+    check_int("batch_size", batch_size, low=1)
     device = next(model.parameters()).device
     out: list[float] = []
     for lo in range(0, len(sequences), batch_size):
