@@ -89,6 +89,19 @@ class Warping:
         return temperature_softmax(masked, self.temperature, backend=backend)
 
 
+def check_sampling_inputs(inputs: dict[str, torch.Tensor | None], shapes: dict[str, tuple[int, ...]]) -> None:
+    """The inputs a sampling step needs (draft probabilities, uniforms, exponentials — named as in
+    ``shapes``): each given, floating point, of its shape. Raises ``ValueError`` naming the argument."""
+    for name, shape in shapes.items():
+        value = inputs[name]
+        if value is None:
+            raise ValueError(f"`{name}` of shape {shape} is required when do_sample=True")
+        if tuple(value.shape) != shape or not value.is_floating_point():
+            raise ValueError(
+                f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}"
+            )
+
+
 def apply_cutoff(logits: torch.Tensor, cutoff: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / T`` where ``logits ≥ cutoff`` (cutoff ``[...]`` broadcast over ``V``), else ``-inf``."""
     return torch.where(logits >= cutoff.unsqueeze(-1), logits / temperature, float("-inf"))

@@ -22,7 +22,7 @@ import torch
 from tokenlab._checks import check_tensor
 from tokenlab.backend import Backend, resolve_backend
 from tokenlab.kernels.speculative_verify.reference import verify_reference
-from tokenlab.kernels.warping import Warping
+from tokenlab.kernels.warping import Warping, check_sampling_inputs
 
 
 def speculative_verify(
@@ -80,15 +80,8 @@ def speculative_verify(
     if draft_tokens.numel() and not (int(draft_tokens.min()) >= 0 and int(draft_tokens.max()) < V):
         raise ValueError(f"`draft_tokens` must lie in [0, {V}) (the vocabulary of `target_logits`)")
     if do_sample:
-        expected = {"draft_probs": (B, k, V), "uniforms": (B, k), "exponentials": (B, k + 1, V)}
-        for name, shape in expected.items():
-            value = sample_inputs[name]
-            if value is None:
-                raise ValueError(f"`{name}` of shape {shape} is required when do_sample=True")
-            if tuple(value.shape) != shape or not value.is_floating_point():
-                raise ValueError(
-                    f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}"
-                )
+        shapes = {"draft_probs": (B, k, V), "uniforms": (B, k), "exponentials": (B, k + 1, V)}
+        check_sampling_inputs(sample_inputs, shapes)
     return verify_block(target_logits, draft_probs, draft_tokens, warping, uniforms, exponentials, impl)
 
 

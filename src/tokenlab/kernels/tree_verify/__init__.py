@@ -19,7 +19,7 @@ import torch
 from tokenlab._checks import check_bool, check_tensor
 from tokenlab.backend import Backend, resolve_backend
 from tokenlab.kernels.tree_verify.reference import SiblingRejection, child_links, tree_verify_reference
-from tokenlab.kernels.warping import Warping
+from tokenlab.kernels.warping import Warping, check_sampling_inputs
 
 __all__ = ["SiblingRejection", "child_links", "tree_verify", "verify_tree_block"]
 
@@ -102,15 +102,8 @@ def tree_verify(
     if tokens.numel() and not bool(((tokens[real] >= 0) & (tokens[real] < V)).all()):
         raise ValueError(f"`tokens` of valid nodes must lie in [0, {V}) (the vocabulary of `target_logits`)")
     if do_sample:
-        expected = {"draft_probs": (B, n1, V), "uniforms": (B, n1), "exponentials": (B, V)}
-        for name, shape in expected.items():
-            value = sample_inputs[name]
-            if value is None:
-                raise ValueError(f"`{name}` of shape {shape} is required when do_sample=True")
-            if tuple(value.shape) != shape or not value.is_floating_point():
-                raise ValueError(
-                    f"`{name}` must be a floating-point tensor of shape {shape}, got {tuple(value.shape)}"
-                )
+        shapes = {"draft_probs": (B, n1, V), "uniforms": (B, n1), "exponentials": (B, V)}
+        check_sampling_inputs(sample_inputs, shapes)
     first_child, next_sibling = child_links(torch.where(real, parents, -1), real | (index == 0))
     return verify_tree_block(
         target_logits, draft_probs, tokens.long(), first_child, next_sibling, warping, replacement,
