@@ -21,9 +21,8 @@ import pydoc_data.topics
 import tempfile
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
 import harness
+from tokenization import train_hf  # the HF BpeTrainer setup of benchmarks/tokenization.py
 from tokenlab.tokenization import (
     bytes_per_token,
     compare_tokenizers,
@@ -33,19 +32,6 @@ from tokenlab.tokenization import (
     train_superword_bpe,
 )
 from tokenlab.tour.toy import stdlib_documents
-
-
-def train_hf(texts: list[str], vocab_size: int) -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = make_pre_tokenizer("gpt2").to_hf()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer
 
 
 def main() -> None:
