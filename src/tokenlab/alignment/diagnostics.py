@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from tokenlab._checks import check_bool, check_finite, check_int, check_probability, check_shape, check_tensor
+from tokenlab.alignment.hf import last_hidden_states
 
 
 def _summed_states(side: str, hidden: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
@@ -136,15 +137,9 @@ def preference_ches(
                 masks.append([0] * len(p) + [1] * len(c))
         ids, attention = _pad(rows, pad_id, device)
         completion_mask, _ = _pad(masks, 0, device)
-        out = model(
-            input_ids=ids,
-            attention_mask=attention,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
         # position t predicts token t + 1: it counts when that token is a completion token
-        hidden, mask, n = out.hidden_states[-1][:, :-1], completion_mask[:, 1:], len(rows) // 2
+        hidden = last_hidden_states(model, ids, attention)[:, :-1]
+        mask, n = completion_mask[:, 1:], len(rows) // 2
         pair = (hidden[:n], mask[:n], hidden[n:], mask[n:])
         scores.append(ches_scores(*pair, length_normalize=length_normalize))
     return torch.cat(scores)

@@ -71,6 +71,12 @@ def causal_lm_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
         if getattr(config, attr, None) not in (None, 1.0):
             value = getattr(config, attr)
             raise ValueError(f"`model` post-processes its logits ({attr}={value}); unsupported")
+    return LinearHead(last_hidden_states(model, input_ids, attention_mask), *lm_head_parameters(model))
+
+
+def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """The last layer's hidden states ``[B, T, H]`` of a Hugging Face causal LM, from the model's own
+    ``forward`` (``output_hidden_states=True``, ``logits_to_keep=1``: no ``[B, T, V]`` logits, no cache)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -78,7 +84,7 @@ def causal_lm_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
         logits_to_keep=1,
         use_cache=False,
     )
-    return LinearHead(out.hidden_states[-1], *lm_head_parameters(model))
+    return out.hidden_states[-1]
 
 
 def shift_for_next_token(
